@@ -1,0 +1,57 @@
+"""ckpt: checkpointing and fault tolerance for distributed PyTorch training.
+
+Public API (the contract): ``save``, ``load``, ``open`` and the exception hierarchy. Heavy submodules load on
+first use, so that the leaf ``ckpt.errors`` can be imported by every layer without import cycles.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ckpt.errors import (
+    CheckpointError,
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    DistributedCheckpointError,
+    IncompleteCheckpointError,
+    ShardMismatchError,
+    SpecError,
+    StorageError,
+    UnsafeCheckpointError,
+)
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "save": ("ckpt.saving", "save"),
+    "SaveResult": ("ckpt.saving", "SaveResult"),
+    "load": ("ckpt.loading", "load"),
+    "open": ("ckpt.reader", "open"),
+    "CheckpointReader": ("ckpt.reader", "CheckpointReader"),
+    "SaveOptions": ("ckpt.options", "SaveOptions"),
+    "LoadOptions": ("ckpt.options", "LoadOptions"),
+    "Stateful": ("ckpt.stateful", "Stateful"),
+}
+
+__all__ = [
+    "save", "load", "open", "CheckpointReader", "SaveOptions", "LoadOptions", "SaveResult", "Stateful",
+    "CheckpointError", "CheckpointNotFoundError", "IncompleteCheckpointError", "CorruptCheckpointError",
+    "ShardMismatchError", "UnsafeCheckpointError", "StorageError", "SpecError", "DistributedCheckpointError",
+    "CheckpointExistsError",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        mod, attr = _LAZY[name]
+        value = getattr(importlib.import_module(mod), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'ckpt' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

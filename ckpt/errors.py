@@ -1,0 +1,70 @@
+"""The one exception hierarchy of the project.
+
+This module is a leaf: every layer (``spec_lang``, ``formats``, ``resharding``, ``ckpt``, ``snapshot_daemon``,
+``integrations``) may import it, and ``ckpt`` re-exports every name. It imports nothing of the project.
+
+Every class subclasses ``Exception`` (never ``BaseException``) so that ``except Exception`` in user code and in
+collective error handling sees it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointNotFoundError",
+    "IncompleteCheckpointError",
+    "CorruptCheckpointError",
+    "ShardMismatchError",
+    "UnsafeCheckpointError",
+    "StorageError",
+    "SpecError",
+    "DistributedCheckpointError",
+    "CheckpointExistsError",
+]
+
+
+class CheckpointError(Exception):
+    """Base class of every error this project raises for something a user or an input can cause."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """Nothing (no manifest and no data) exists at the given path."""
+
+
+class CheckpointExistsError(CheckpointError, FileExistsError):
+    """A committed checkpoint already exists where a save was asked to write, and overwriting was not allowed."""
+
+
+class IncompleteCheckpointError(CheckpointError):
+    """Data exists at the path but the manifest (the commit) does not: a save that never finished."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """Stored bytes or metadata are damaged, truncated, malicious or inconsistent."""
+
+
+class UnsafeCheckpointError(CorruptCheckpointError):
+    """The input would need code execution (pickle) or escapes the checkpoint directory."""
+
+
+class ShardMismatchError(CheckpointError):
+    """The state being loaded does not match the checkpoint (keys, shapes, dtypes, coverage)."""
+
+
+class StorageError(CheckpointError):
+    """A storage backend failed (I/O error, object store error) while reading or writing."""
+
+
+class SpecError(CheckpointError):
+    """A resharding spec is invalid; the message names file, line and column."""
+
+
+class DistributedCheckpointError(CheckpointError):
+    """One or more ranks failed in a collective step; raised identically on every rank.
+
+    ``failures`` maps rank -> the exception text that rank reported.
+    """
+
+    def __init__(self, message: str, failures: dict[int, str] | None = None) -> None:
+        super().__init__(message)
+        self.failures: dict[int, str] = dict(failures or {})

@@ -1,0 +1,121 @@
+"""``ckpt.load``: in-place, collective load with load-time resharding.
+
+Every rank: resolve its state into destination tensors, intersect each local box with the stored chunks (pure
+planning), read only those byte ranges in parallel threads, verify checksums, copy in place, then hand Stateful
+objects their loaded state. The coordinator reads the manifest once and broadcasts it. Any rank's failure is
+raised on every rank.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from ckpt.dist import DistWrapper
+from ckpt.errors import ShardMismatchError
+from ckpt.options import LoadOptions
+from ckpt.state import FlatState, assign, flatten, resolve
+from formats.dtypes import dtype_from_name
+from formats.manifest import Manifest
+from formats.reader import ChunkReader, read_manifest
+from formats.storage import Storage, open_storage
+from resharding.layout import TensorLayout, tensor_layout
+from resharding.planner import ReadItem, plan_reads
+
+
+def check_compatible(flat: FlatState, layouts: dict[str, TensorLayout], manifest: Manifest, where: str,
+                     strict: bool, allow_dtype_cast: bool) -> None:
+    """Raise one ``ShardMismatchError`` listing every mismatch between the state and the checkpoint."""
+    problems: list[str] = []
+    for key, lay in layouts.items():
+        entry = manifest.tensors.get(key)
+        if entry is None:
+            if key in manifest.values:
+                problems.append(f"key {key!r}: the state holds a tensor, the checkpoint a {type(manifest.values[key].value).__name__}")
+            elif strict:
+                problems.append(f"key {key!r}: in the state, missing from the checkpoint")
+            continue
+        if tuple(entry.shape) != tuple(lay.global_shape):
+            problems.append(f"key {key!r}: shape {list(lay.global_shape)} in the state, {list(entry.shape)} in the checkpoint")
+        if not allow_dtype_cast and dtype_from_name(entry.dtype, key) != flat.tensors[key].dtype:
+            problems.append(f"key {key!r}: dtype {flat.tensors[key].dtype} in the state, {entry.dtype} in the checkpoint")
+    for key in flat.values:
+        if key in manifest.tensors:
+            problems.append(f"key {key!r}: the state holds a {type(flat.values[key]).__name__}, the checkpoint a tensor")
+        elif strict and key not in manifest.values:
+            problems.append(f"key {key!r}: in the state, missing from the checkpoint")
+    if strict:
+        wanted = set(layouts) | set(flat.values)
+        for key in manifest.keys():
+            if key not in wanted:
+                problems.append(f"key {key!r}: in the checkpoint, not in the state")
+    if problems:
+        raise ShardMismatchError(
+            f"{where}: the state does not match the checkpoint ({len(problems)} problem(s)):\n  "
+            + "\n  ".join(problems)
+            + "\nPass strict=False to load the keys both have, or fix the model/optimizer definition."
+        )
+
+
+def read_into(reader: ChunkReader, manifest: Manifest, layouts: dict[str, TensorLayout], num_threads: int) -> None:
+    """Plan and execute every read of ``layouts`` (tensors absent from the manifest are skipped)."""
+    jobs: list[tuple[ReadItem, TensorLayout]] = []
+    for key, lay in layouts.items():
+        entry = manifest.tensors.get(key)
+        if entry is None:
+            continue
+        boxes = [_box(c) for c in entry.chunks]
+        for item in plan_reads(key, boxes, lay.pieces, f"{reader.storage.url}: "):
+            jobs.append((item, lay))
+
+    def run(job: tuple[ReadItem, TensorLayout]) -> None:
+        item, lay = job
+        entry = manifest.tensors[item.key]
+        chunk = entry.chunks[item.chunk_index]
+        dest = lay.local[tuple(slice(o, o + s) for o, s in zip(item.dest_offsets, item.rel.sizes))]
+        reader.read_region(entry, chunk, item.rel.offsets, item.rel.sizes, dest)
+
+    if num_threads <= 1 or len(jobs) <= 1:
+        for j in jobs:
+            run(j)
+        return
+    with ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="ckpt-read") as pool:
+        for f in [pool.submit(run, j) for j in jobs]:
+            f.result()
+
+
+def _box(chunk: Any) -> Any:
+    from resharding.box import Box
+
+    return Box(chunk.offsets, chunk.sizes)
+
+
+def load(state: Any, path: "str | Storage", *, process_group: Any = None, strict: bool = True,
+         storage_options: dict[str, Any] | None = None, options: LoadOptions | None = None) -> None:
+    """Load the checkpoint at ``path`` into ``state`` in place (collective over ``process_group``).
+
+    Tensors (plain or DTensor) are filled in place whatever layout they were saved under: this is load-time
+    resharding, reading only the byte ranges each rank needs. Non-tensor values are replaced inside their dicts
+    and lists; Stateful objects (modules, optimizers, schedulers, ...) get ``load_state_dict``. ``strict=True``
+    raises one ``ShardMismatchError`` listing every missing, unexpected or mis-shaped key.
+    """
+    opts = options or LoadOptions()
+    dw = DistWrapper(process_group)
+    storage = open_storage(path, storage_options)
+    manifest = dw.run("ckpt.load: reading the manifest", lambda: read_manifest(storage) if dw.is_coordinator else None)
+    manifest = dw.broadcast(manifest)
+
+    def load_local() -> None:
+        plain, bindings, ctx = resolve(state)
+        flat = flatten(plain)
+        layouts = {k: tensor_layout(t) for k, t in flat.tensors.items()}
+        check_compatible(flat, layouts, manifest, storage.url, strict, opts.allow_dtype_cast)
+        with torch.no_grad():
+            read_into(ChunkReader(storage, manifest), manifest, layouts, opts.num_threads)
+        assign(state, {k: v.value for k, v in manifest.values.items() if k in flat.values}, bindings)
+        for b in bindings:
+            b.apply(ctx)
+
+    dw.run("ckpt.load", load_local)

@@ -1,0 +1,155 @@
+"""Nested state <-> flat logical keys.
+
+``resolve`` turns Stateful objects (modules, optimizers, schedulers, user objects) into plain nested state
+through the adapter registry; ``flatten`` turns plain nested state into flat keys (``formats.keys``); ``assign``
+puts loaded non-tensor values back into the plain state; ``Binding.apply`` hands each Stateful object its
+loaded state. Called on every rank by save and load, in that order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+
+from ckpt.stateful import Adapter, Context, collect_modules, find_adapter
+from formats import keys as K
+from formats.manifest import ContainerEntry, encode_value
+
+
+@dataclass
+class Binding:
+    """A Stateful object found in the state and the plain state it was resolved to."""
+
+    adapter: Adapter
+    obj: Any
+    plain: Any
+
+    def apply(self, ctx: Context) -> None:
+        self.adapter.from_state(self.obj, self.plain, ctx)
+
+
+@dataclass
+class FlatState:
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    values: dict[str, Any] = field(default_factory=dict)
+    containers: dict[str, ContainerEntry] = field(default_factory=dict)
+
+
+def resolve(state: Any) -> tuple[Any, list[Binding], Context]:
+    """Replace every Stateful object in ``state`` with its plain state; return (plain, bindings, context).
+
+    Containers are copied shallowly (the caller's dicts are not modified); tensors are not copied.
+    """
+    ctx = Context(modules=collect_modules(state))
+    bindings: list[Binding] = []
+
+    def walk(o: Any, depth: int) -> Any:
+        if depth > 64:
+            raise ValueError("state is nested more than 64 levels deep (a reference cycle?)")
+        if isinstance(o, torch.Tensor) or o is None or isinstance(o, (bool, int, float, str)):
+            return o
+        if isinstance(o, Mapping):
+            return {k: walk(v, depth + 1) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            items = [walk(v, depth + 1) for v in o]
+            return items if isinstance(o, list) else tuple(items)
+        adapter = find_adapter(o)
+        if adapter is None:
+            return o  # flatten reports the unsupported type with its key
+        plain = walk(adapter.to_state(o, ctx), depth + 1)
+        bindings.append(Binding(adapter, o, plain))
+        return plain
+
+    return walk(state, 0), bindings, ctx
+
+
+def _component(k: Any, where: str) -> tuple[str, bool]:
+    if isinstance(k, str):
+        return K.escape(k), False
+    if isinstance(k, int) and not isinstance(k, bool):
+        return str(k), True
+    raise TypeError(f"state key {where!r}: dict keys must be str or int, found {type(k).__name__} {k!r}")
+
+
+def flatten(plain: Any) -> FlatState:
+    """Flat keys of a plain nested state. ``TypeError`` naming the key for values the format cannot store."""
+    out = FlatState()
+
+    def walk(o: Any, key: str) -> None:
+        if isinstance(o, torch.Tensor):
+            out.tensors[key] = o
+        elif isinstance(o, dict):
+            int_keys = []
+            for k, v in o.items():
+                comp, is_int = _component(k, key)
+                if is_int:
+                    int_keys.append(comp)
+                walk(v, K.join(key, comp))
+            out.containers[key] = ContainerEntry(key, "dict", 0, tuple(int_keys))
+        elif isinstance(o, (list, tuple)):
+            for i, v in enumerate(o):
+                walk(v, K.join(key, str(i)))
+            out.containers[key] = ContainerEntry(key, "list" if isinstance(o, list) else "tuple", len(o))
+        else:
+            encode_value(o, key)  # raises TypeError for unsupported types
+            out.values[key] = o
+
+    walk(plain, "")
+    return out
+
+
+def assign(state: Any, values: Mapping[str, Any], bindings: list[Binding] | None = None, key: str = "") -> Any:
+    """Put loaded value leaves back: dicts and lists of ``state`` are updated in place, tuples rebuilt.
+
+    ``state`` is the caller's original state; where it holds a Stateful object, the values go into the plain
+    state that ``resolve`` made for it (``bindings``), which ``Binding.apply`` then hands to the object.
+    Returns the (possibly rebuilt) object.
+    """
+    by_id = {id(b.obj): b for b in bindings or []}
+
+    def walk(o: Any, key: str) -> Any:
+        if isinstance(o, torch.Tensor):
+            return o
+        if isinstance(o, dict):
+            for k in list(o.keys()):
+                comp, _ = _component(k, key)
+                o[k] = walk(o[k], K.join(key, comp))
+            return o
+        if isinstance(o, list):
+            for i in range(len(o)):
+                o[i] = walk(o[i], K.join(key, str(i)))
+            return o
+        if isinstance(o, tuple):
+            return tuple(walk(v, K.join(key, str(i))) for i, v in enumerate(o))
+        b = by_id.get(id(o))
+        if b is not None:
+            b.plain = walk(b.plain, key)
+            return o
+        return values.get(key, o)
+
+    return walk(state, key)
+
+
+def unflatten(tensors: Mapping[str, Any], values: Mapping[str, Any], containers: Mapping[str, ContainerEntry]) -> Any:
+    """Rebuild nested state from flat leaves and container records (``ckpt.open(...).state()``)."""
+    leaves = {**values, **tensors}
+
+    def build(key: str) -> Any:
+        if key in leaves:
+            return leaves[key]
+        c = containers.get(key)
+        if c is None:
+            raise KeyError(key)
+        prefix = "" if key == "" else key + "/"
+        children = sorted(
+            {k[len(prefix):].split("/", 1)[0] for k in [*leaves, *containers] if k.startswith(prefix) and k != key}
+        )
+        if c.type == "dict":
+            ints = set(c.int_keys)
+            return {(int(ch) if ch in ints else K.unescape(ch)): build(prefix + ch) for ch in children}
+        items = [build(prefix + str(i)) for i in range(c.length)]
+        return items if c.type == "list" else tuple(items)
+
+    return build("")

@@ -1,0 +1,363 @@
+"""The manifest: the single source of truth of a checkpoint (format v1).
+
+Plain data, JSON, never pickle. ``Manifest.from_json`` validates everything it reads and raises
+``CorruptCheckpointError`` (``UnsafeCheckpointError`` for paths that escape the checkpoint) naming the manifest
+path and the key; unknown versions and entry kinds raise, nothing is skipped. See ``docs/format.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from ckpt.errors import CorruptCheckpointError, UnsafeCheckpointError
+from formats.dtypes import dtype_from_name, itemsize
+from formats.codec import CODECS
+from formats.storage.base import check_relpath
+
+FORMAT_NAME = "ckpt-universal"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+DATA_DIR = "data"
+CONTAINER_TYPES = ("dict", "list", "tuple")
+VALUE_TYPES = ("none", "bool", "int", "float", "str")
+# Bounds that keep a malicious manifest from making a reader allocate or loop absurdly.
+MAX_NDIM = 64
+MAX_INT = 2**62
+
+
+@dataclass(frozen=True)
+class ChunkEntry:
+    """One n-d box of a logical tensor stored at ``[byte_offset, byte_offset + byte_length)`` of ``file``."""
+
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    file: str
+    byte_offset: int
+    byte_length: int
+    codec: str
+    raw_byte_length: int
+    block_bytes: int
+    checksums: tuple[str, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.sizes)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "offsets": list(self.offsets), "sizes": list(self.sizes), "file": self.file,
+            "byte_offset": self.byte_offset, "byte_length": self.byte_length, "codec": self.codec,
+            "raw_byte_length": self.raw_byte_length, "block_bytes": self.block_bytes,
+            "checksums": list(self.checksums),
+        }
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """A logical tensor: dtype, global shape and the chunks that tile it."""
+
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+    chunks: tuple[ChunkEntry, ...]
+    #: How the tensor was sharded when saved (DTensor mesh and placements), for ``inspect``; informational.
+    saved_layout: dict[str, Any] | None = None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"kind": "tensor", "dtype": self.dtype, "shape": list(self.shape),
+                             "chunks": [c.to_json() for c in self.chunks]}
+        if self.saved_layout is not None:
+            d["saved_layout"] = self.saved_layout
+        return d
+
+
+@dataclass(frozen=True)
+class ValueEntry:
+    """A non-tensor leaf: None, bool, int, float (non-finite ones too) or str."""
+
+    key: str
+    value: Any
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": "value", **encode_value(self.value, self.key)}
+
+
+@dataclass(frozen=True)
+class ContainerEntry:
+    """A dict, list or tuple of the nested state; ``int_keys`` lists dict keys that were ints."""
+
+    key: str
+    type: str
+    length: int = 0
+    int_keys: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"kind": "container", "type": self.type}
+        if self.type != "dict":
+            d["length"] = self.length
+        if self.int_keys:
+            d["int_keys"] = list(self.int_keys)
+        return d
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    size_bytes: int
+    rank: int
+
+
+@dataclass
+class Manifest:
+    """Everything a reader needs; written last, by the coordinator, as the commit."""
+
+    save_id: str
+    world_size: int
+    files: dict[str, FileEntry]
+    tensors: dict[str, TensorEntry]
+    values: dict[str, ValueEntry]
+    containers: dict[str, ContainerEntry]
+    writer: dict[str, Any] = field(default_factory=dict)
+    created_unix_secs: float = 0.0
+    layout: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def keys(self) -> list[str]:
+        """Every leaf key (tensors and values), sorted."""
+        return sorted([*self.tensors, *self.values])
+
+    def to_json(self) -> bytes:
+        entries: dict[str, Any] = {}
+        for k, c in self.containers.items():
+            entries[k] = c.to_json()
+        for k, t in self.tensors.items():
+            entries[k] = t.to_json()
+        for k, v in self.values.items():
+            entries[k] = v.to_json()
+        doc = {
+            "format": FORMAT_NAME,
+            "format_version": self.format_version,
+            "writer": self.writer,
+            "save_id": self.save_id,
+            "created_unix_secs": self.created_unix_secs,
+            "world_size": self.world_size,
+            "checksum_algorithm": "xxh3_64",
+            "files": {p: {"size_bytes": f.size_bytes, "rank": f.rank} for p, f in sorted(self.files.items())},
+            "entries": dict(sorted(entries.items())),
+            "layout": self.layout,
+            "metadata": self.metadata,
+        }
+        return json.dumps(doc, indent=1, allow_nan=False).encode("utf-8")
+
+    @staticmethod
+    def from_json(data: bytes, where: str) -> "Manifest":
+        """Parse and validate a manifest; ``where`` is its path or URL, named in every error."""
+        return _parse(data, where)
+
+
+def encode_value(value: Any, key: str) -> dict[str, Any]:
+    """JSON form of a non-tensor leaf; ``TypeError`` naming the key for types the format does not store."""
+    if value is None:
+        return {"type": "none", "value": None}
+    if isinstance(value, bool):
+        return {"type": "bool", "value": value}
+    if isinstance(value, int):
+        return {"type": "int", "value": int(value)}
+    if isinstance(value, float):
+        return {"type": "float", "value": value if math.isfinite(value) else repr(value)}
+    if isinstance(value, str):
+        return {"type": "str", "value": value}
+    raise TypeError(
+        f"state key {key!r}: cannot store a value of type {type(value).__name__}; ckpt stores tensors, "
+        "None, bool, int, float, str and dicts/lists/tuples of them (no pickle). Convert it, or wrap it in an "
+        "object with state_dict()/load_state_dict()."
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Validation. Every check names the manifest and the key; nothing is skipped.
+
+
+def _fail(where: str, key: str | None, msg: str) -> CorruptCheckpointError:
+    at = f"{where}" + (f", key {key!r}" if key is not None else "")
+    return CorruptCheckpointError(f"{at}: {msg}")
+
+
+def _int(v: Any, where: str, key: str | None, what: str, lo: int = 0) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or v < lo or v > MAX_INT:
+        raise _fail(where, key, f"{what} must be an integer in [{lo}, 2**62], found {v!r}")
+    return v
+
+
+def _int_list(v: Any, where: str, key: str, what: str) -> tuple[int, ...]:
+    if not isinstance(v, list) or len(v) > MAX_NDIM:
+        raise _fail(where, key, f"{what} must be a list of at most {MAX_NDIM} integers, found {v!r}")
+    return tuple(_int(x, where, key, what) for x in v)
+
+
+def _parse(data: bytes, where: str) -> Manifest:
+    try:
+        doc = json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as e:
+        raise _fail(where, None, f"manifest is not valid JSON ({e}); the checkpoint is damaged") from e
+    if not isinstance(doc, dict):
+        raise _fail(where, None, f"manifest must be a JSON object, found {type(doc).__name__}")
+    if doc.get("format") != FORMAT_NAME:
+        raise _fail(where, None, f"'format' must be {FORMAT_NAME!r}, found {doc.get('format')!r}")
+    version = doc.get("format_version")
+    if version != FORMAT_VERSION:
+        raise _fail(
+            where, None,
+            f"unsupported format_version {version!r}; this reader supports {FORMAT_VERSION}. "
+            "Upgrade ckpt to read checkpoints written by a newer version.",
+        )
+    files_doc = doc.get("files")
+    if not isinstance(files_doc, dict):
+        raise _fail(where, None, "'files' must be an object")
+    files: dict[str, FileEntry] = {}
+    for p, f in files_doc.items():
+        try:
+            check_relpath(p)
+        except UnsafeCheckpointError as e:
+            raise UnsafeCheckpointError(f"{where}: data file {e}") from e
+        if not isinstance(f, dict):
+            raise _fail(where, None, f"files[{p!r}] must be an object")
+        files[p] = FileEntry(_int(f.get("size_bytes"), where, None, f"files[{p!r}].size_bytes"),
+                             _int(f.get("rank"), where, None, f"files[{p!r}].rank"))
+    entries = doc.get("entries")
+    if not isinstance(entries, dict):
+        raise _fail(where, None, "'entries' must be an object")
+    tensors: dict[str, TensorEntry] = {}
+    values: dict[str, ValueEntry] = {}
+    containers: dict[str, ContainerEntry] = {}
+    for key, e in entries.items():
+        if not isinstance(e, dict):
+            raise _fail(where, key, "entry must be an object")
+        kind = e.get("kind")
+        if kind == "tensor":
+            tensors[key] = _parse_tensor(key, e, files, where)
+        elif kind == "value":
+            values[key] = ValueEntry(key, _parse_value(key, e, where))
+        elif kind == "container":
+            containers[key] = _parse_container(key, e, where)
+        else:
+            raise _fail(where, key, f"unknown entry kind {kind!r}; expected 'tensor', 'value' or 'container'")
+    for name in ("writer", "layout", "metadata"):
+        if not isinstance(doc.get(name, {}), dict):
+            raise _fail(where, None, f"{name!r} must be an object")
+    return Manifest(
+        save_id=str(doc.get("save_id", "")),
+        world_size=_int(doc.get("world_size"), where, None, "world_size", lo=1),
+        files=files, tensors=tensors, values=values, containers=containers,
+        writer=doc.get("writer", {}), created_unix_secs=float(doc.get("created_unix_secs", 0.0)),
+        layout=doc.get("layout", {}), metadata=doc.get("metadata", {}), format_version=version,
+    )
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
+def _parse_tensor(key: str, e: dict[str, Any], files: dict[str, FileEntry], where: str) -> TensorEntry:
+    dtype = dtype_from_name(e.get("dtype"), f"{where}, key {key!r}")
+    shape = _int_list(e.get("shape"), where, key, "shape")
+    numel = math.prod(shape)
+    if numel > MAX_INT:
+        raise _fail(where, key, f"shape {list(shape)} has {numel} elements, more than any real checkpoint")
+    esize = itemsize(dtype)
+    chunks_doc = e.get("chunks")
+    if not isinstance(chunks_doc, list):
+        raise _fail(where, key, "'chunks' must be a list")
+    chunks = []
+    covered = 0
+    for i, c in enumerate(chunks_doc):
+        chunk = _parse_chunk(key, i, c, shape, esize, files, where)
+        covered += chunk.numel
+        chunks.append(chunk)
+    if covered != numel:
+        raise _fail(where, key, f"chunks cover {covered} elements, shape {list(shape)} has {numel}")
+    layout = e.get("saved_layout")
+    if layout is not None and not isinstance(layout, dict):
+        raise _fail(where, key, "'saved_layout' must be an object")
+    return TensorEntry(key, e["dtype"], shape, tuple(chunks), layout)
+
+
+def _parse_chunk(key: str, i: int, c: Any, shape: tuple[int, ...], esize: int,
+                 files: dict[str, FileEntry], where: str) -> ChunkEntry:
+    what = f"chunk {i}"
+    if not isinstance(c, dict):
+        raise _fail(where, key, f"{what} must be an object")
+    offsets = _int_list(c.get("offsets"), where, key, f"{what} offsets")
+    sizes = _int_list(c.get("sizes"), where, key, f"{what} sizes")
+    if len(offsets) != len(shape) or len(sizes) != len(shape):
+        raise _fail(where, key, f"{what} has {len(offsets)}-d offsets / {len(sizes)}-d sizes for a {len(shape)}-d tensor")
+    for d, (o, s, n) in enumerate(zip(offsets, sizes, shape)):
+        if o + s > n:
+            raise _fail(where, key, f"{what} covers [{o}, {o + s}) of dim {d}, which has size {n}")
+    file = c.get("file")
+    try:
+        check_relpath(file)
+    except UnsafeCheckpointError as e:
+        raise UnsafeCheckpointError(f"{where}, key {key!r}: {what} file {e}") from e
+    if file not in files:
+        raise _fail(where, key, f"{what} refers to file {file!r}, which the manifest does not list")
+    codec = c.get("codec")
+    if codec not in CODECS:
+        raise _fail(where, key, f"{what} has unknown codec {codec!r}; expected one of {list(CODECS)}")
+    byte_offset = _int(c.get("byte_offset"), where, key, f"{what} byte_offset")
+    byte_length = _int(c.get("byte_length"), where, key, f"{what} byte_length")
+    raw = _int(c.get("raw_byte_length"), where, key, f"{what} raw_byte_length")
+    block = _int(c.get("block_bytes"), where, key, f"{what} block_bytes", lo=1)
+    if raw != math.prod(sizes) * esize:
+        raise _fail(where, key, f"{what} raw_byte_length is {raw}, its box of {list(sizes)} needs {math.prod(sizes) * esize}")
+    if codec == "raw" and byte_length != raw:
+        raise _fail(where, key, f"{what} is raw but stores {byte_length} bytes for {raw} raw bytes")
+    if codec == "raw" and block % esize:
+        raise _fail(where, key, f"{what} block_bytes {block} is not a multiple of the element size {esize}")
+    if byte_offset + byte_length > files[file].size_bytes:
+        raise _fail(where, key, f"{what} bytes [{byte_offset}, {byte_offset + byte_length}) lie beyond the end of "
+                                f"{file!r} ({files[file].size_bytes} bytes)")
+    checks = c.get("checksums")
+    expected_blocks = 1 if (codec != "raw" or byte_length == 0) else -(-byte_length // block)
+    if codec != "raw" and block < byte_length:
+        raise _fail(where, key, f"{what}: a {codec} chunk is one checksum block; block_bytes must be >= byte_length")
+    if (not isinstance(checks, list) or len(checks) != expected_blocks
+            or not all(isinstance(x, str) and len(x) == 16 for x in checks)):
+        raise _fail(where, key, f"{what} must have {expected_blocks} 16-hex-digit checksums, found {checks!r}")
+    return ChunkEntry(offsets, sizes, file, byte_offset, byte_length, codec, raw, block, tuple(checks))
+
+
+def _parse_value(key: str, e: dict[str, Any], where: str) -> Any:
+    t, v = e.get("type"), e.get("value")
+    if t == "none" and v is None:
+        return None
+    if t == "bool" and isinstance(v, bool):
+        return v
+    if t == "int" and isinstance(v, int) and not isinstance(v, bool):
+        return v
+    if t == "float":
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return float(v)
+        if v in ("nan", "inf", "-inf"):
+            return float(v)
+    if t == "str" and isinstance(v, str):
+        return v
+    raise _fail(where, key, f"value of type {t!r} holds {v!r}; expected one of {list(VALUE_TYPES)} with a matching value")
+
+
+def _parse_container(key: str, e: dict[str, Any], where: str) -> ContainerEntry:
+    t = e.get("type")
+    if t not in CONTAINER_TYPES:
+        raise _fail(where, key, f"unknown container type {t!r}; expected one of {list(CONTAINER_TYPES)}")
+    length = _int(e.get("length", 0), where, key, "container length")
+    int_keys = e.get("int_keys", [])
+    if not isinstance(int_keys, list) or not all(isinstance(k, str) for k in int_keys):
+        raise _fail(where, key, "'int_keys' must be a list of strings")
+    return ContainerEntry(key, t, length, tuple(int_keys))

@@ -1,0 +1,145 @@
+"""Pure planners: who writes which box at save time, and which byte ranges each local tensor reads at load time.
+
+No I/O and no process group: save gathers every rank's ``WriteCandidate`` list, feeds the lists to
+``plan_global_writes`` on the coordinator and scatters the result; load calls ``plan_reads`` per tensor. Tests
+drive both with simulated ranks in one process (STYLE 2).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+
+from ckpt.errors import CorruptCheckpointError, ShardMismatchError
+from resharding.box import Box, boxes_tile
+from resharding.layout import LocalPiece
+
+DEFAULT_MAX_CHUNK_BYTES = 256 * 1024 * 1024
+#: Replicated boxes smaller than this are written whole by one holder rather than split among holders.
+MIN_SPLIT_BYTES = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class WriteCandidate:
+    """A box of a logical tensor that one rank holds and could write."""
+
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+    box: Box
+    itemsize: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.box.numel * self.itemsize
+
+
+@dataclass(frozen=True)
+class WriteAssignment:
+    """Write ``box`` of ``key``; it lies inside the candidate box ``source`` this rank offered."""
+
+    key: str
+    box: Box
+    source: Box
+
+
+def _split_first_dim(box: Box, parts: int) -> list[Box]:
+    """Split along the first dim longer than 1, so each part stays contiguous in a row-major local tensor."""
+    if parts <= 1 or box.ndim == 0:
+        return [box]
+    d = next((i for i, s in enumerate(box.sizes) if s > 1), None)
+    if d is None:
+        return [box]
+    n = box.sizes[d]
+    parts = min(parts, n)
+    out, start = [], 0
+    for i in range(parts):
+        size = n // parts + (1 if i < n % parts else 0)
+        offs, sizes = list(box.offsets), list(box.sizes)
+        offs[d] += start
+        sizes[d] = size
+        out.append(Box(tuple(offs), tuple(sizes)))
+        start += size
+    return out
+
+
+def plan_global_writes(local_plans: list[list[WriteCandidate]],
+                       max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES) -> list[list[WriteAssignment]]:
+    """Deduplicate replicas and balance bytes across ranks; return each rank's assignments.
+
+    A box offered by several ranks (a replica) is written once. Large replicated boxes are split into row
+    ranges so every holder writes a share; every box larger than ``max_chunk_bytes`` is split likewise so that
+    writes and reads parallelise. Assignment is greedy, largest first, to the least-loaded holder: no rank writes
+    much more than its share. Raises ``ShardMismatchError`` listing every key whose ranks disagree on dtype or
+    shape, or whose boxes do not tile the tensor exactly once.
+    """
+    meta: dict[str, tuple[str, tuple[int, ...], int]] = {}
+    holders: dict[tuple[str, Box], list[int]] = defaultdict(list)
+    problems: list[str] = []
+    for rank, plan in enumerate(local_plans):
+        for c in plan:
+            m = (c.dtype, c.shape, c.itemsize)
+            if c.key in meta and meta[c.key] != m:
+                problems.append(f"key {c.key!r}: rank {rank} has dtype {c.dtype} shape {list(c.shape)}, another rank "
+                                f"has dtype {meta[c.key][0]} shape {list(meta[c.key][1])}")
+                continue
+            meta[c.key] = m
+            if not c.box.is_empty():
+                holders[(c.key, c.box)].append(rank)
+    by_key: dict[str, list[Box]] = defaultdict(list)
+    for key, box in holders:
+        by_key[key].append(box)
+    for key, (_, shape, _) in meta.items():
+        for p in boxes_tile(by_key.get(key, []), shape):
+            problems.append(f"key {key!r}: {p}")
+    if problems:
+        raise ShardMismatchError("the ranks' shards do not form consistent tensors:\n  " + "\n  ".join(problems))
+
+    work: list[tuple[int, str, Box, Box, list[int]]] = []
+    for (key, box), ranks in holders.items():
+        nbytes = box.numel * meta[key][2]
+        parts = math.ceil(nbytes / max_chunk_bytes) if nbytes > max_chunk_bytes else 1
+        if len(ranks) > 1 and nbytes >= MIN_SPLIT_BYTES:
+            parts = max(parts, len(ranks))
+        for sub in _split_first_dim(box, parts):
+            work.append((sub.numel * meta[key][2], key, sub, box, ranks))
+    load = [0] * len(local_plans)
+    out: list[list[WriteAssignment]] = [[] for _ in local_plans]
+    for nbytes, key, sub, src, ranks in sorted(work, key=lambda w: (-w[0], w[1], w[2].offsets)):
+        r = min(ranks, key=lambda x: (load[x], x))
+        load[r] += nbytes
+        out[r].append(WriteAssignment(key, sub, src))
+    return out
+
+
+@dataclass(frozen=True)
+class ReadItem:
+    """Copy ``rel`` (relative to chunk ``chunk_index``) into the local tensor at ``dest_offsets``."""
+
+    key: str
+    chunk_index: int
+    rel: Box
+    dest_offsets: tuple[int, ...]
+
+
+def plan_reads(key: str, chunk_boxes: list[Box], pieces: tuple[LocalPiece, ...] | list[LocalPiece],
+               where: str = "") -> list[ReadItem]:
+    """Intersect each local piece with every stored chunk; raise if the chunks do not cover a piece exactly."""
+    items: list[ReadItem] = []
+    for piece in pieces:
+        g = piece.global_box
+        covered = 0
+        for ci, cb in enumerate(chunk_boxes):
+            inter = g.intersect(cb)
+            if inter is None or inter.is_empty():
+                continue
+            covered += inter.numel
+            dest = tuple(lo + (a - b) for lo, a, b in zip(piece.local_offsets, inter.offsets, g.offsets))
+            items.append(ReadItem(key, ci, inter.relative_to(cb), dest))
+        if covered != g.numel and not g.is_empty():
+            raise CorruptCheckpointError(
+                f"{where}key {key!r}: stored chunks cover {covered} of the {g.numel} elements of box "
+                f"offsets={list(g.offsets)} sizes={list(g.sizes)} (chunks overlap or leave holes)"
+            )
+    return items
