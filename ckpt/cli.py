@@ -1,0 +1,189 @@
+"""The ``ckpt`` command line: ``inspect`` and ``verify`` (more subcommands join as their issues land).
+
+Exit codes: 0 success; 1 a check failed (``verify`` found damage); 2 bad usage or unreadable input.
+``--json`` prints one JSON document on stdout for scripts; progress bars go to stderr and only on a terminal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Sequence
+
+from ckpt.errors import CheckpointError, CheckpointNotFoundError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def _inspect_doc(reader: Any) -> dict[str, Any]:
+    from formats.dtypes import dtype_from_name, itemsize
+
+    m = reader.manifest
+    tensors = []
+    for key in sorted(m.tensors):
+        t = m.tensors[key]
+        nbytes = t.numel * itemsize(dtype_from_name(t.dtype, key))
+        tensors.append({
+            "key": key, "dtype": t.dtype, "shape": list(t.shape), "bytes": nbytes,
+            "stored_bytes": sum(c.byte_length for c in t.chunks), "chunks": len(t.chunks),
+            "codecs": sorted({c.codec for c in t.chunks}), "saved_layout": t.saved_layout,
+        })
+    return {
+        "path": reader.path, "format_version": m.format_version, "writer": m.writer, "save_id": m.save_id,
+        "created_unix_secs": m.created_unix_secs, "world_size": m.world_size, "layout": m.layout,
+        "files": len(m.files), "stored_bytes": sum(f.size_bytes for f in m.files.values()),
+        "tensor_bytes": sum(t["bytes"] for t in tensors), "tensors": tensors,
+        "values": {k: v.value for k, v in sorted(m.values.items())},
+    }
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    import ckpt
+
+    with ckpt.open(args.path, _storage_options(args)) as reader:
+        doc = _inspect_doc(reader)
+    if args.json:
+        print(json.dumps(doc, indent=1, default=str))
+        return EXIT_OK
+    print(f"checkpoint  {doc['path']}")
+    print(f"format      ckpt-universal v{doc['format_version']}, written by {doc['writer'].get('library')} "
+          f"{doc['writer'].get('version')} (torch {doc['writer'].get('torch')})")
+    print(f"saved under world size {doc['world_size']}; layouts: {doc['layout']}")
+    print(f"size        {_human_bytes(doc['tensor_bytes'])} of tensors in {len(doc['tensors'])} keys, "
+          f"{_human_bytes(doc['stored_bytes'])} in {doc['files']} files")
+    width = max([len(t["key"]) for t in doc["tensors"]] + [3])
+    print(f"\n{'key':<{width}}  {'dtype':<14} {'shape':<22} {'size':>12} chunks  saved as")
+    for t in doc["tensors"]:
+        lay = t["saved_layout"]
+        saved = "plain" if lay is None else f"mesh {lay['mesh_shape']} {', '.join(lay['placements'])}"
+        print(f"{t['key']:<{width}}  {t['dtype']:<14} {str(t['shape']):<22} {_human_bytes(t['bytes']):>12} "
+              f"{t['chunks']:>6}  {saved}")
+    if doc["values"]:
+        print("\nvalues:")
+        for k, v in doc["values"].items():
+            print(f"  {k} = {v!r}")
+    return EXIT_OK
+
+
+def verify_checkpoint(reader: Any, workers: int = 4, progress: bool = False) -> list[str]:
+    """Every problem found: damaged or missing chunk bytes, and tensors not covered exactly once."""
+    from resharding.box import Box, boxes_tile
+
+    m = reader.manifest
+    problems: list[str] = []
+    for key, t in sorted(m.tensors.items()):
+        for p in boxes_tile([Box(c.offsets, c.sizes) for c in t.chunks], tuple(t.shape)):
+            problems.append(f"{reader.path}: key {key!r}: {p}")
+    jobs = [(t, c) for _, t in sorted(m.tensors.items()) for c in t.chunks]
+    total = sum(c.byte_length for _, c in jobs)
+
+    def check(job: Any) -> str | None:
+        t, c = job
+        try:
+            reader._chunks.verify_chunk(t, c)
+        except CheckpointError as e:
+            return str(e)
+        except FileNotFoundError as e:
+            return f"{reader.path}/{c.file}: missing ({e}); key {t.key!r}"
+        return None
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="verify", file=sys.stderr)
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for job, res in zip(jobs, pool.map(check, jobs)):
+            if res:
+                problems.append(res)
+            if bar is not None:
+                bar.update(job[1].byte_length)
+    if bar is not None:
+        bar.close()
+    return problems
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    import ckpt
+
+    try:
+        reader = ckpt.open(args.path, _storage_options(args))
+    except CheckpointNotFoundError:
+        raise
+    except CheckpointError as e:  # incomplete or damaged manifest: the check failed
+        _report_verify(args, [str(e)], 0)
+        return EXIT_FAILED
+    with reader:
+        show = not args.json and sys.stderr.isatty()
+        problems = verify_checkpoint(reader, args.workers, progress=show)
+        nchunks = sum(len(t.chunks) for t in reader.manifest.tensors.values())
+    _report_verify(args, problems, nchunks)
+    return EXIT_FAILED if problems else EXIT_OK
+
+
+def _report_verify(args: argparse.Namespace, problems: list[str], nchunks: int) -> None:
+    if args.json:
+        print(json.dumps({"path": args.path, "ok": not problems, "chunks": nchunks, "problems": problems}, indent=1))
+    elif problems:
+        print(f"FAILED: {len(problems)} problem(s) in {args.path}:", file=sys.stderr)
+        for p in problems:
+            print(f"  - {p}", file=sys.stderr)
+    else:
+        print(f"OK: {args.path}: {nchunks} chunks verified, every tensor covered exactly once")
+
+
+def _storage_options(args: argparse.Namespace) -> dict[str, Any] | None:
+    if not getattr(args, "storage_options", None):
+        return None
+    try:
+        opts = json.loads(args.storage_options)
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"ckpt: --storage-options must be a JSON object: {e}")
+    return opts
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ckpt", description="Inspect and verify ckpt checkpoints.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("path", help="checkpoint directory or URL (file://, memory://, s3://...)")
+        sp.add_argument("--json", action="store_true", help="print one JSON document for scripts")
+        sp.add_argument("--storage-options", metavar="JSON",
+                        help='fsspec options as JSON, e.g. \'{"client_kwargs": {"endpoint_url": "http://..."}}\'')
+
+    sp = sub.add_parser("inspect", help="keys, dtypes, shapes, sizes and the layout a checkpoint was saved under")
+    common(sp)
+    sp.set_defaults(func=cmd_inspect)
+    sp = sub.add_parser("verify", help="re-read every chunk, check checksums and that every element is covered once")
+    common(sp)
+    sp.add_argument("--workers", type=int, default=4, help="parallel chunk reads (default 4)")
+    sp.set_defaults(func=cmd_verify)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except CheckpointError as e:
+        print(f"ckpt {args.command}: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except FileNotFoundError as e:
+        print(f"ckpt {args.command}: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
