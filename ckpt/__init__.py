@@ -12,6 +12,7 @@ from ckpt.errors import (
     CheckpointError,
     CheckpointExistsError,
     CheckpointNotFoundError,
+    UnsupportedStateError,
     CorruptCheckpointError,
     DistributedCheckpointError,
     IncompleteCheckpointError,
@@ -38,7 +39,7 @@ __all__ = [
     "save", "load", "open", "CheckpointReader", "SaveOptions", "LoadOptions", "SaveResult", "Stateful",
     "CheckpointError", "CheckpointNotFoundError", "IncompleteCheckpointError", "CorruptCheckpointError",
     "ShardMismatchError", "UnsafeCheckpointError", "StorageError", "SpecError", "DistributedCheckpointError",
-    "CheckpointExistsError",
+    "CheckpointExistsError", "UnsupportedStateError",
 ]
 
 

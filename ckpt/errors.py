@@ -20,6 +20,7 @@ __all__ = [
     "SpecError",
     "DistributedCheckpointError",
     "CheckpointExistsError",
+    "UnsupportedStateError",
 ]
 
 
@@ -53,6 +54,10 @@ class ShardMismatchError(CheckpointError):
 
 class StorageError(CheckpointError):
     """A storage backend failed (I/O error, object store error) while reading or writing."""
+
+
+class UnsupportedStateError(CheckpointError, TypeError):
+    """The state holds something the format cannot store without pickle (the message names the key)."""
 
 
 class SpecError(CheckpointError):

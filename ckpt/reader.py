@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from ckpt.errors import CorruptCheckpointError
 from ckpt.loading import read_into
 from ckpt.state import unflatten
 from formats.dtypes import dtype_from_name
@@ -61,6 +62,13 @@ class CheckpointReader:
             return self.manifest.values[key].value
         entry = self.info(key)
         box, squeeze = _index_to_box(index, tuple(entry.shape), key)
+        # The shape comes from the manifest: before allocating for it, check that the files of the chunks it
+        # needs really hold the bytes the manifest declares, so a forged shape raises CorruptCheckpointError
+        # instead of reserving (or failing to reserve) memory no real file backs.
+        for c in entry.chunks:
+            inter = box.intersect(Box(c.offsets, c.sizes))
+            if inter is not None and not inter.is_empty():
+                self._chunks.check_file(c.file, key)
         out = torch.empty(box.sizes, dtype=dtype_from_name(entry.dtype, key))
         lay = TensorLayout(tuple(entry.shape), out, (LocalPiece(tuple(0 for _ in box.sizes), box),), None)
         read_into(self._chunks, self.manifest, {key: lay}, self.num_threads)
@@ -70,7 +78,13 @@ class CheckpointReader:
         """The whole checkpoint as nested containers of tensors and values (reads every tensor)."""
         tensors = {k: self.read(k) for k in self.manifest.tensors}
         values = {k: v.value for k, v in self.manifest.values.items()}
-        return unflatten(tensors, values, self.manifest.containers)
+        try:
+            return unflatten(tensors, values, self.manifest.containers)
+        except (KeyError, ValueError) as e:  # a container record that its keys contradict
+            raise CorruptCheckpointError(
+                f"{self.path}: the manifest's containers do not match its keys ({type(e).__name__}: {e}); "
+                "the manifest is damaged. Read tensors one by one with read(key) instead."
+            ) from e
 
     def close(self) -> None:
         self.storage.close()

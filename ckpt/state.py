@@ -13,6 +13,7 @@ from typing import Any, Mapping
 
 import torch
 
+from ckpt.errors import UnsupportedStateError
 from ckpt.stateful import Adapter, Context, collect_modules, find_adapter
 from formats import keys as K
 from formats.manifest import ContainerEntry, encode_value
@@ -70,7 +71,7 @@ def _component(k: Any, where: str) -> tuple[str, bool]:
         return K.escape(k), False
     if isinstance(k, int) and not isinstance(k, bool):
         return str(k), True
-    raise TypeError(f"state key {where!r}: dict keys must be str or int, found {type(k).__name__} {k!r}")
+    raise UnsupportedStateError(f"state key {where!r}: dict keys must be str or int, found {type(k).__name__} {k!r}")
 
 
 def flatten(plain: Any) -> FlatState:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ckpt.errors import CorruptCheckpointError
+from ckpt.errors import CorruptCheckpointError, UnsupportedStateError
 
 _CANDIDATES = [
     "float64", "float32", "float16", "bfloat16", "complex128", "complex64", "complex32",
@@ -28,7 +28,7 @@ def dtype_name(dtype: torch.dtype) -> str:
     try:
         return DTYPE_TO_NAME[dtype]
     except KeyError:
-        raise TypeError(f"dtype {dtype} cannot be stored in a ckpt checkpoint; convert the tensor first") from None
+        raise UnsupportedStateError(f"dtype {dtype} cannot be stored in a ckpt checkpoint; convert the tensor first") from None
 
 
 def dtype_from_name(name: object, where: str) -> torch.dtype:

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from ckpt.errors import CorruptCheckpointError, UnsafeCheckpointError
+from ckpt.errors import CorruptCheckpointError, UnsafeCheckpointError, UnsupportedStateError
 from formats.dtypes import dtype_from_name, itemsize
 from formats.codec import CODECS
 from formats.storage.base import check_relpath
@@ -174,7 +174,7 @@ def encode_value(value: Any, key: str) -> dict[str, Any]:
         return {"type": "float", "value": value if math.isfinite(value) else repr(value)}
     if isinstance(value, str):
         return {"type": "str", "value": value}
-    raise TypeError(
+    raise UnsupportedStateError(
         f"state key {key!r}: cannot store a value of type {type(value).__name__}; ckpt stores tensors, "
         "None, bool, int, float, str and dicts/lists/tuples of them (no pickle). Convert it, or wrap it in an "
         "object with state_dict()/load_state_dict()."
@@ -205,14 +205,15 @@ def _int_list(v: Any, where: str, key: str, what: str) -> tuple[int, ...]:
 def _parse(data: bytes, where: str) -> Manifest:
     try:
         doc = json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as e:
-        raise _fail(where, None, f"manifest is not valid JSON ({e}); the checkpoint is damaged") from e
+    except (UnicodeDecodeError, json.JSONDecodeError, ValueError, RecursionError) as e:
+        # RecursionError: absurdly deep nesting ("[[[[..."), which no manifest has.
+        raise _fail(where, None, f"manifest is not valid JSON ({type(e).__name__}: {e}); the checkpoint is damaged") from e
     if not isinstance(doc, dict):
         raise _fail(where, None, f"manifest must be a JSON object, found {type(doc).__name__}")
     if doc.get("format") != FORMAT_NAME:
         raise _fail(where, None, f"'format' must be {FORMAT_NAME!r}, found {doc.get('format')!r}")
     version = doc.get("format_version")
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version != FORMAT_VERSION:  # True and 1.0 compare equal to 1
         raise _fail(
             where, None,
             f"unsupported format_version {version!r}; this reader supports {FORMAT_VERSION}. "
@@ -252,11 +253,14 @@ def _parse(data: bytes, where: str) -> Manifest:
     for name in ("writer", "layout", "metadata"):
         if not isinstance(doc.get(name, {}), dict):
             raise _fail(where, None, f"{name!r} must be an object")
+    created = doc.get("created_unix_secs", 0.0)
+    if not isinstance(created, (int, float)) or isinstance(created, bool):
+        raise _fail(where, None, f"'created_unix_secs' must be a number, found {created!r}")
     return Manifest(
         save_id=str(doc.get("save_id", "")),
         world_size=_int(doc.get("world_size"), where, None, "world_size", lo=1),
         files=files, tensors=tensors, values=values, containers=containers,
-        writer=doc.get("writer", {}), created_unix_secs=float(doc.get("created_unix_secs", 0.0)),
+        writer=doc.get("writer", {}), created_unix_secs=float(created),
         layout=doc.get("layout", {}), metadata=doc.get("metadata", {}), format_version=version,
     )
 
@@ -283,10 +287,42 @@ def _parse_tensor(key: str, e: dict[str, Any], files: dict[str, FileEntry], wher
         chunks.append(chunk)
     if covered != numel:
         raise _fail(where, key, f"chunks cover {covered} elements, shape {list(shape)} has {numel}")
+    # Equal volume is not enough: two overlapping chunks leave a hole of the same size, which a reader would
+    # return uninitialised. No overlap + equal volume + inside the shape = an exact tiling.
+    overlap = _first_overlap(chunks)
+    if overlap is not None:
+        a, b = overlap
+        raise _fail(where, key, f"chunks {a} and {b} overlap (offsets {list(chunks[a].offsets)} sizes "
+                                f"{list(chunks[a].sizes)} and offsets {list(chunks[b].offsets)} sizes "
+                                f"{list(chunks[b].sizes)}); chunks must tile the tensor exactly once")
     layout = e.get("saved_layout")
     if layout is not None and not isinstance(layout, dict):
         raise _fail(where, key, "'saved_layout' must be an object")
     return TensorEntry(key, e["dtype"], shape, tuple(chunks), layout)
+
+
+def _first_overlap(chunks: list[ChunkEntry]) -> tuple[int, int] | None:
+    """Indices of two non-empty chunks that overlap, or None.
+
+    A sweep along the dim with the most distinct chunk offsets: only chunks whose extents along that dim overlap
+    are compared, so row- or column-split tensors (the usual case) cost O(n log n) instead of O(n^2).
+    """
+    nonempty = [i for i, c in enumerate(chunks) if c.numel > 0]
+    if len(nonempty) < 2 or not chunks[nonempty[0]].sizes:
+        return None if len(nonempty) < 2 else (nonempty[0], nonempty[1])  # two non-empty 0-d chunks overlap
+    ndim = len(chunks[nonempty[0]].sizes)
+    d = max(range(ndim), key=lambda k: len({chunks[i].offsets[k] for i in nonempty}))
+    active: list[int] = []  # chunks whose extent along d reaches past the current start
+    for i in sorted(nonempty, key=lambda j: chunks[j].offsets[d]):
+        c = chunks[i]
+        start = c.offsets[d]
+        active = [j for j in active if chunks[j].offsets[d] + chunks[j].sizes[d] > start]
+        for j in active:
+            o = chunks[j]
+            if all(max(a, b) < min(a + m, b + n) for a, m, b, n in zip(c.offsets, c.sizes, o.offsets, o.sizes)):
+                return (min(i, j), max(i, j))
+        active.append(i)
+    return None
 
 
 def _parse_chunk(key: str, i: int, c: Any, shape: tuple[int, ...], esize: int,
