@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     ckpt.load(state, os.path.join(run_dir, "step_5"))
     print(f"  loaded in {time.perf_counter() - t0:.3f}s; step = {state['step']}")
-    ref = torch.load(os.path.join(run_dir, "reference_params.pt"), weights_only=True)
+    ref_path = os.path.join(run_dir, "reference_params.pt")
+    ref = torch.load(ref_path, weights_only=True)
     now = dict(model.state_dict())
     for name, param in model.named_parameters():
         for moment in ("exp_avg", "exp_avg_sq"):

@@ -63,10 +63,14 @@ class Box:
         return tuple(slice(o, o + s) for o, s in zip(self.offsets, self.sizes))
 
     def split(self, parts: int) -> list["Box"]:
-        """Split into at most ``parts`` boxes along the largest dim, as evenly as possible (no empty parts)."""
-        if self.ndim == 0 or parts <= 1 or self.numel == 0:
+        """Split into at most ``parts`` boxes, as evenly as possible, along the first dim longer than 1.
+
+        Splitting the outermost dim keeps each part contiguous in a row-major tensor holding the box, so a
+        writer needs no copy. Never produces empty parts.
+        """
+        d = next((i for i, s in enumerate(self.sizes) if s > 1), None)
+        if parts <= 1 or d is None:
             return [self]
-        d = max(range(self.ndim), key=lambda i: self.sizes[i])
         n = self.sizes[d]
         parts = min(parts, n)
         out = []

@@ -44,26 +44,6 @@ class WriteAssignment:
     source: Box
 
 
-def _split_first_dim(box: Box, parts: int) -> list[Box]:
-    """Split along the first dim longer than 1, so each part stays contiguous in a row-major local tensor."""
-    if parts <= 1 or box.ndim == 0:
-        return [box]
-    d = next((i for i, s in enumerate(box.sizes) if s > 1), None)
-    if d is None:
-        return [box]
-    n = box.sizes[d]
-    parts = min(parts, n)
-    out, start = [], 0
-    for i in range(parts):
-        size = n // parts + (1 if i < n % parts else 0)
-        offs, sizes = list(box.offsets), list(box.sizes)
-        offs[d] += start
-        sizes[d] = size
-        out.append(Box(tuple(offs), tuple(sizes)))
-        start += size
-    return out
-
-
 def plan_global_writes(local_plans: list[list[WriteCandidate]],
                        max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES) -> list[list[WriteAssignment]]:
     """Deduplicate replicas and balance bytes across ranks; return each rank's assignments.
@@ -102,7 +82,7 @@ def plan_global_writes(local_plans: list[list[WriteCandidate]],
         parts = math.ceil(nbytes / max_chunk_bytes) if nbytes > max_chunk_bytes else 1
         if len(ranks) > 1 and nbytes >= MIN_SPLIT_BYTES:
             parts = max(parts, len(ranks))
-        for sub in _split_first_dim(box, parts):
+        for sub in box.split(parts):
             work.append((sub.numel * meta[key][2], key, sub, box, ranks))
     load = [0] * len(local_plans)
     out: list[list[WriteAssignment]] = [[] for _ in local_plans]
