@@ -204,7 +204,7 @@ def _int_list(v: Any, where: str, key: str, what: str) -> tuple[int, ...]:
 
 def _parse(data: bytes, where: str) -> Manifest:
     try:
-        doc = json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
+        doc = json.loads(data.decode("utf-8"), parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
     except (UnicodeDecodeError, json.JSONDecodeError, ValueError, RecursionError) as e:
         # RecursionError: absurdly deep nesting ("[[[[..."), which no manifest has.
         raise _fail(where, None, f"manifest is not valid JSON ({type(e).__name__}: {e}); the checkpoint is damaged") from e
@@ -263,6 +263,16 @@ def _parse(data: bytes, where: str) -> Manifest:
         writer=doc.get("writer", {}), created_unix_secs=float(created),
         layout=doc.get("layout", {}), metadata=doc.get("metadata", {}), format_version=version,
     )
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are unique: a repeated key (two entries for one tensor) would silently drop one."""
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise ValueError(f"key {dup!r} appears twice in one object")
+    return d
 
 
 def _reject_constant(name: str) -> Any:

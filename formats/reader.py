@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 
 import torch
+import zstandard
 
 from ckpt.errors import CorruptCheckpointError
 from formats import checksum, codec as codecs
@@ -126,9 +127,28 @@ class ChunkReader:
         stored = self.storage.read(chunk.file, chunk.byte_offset, chunk.byte_length)
         self._add_read(len(stored))
         self._verify(entry, chunk, 0, memoryview(stored))
-        raw = codecs.decompress(stored, chunk.raw_byte_length, f"{self._where(chunk.file)}, key {entry.key!r}")
+        raw = self._decompress(entry, chunk, stored)
         full = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype).reshape(chunk.sizes)
         out.copy_(full[tuple(slice(o, o + n) for o, n in zip(rel_offsets, rel_sizes))])
+
+    def _decompress(self, entry: TensorEntry, chunk: ChunkEntry, stored: bytes) -> bytes:
+        """Decompress a verified zstd chunk, refusing a frame whose header promises another size.
+
+        zstandard allocates the size a frame header declares and ignores ``max_output_size`` then, so a frame
+        claiming 2**40 bytes would raise ``MemoryError`` (or reserve gigabytes) before any size check.
+        """
+        where = f"{self._where(chunk.file)}, key {entry.key!r}, file bytes [{chunk.byte_offset}, " \
+                f"{chunk.byte_offset + chunk.byte_length})"
+        try:
+            declared = zstandard.frame_content_size(stored)
+        except zstandard.ZstdError as e:
+            raise CorruptCheckpointError(f"{where}: not a zstd frame: {e}") from e
+        if declared not in (-1, chunk.raw_byte_length):  # -1: the header does not say
+            raise CorruptCheckpointError(
+                f"{where}: zstd frame header declares {declared} decompressed bytes, manifest says "
+                f"{chunk.raw_byte_length}; the chunk is damaged or forged"
+            )
+        return codecs.decompress(stored, chunk.raw_byte_length, where)
 
     def _add_read(self, n: int) -> None:
         with self._lock:
@@ -148,7 +168,7 @@ class ChunkReader:
             self._verify(entry, chunk, b, memoryview(data))
         if chunk.codec == "zstd":
             data = self.storage.read(chunk.file, chunk.byte_offset, chunk.byte_length)
-            codecs.decompress(data, chunk.raw_byte_length, f"{self._where(chunk.file)}, key {entry.key!r}")
+            self._decompress(entry, chunk, data)
 
 
 def read_manifest(storage: Storage) -> Manifest:
