@@ -90,7 +90,8 @@ def save(state: Any, path: "str | Storage", *, process_group: Any = None, storag
     Collective: every rank of ``process_group`` (default: the default group, or none when torch.distributed is
     not initialised) calls it with its own shard of the state. Returns when the manifest is committed.
     ``overwrite=False`` refuses to replace a committed checkpoint (``CheckpointExistsError``); with True the old
-    one stays loadable until the new manifest replaces it, and its unreferenced data files are deleted after.
+    one stays loadable until the new manifest replaces it. After the commit, data files the new manifest does not
+    list (the replaced checkpoint's, or a crashed save's) are deleted.
     """
     t0 = time.perf_counter()
     opts = options or SaveOptions()
@@ -128,12 +129,12 @@ def save(state: Any, path: "str | Storage", *, process_group: Any = None, storag
 
     def commit(results: list[tuple[dict[str, int], list[tuple[str, ChunkEntry]]]]) -> list[int]:
         manifest = _build_manifest(results, save_id, dw.world_size, coord)
-        old: list[str] = []
-        if overwrite and storage.exists(MANIFEST_NAME):
-            old = [p for p in storage.list(DATA_DIR) if p not in manifest.files]
         storage.commit(MANIFEST_NAME, manifest.to_json())
-        if old:
-            storage.delete(old)
+        # After the commit, and only then: data files the new manifest does not list belong to the checkpoint
+        # it replaced (overwrite=True) or to saves that crashed before committing here.
+        stale = [p for p in storage.list(DATA_DIR) if p not in manifest.files]
+        if stale:
+            storage.delete(stale)
         return [sum(f.size_bytes for f in manifest.files.values())] * len(results)
 
     total = dw.map_reduce("ckpt.save: writing and committing", write_local, commit)

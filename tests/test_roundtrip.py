@@ -242,3 +242,25 @@ def test_unsupported_value_type_names_the_key(tmp_path):
     with pytest.raises(ckpt.UnsupportedStateError, match="'cfg/obj'"):
         ckpt.save({"cfg": {"obj": object()}}, tmp_path / "c")
     assert not (tmp_path / "c" / "manifest.json").exists()
+
+
+def test_saving_over_a_crashed_save_removes_its_files(tmp_path):
+    (tmp_path / "c" / "data").mkdir(parents=True)
+    (tmp_path / "c" / "data" / "123-deadbeef-r00000-0.bin").write_bytes(b"half written")
+    with pytest.raises(ckpt.IncompleteCheckpointError):
+        ckpt.open(tmp_path / "c")
+    ckpt.save({"w": torch.ones(3)}, tmp_path / "c")
+    with ckpt.open(tmp_path / "c") as r:
+        assert sorted(os.listdir(tmp_path / "c" / "data")) == sorted(p.split("/")[1] for p in r.manifest.files)
+
+
+def test_symlink_out_of_the_checkpoint_is_refused(tmp_path):
+    ckpt.save({"w": torch.ones(1000)}, tmp_path / "c")
+    with ckpt.open(tmp_path / "c") as r:
+        f = r.info("w").chunks[0].file
+    outside = tmp_path / "secret.bin"
+    outside.write_bytes(os.urandom(8000))
+    os.remove(tmp_path / "c" / f)
+    os.symlink(outside, tmp_path / "c" / f)
+    with pytest.raises(ckpt.UnsafeCheckpointError, match="outside the checkpoint root"):
+        ckpt.load({"w": torch.zeros(1000)}, tmp_path / "c")

@@ -30,7 +30,7 @@ from collections import OrderedDict
 from contextlib import contextmanager
 from typing import Any, Iterable, Iterator, Sequence
 
-from ckpt.errors import CorruptCheckpointError, StorageError
+from ckpt.errors import UnsafeCheckpointError, CorruptCheckpointError, StorageError
 from formats.storage.base import Buffer, Storage, check_relpath
 
 __all__ = ["LocalStorage", "as_byte_views", "is_tmp_name", "tmp_name", "truncated_error"]
@@ -341,6 +341,7 @@ class LocalStorage(Storage):
     # -- helpers -------------------------------------------------------------------------------------------------
     @contextmanager
     def _opened(self, full: str) -> Iterator[int]:
+        self._check_confined(full)
         try:
             with self._fds.acquire(full) as fd:
                 yield fd
@@ -352,6 +353,15 @@ class LocalStorage(Storage):
             raise
         except OSError as e:
             raise StorageError(f"reading {full}: {e}") from e
+
+    def _check_confined(self, full: str) -> None:
+        """Refuse to read through a symlink that leads outside the checkpoint root."""
+        real = os.path.realpath(full)
+        root = os.path.realpath(self.root)
+        if real != root and not real.startswith(root.rstrip(os.sep) + os.sep):
+            raise UnsafeCheckpointError(
+                f"{full}: resolves to {real}, outside the checkpoint root {root} (a symlink?); refusing to read it"
+            )
 
     def _preadinto(self, full: str, fd: int, offset: int, view: memoryview) -> None:
         """Positional reads into ``view`` until full; EOF first means the file is shorter than promised."""
