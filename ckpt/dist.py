@@ -8,6 +8,7 @@ size 1) every collective is the identity.
 
 from __future__ import annotations
 
+import pickle
 import traceback
 from typing import Any, Callable, TypeVar
 
@@ -22,9 +23,25 @@ class _Failure:
     """An exception as it travels between ranks: its class (if a ckpt error) and its text."""
 
     def __init__(self, exc: BaseException) -> None:
-        self.cls = type(exc) if isinstance(exc, CheckpointError) else None
+        self.cls = _portable_class(type(exc)) if isinstance(exc, CheckpointError) else None
         self.text = f"{type(exc).__name__}: {exc}"
         self.trace = "".join(traceback.format_exception(exc))
+
+
+def _portable_class(cls: type) -> type | None:
+    """``cls`` or its nearest ``CheckpointError`` base that pickles by reference.
+
+    A failure travels by ``all_gather_object``; a class defined inside a function cannot be pickled, and a
+    pickling error raised on one rank before the collective would leave every other rank waiting in it.
+    """
+    for c in cls.__mro__:
+        if isinstance(c, type) and issubclass(c, CheckpointError):
+            try:
+                pickle.dumps(c)
+            except Exception:  # noqa: BLE001 - any pickling failure: try the next base
+                continue
+            return c
+    return None
 
 
 class DistWrapper:
