@@ -22,12 +22,11 @@ import torch
 from ckpt.dist import DistWrapper
 from ckpt.errors import CheckpointExistsError
 from ckpt.options import SaveOptions
-from ckpt.state import flatten, resolve
+from ckpt.state import FlatState, flatten, resolve
 from formats.dtypes import dtype_name
 from formats.manifest import DATA_DIR, MANIFEST_NAME, ChunkEntry, ContainerEntry, FileEntry, Manifest, TensorEntry, ValueEntry
 from formats.storage import Storage, open_storage
 from formats.writer import ChunkWrite, WriteOptions, write_items
-from resharding.box import Box
 from resharding.layout import TensorLayout, tensor_layout
 from resharding.planner import WriteAssignment, WriteCandidate, plan_global_writes
 
@@ -51,12 +50,10 @@ class _LocalPlan:
     meta: dict[str, tuple[str, tuple[int, ...], dict[str, Any] | None]]
     values: dict[str, Any] | None
     containers: dict[str, ContainerEntry] | None
-    manifest_exists: bool
 
 
-def _describe(state: Any, is_coordinator: bool, storage: Storage) -> tuple[_LocalPlan, dict[str, TensorLayout]]:
-    plain, _, _ = resolve(state)
-    flat = flatten(plain)
+def describe(flat: FlatState, is_coordinator: bool) -> tuple[_LocalPlan, dict[str, TensorLayout]]:
+    """This rank's write candidates and tensor meta (no copy, no I/O). Every rank, before ``plan_global``."""
     layouts: dict[str, TensorLayout] = {}
     candidates: list[WriteCandidate] = []
     meta: dict[str, tuple[str, tuple[int, ...], dict[str, Any] | None]] = {}
@@ -67,20 +64,83 @@ def _describe(state: Any, is_coordinator: bool, storage: Storage) -> tuple[_Loca
         meta[key] = (dname, lay.global_shape, lay.description)
         for piece in lay.pieces:
             candidates.append(WriteCandidate(key, dname, lay.global_shape, piece.global_box, t.element_size()))
-    exists = storage.exists(MANIFEST_NAME) if is_coordinator else False
     return (
         _LocalPlan(candidates, meta, flat.values if is_coordinator else None,
-                   flat.containers if is_coordinator else None, exists),
+                   flat.containers if is_coordinator else None),
         layouts,
     )
 
 
-def _chunk_data(lay: TensorLayout, a: WriteAssignment) -> torch.Tensor:
+def chunk_data(lay: TensorLayout, a: WriteAssignment) -> torch.Tensor:
     """The local elements of assignment ``a`` (a view into the local tensor; copied only by the writer)."""
     piece = next(p for p in lay.pieces if p.global_box == a.source)
     local = lay.local[piece.local_slices()]
     rel = a.box.relative_to(a.source)
     return local[rel.slices()]
+
+
+@dataclass
+class SavePlan:
+    """The outcome of collective planning on one rank: its assignments, and on the coordinator the meta of
+    every key (dtype, global shape, saved layout) plus its values and containers for the manifest."""
+
+    save_id: str
+    assignments: list[WriteAssignment]
+    layouts: dict[str, TensorLayout]
+    coord: dict[str, Any]
+
+
+def plan_save(dw: DistWrapper, flat: FlatState, max_chunk_bytes: int, check: Any = None,
+              step: str = "ckpt.save: planning") -> SavePlan:
+    """Collective planning: every rank describes its boxes, the coordinator deduplicates and balances.
+
+    ``check(plans)`` runs on the coordinator before planning (e.g. refuse to overwrite); it may raise.
+    """
+    layouts: dict[str, TensorLayout] = {}
+    coord: dict[str, Any] = {}
+
+    def plan_local() -> _LocalPlan:
+        lp, lay = describe(flat, dw.is_coordinator)
+        layouts.update(lay)
+        return lp
+
+    def plan_global(plans: list[_LocalPlan]) -> list[tuple[str, list[WriteAssignment]]]:
+        if check is not None:
+            check(plans)
+        assignments = plan_global_writes([p.candidates for p in plans], max_chunk_bytes)
+        meta: dict[str, tuple[str, tuple[int, ...], dict[str, Any] | None]] = {}
+        for p in plans:
+            for k, m in p.meta.items():
+                meta.setdefault(k, m)
+        coord.update(meta=meta, values=plans[0].values, containers=plans[0].containers)
+        save_id = f"{int(time.time())}-{uuid.uuid4().hex[:12]}"
+        return [(save_id, a) for a in assignments]
+
+    save_id, mine = dw.map_reduce(step, plan_local, plan_global)
+    return SavePlan(save_id, mine, layouts, coord)
+
+
+def write_and_commit(dw: DistWrapper, storage: Storage, save_id: str, items: list[ChunkWrite], coord: dict[str, Any],
+                     wopts: WriteOptions, step: str = "ckpt.save: writing and committing") -> int:
+    """Every rank writes its items; the coordinator commits the manifest once all succeeded. Returns total bytes.
+
+    Collective over ``dw``. After the commit, data files the manifest does not list are deleted.
+    """
+
+    def write_local() -> tuple[dict[str, int], list[tuple[str, ChunkEntry]]]:
+        return write_items(storage, f"{DATA_DIR}/{save_id}-r{dw.rank:05d}", items, wopts)
+
+    def commit(results: list[tuple[dict[str, int], list[tuple[str, ChunkEntry]]]]) -> list[int]:
+        manifest = _build_manifest(results, save_id, dw.world_size, coord)
+        storage.commit(MANIFEST_NAME, manifest.to_json())
+        # After the commit, and only then: data files the new manifest does not list belong to the checkpoint
+        # it replaced (overwrite=True) or to saves that crashed before committing here.
+        stale = [p for p in storage.list(DATA_DIR) if p not in manifest.files]
+        if stale:
+            storage.delete(stale)
+        return [sum(f.size_bytes for f in manifest.files.values())] * len(results)
+
+    return int(dw.map_reduce(step, write_local, commit))
 
 
 def save(state: Any, path: "str | Storage", *, process_group: Any = None, storage_options: dict[str, Any] | None = None,
@@ -97,49 +157,22 @@ def save(state: Any, path: "str | Storage", *, process_group: Any = None, storag
     opts = options or SaveOptions()
     dw = DistWrapper(process_group)
     storage = open_storage(path, storage_options)
-    layouts: dict[str, TensorLayout] = {}
-    coord: dict[str, Any] = {}  # the coordinator's view: its values/containers and every rank's tensor meta
+    plain, _, _ = resolve(state)
+    flat = flatten(plain)
 
-    def plan_local() -> _LocalPlan:
-        lp, lay = _describe(state, dw.is_coordinator, storage)
-        layouts.update(lay)
-        return lp
-
-    def plan_global(plans: list[_LocalPlan]) -> list[tuple[str, list[WriteAssignment]]]:
-        if plans[0].manifest_exists and not overwrite:
+    def refuse_overwrite(plans: list[_LocalPlan]) -> None:
+        if not overwrite and storage.exists(MANIFEST_NAME):
             raise CheckpointExistsError(
                 f"{storage.url}: a committed checkpoint is already there; pass overwrite=True to replace it, "
                 "or save to a new path"
             )
-        assignments = plan_global_writes([p.candidates for p in plans], opts.max_chunk_bytes)
-        meta: dict[str, tuple[str, tuple[int, ...], dict[str, Any] | None]] = {}
-        for p in plans:
-            for k, m in p.meta.items():
-                meta.setdefault(k, m)
-        coord.update(meta=meta, values=plans[0].values, containers=plans[0].containers)
-        save_id = f"{int(time.time())}-{uuid.uuid4().hex[:12]}"
-        return [(save_id, a) for a in assignments]
 
-    save_id, mine = dw.map_reduce("ckpt.save: planning", plan_local, plan_global)
+    plan = plan_save(dw, flat, opts.max_chunk_bytes, refuse_overwrite)
     wopts = WriteOptions(opts.codec, opts.zstd_level, opts.block_bytes, opts.files_per_rank)
-
-    def write_local() -> tuple[dict[str, int], list[tuple[str, ChunkEntry]]]:
-        items = [ChunkWrite(a.key, a.box.offsets, a.box.sizes, _chunk_data(layouts[a.key], a)) for a in mine]
-        return write_items(storage, f"{DATA_DIR}/{save_id}-r{dw.rank:05d}", items, wopts)
-
-    def commit(results: list[tuple[dict[str, int], list[tuple[str, ChunkEntry]]]]) -> list[int]:
-        manifest = _build_manifest(results, save_id, dw.world_size, coord)
-        storage.commit(MANIFEST_NAME, manifest.to_json())
-        # After the commit, and only then: data files the new manifest does not list belong to the checkpoint
-        # it replaced (overwrite=True) or to saves that crashed before committing here.
-        stale = [p for p in storage.list(DATA_DIR) if p not in manifest.files]
-        if stale:
-            storage.delete(stale)
-        return [sum(f.size_bytes for f in manifest.files.values())] * len(results)
-
-    total = dw.map_reduce("ckpt.save: writing and committing", write_local, commit)
-    mine_bytes = sum(a.box.numel * layouts[a.key].local.element_size() for a in mine)
-    return SaveResult(storage.url, save_id, mine_bytes, total, time.perf_counter() - t0)
+    items = [ChunkWrite(a.key, a.box.offsets, a.box.sizes, chunk_data(plan.layouts[a.key], a)) for a in plan.assignments]
+    total = write_and_commit(dw, storage, plan.save_id, items, plan.coord, wopts)
+    mine_bytes = sum(i.nbytes for i in items)
+    return SaveResult(storage.url, plan.save_id, mine_bytes, total, time.perf_counter() - t0)
 
 
 def _build_manifest(results: list[tuple[dict[str, int], list[tuple[str, ChunkEntry]]]], save_id: str,
