@@ -33,10 +33,20 @@ _LAZY = {
     "SaveOptions": ("ckpt.options", "SaveOptions"),
     "LoadOptions": ("ckpt.options", "LoadOptions"),
     "Stateful": ("ckpt.stateful", "Stateful"),
+    "Checkpointer": ("ckpt.checkpointer", "Checkpointer"),
+    "SnapshotHandle": ("ckpt.checkpointer", "SnapshotHandle"),
+    "SnapshotMetrics": ("ckpt.checkpointer", "SnapshotMetrics"),
+    "TierError": ("ckpt.checkpointer", "TierError"),
+    "RNGState": ("ckpt.rng", "RNGState"),
+    "EveryNSteps": ("ckpt.policies", "EveryNSteps"),
+    "KeepLatestN": ("ckpt.policies", "KeepLatestN"),
+    "KeepEveryN": ("ckpt.policies", "KeepEveryN"),
+    "AnyOf": ("ckpt.policies", "AnyOf"),
 }
 
 __all__ = [
-    "save", "load", "open", "CheckpointReader", "SaveOptions", "LoadOptions", "SaveResult", "Stateful",
+    "save", "load", "open", "CheckpointReader", "Checkpointer", "SnapshotHandle", "SnapshotMetrics", "TierError",
+    "RNGState", "EveryNSteps", "KeepLatestN", "KeepEveryN", "AnyOf", "SaveOptions", "LoadOptions", "SaveResult", "Stateful",
     "CheckpointError", "CheckpointNotFoundError", "IncompleteCheckpointError", "CorruptCheckpointError",
     "ShardMismatchError", "UnsafeCheckpointError", "StorageError", "SpecError", "DistributedCheckpointError",
     "CheckpointExistsError", "UnsupportedStateError",

@@ -26,15 +26,20 @@ from resharding.planner import ReadItem, plan_reads
 
 
 def check_compatible(flat: FlatState, layouts: dict[str, TensorLayout], manifest: Manifest, where: str,
-                     strict: bool, allow_dtype_cast: bool) -> None:
-    """Raise one ``ShardMismatchError`` listing every mismatch between the state and the checkpoint."""
+                     strict: bool, allow_dtype_cast: bool, lenient_prefixes: tuple[str, ...] = ()) -> None:
+    """Raise one ``ShardMismatchError`` listing every mismatch between the state and the checkpoint.
+
+    Keys under ``lenient_prefixes`` may be missing on either side (per-rank state such as RNG streams, whose
+    keys depend on the world size).
+    """
     problems: list[str] = []
+    strict_for = (lambda k: strict and not k.startswith(lenient_prefixes)) if lenient_prefixes else (lambda k: strict)
     for key, lay in layouts.items():
         entry = manifest.tensors.get(key)
         if entry is None:
             if key in manifest.values:
                 problems.append(f"key {key!r}: the state holds a tensor, the checkpoint a {type(manifest.values[key].value).__name__}")
-            elif strict:
+            elif strict_for(key):
                 problems.append(f"key {key!r}: in the state, missing from the checkpoint")
             continue
         if tuple(entry.shape) != tuple(lay.global_shape):
@@ -44,12 +49,12 @@ def check_compatible(flat: FlatState, layouts: dict[str, TensorLayout], manifest
     for key in flat.values:
         if key in manifest.tensors:
             problems.append(f"key {key!r}: the state holds a {type(flat.values[key]).__name__}, the checkpoint a tensor")
-        elif strict and key not in manifest.values:
+        elif strict_for(key) and key not in manifest.values:
             problems.append(f"key {key!r}: in the state, missing from the checkpoint")
     if strict:
         wanted = set(layouts) | set(flat.values)
         for key in manifest.keys():
-            if key not in wanted:
+            if key not in wanted and strict_for(key):
                 problems.append(f"key {key!r}: in the checkpoint, not in the state")
     if problems:
         raise ShardMismatchError(
@@ -93,13 +98,15 @@ def _box(chunk: Any) -> Any:
 
 
 def load(state: Any, path: "str | Storage", *, process_group: Any = None, strict: bool = True,
-         storage_options: dict[str, Any] | None = None, options: LoadOptions | None = None) -> None:
+         storage_options: dict[str, Any] | None = None, options: LoadOptions | None = None,
+         lenient_prefixes: tuple[str, ...] = ()) -> None:
     """Load the checkpoint at ``path`` into ``state`` in place (collective over ``process_group``).
 
     Tensors (plain or DTensor) are filled in place whatever layout they were saved under: this is load-time
     resharding, reading only the byte ranges each rank needs. Non-tensor values are replaced inside their dicts
     and lists; Stateful objects (modules, optimizers, schedulers, ...) get ``load_state_dict``. ``strict=True``
-    raises one ``ShardMismatchError`` listing every missing, unexpected or mis-shaped key.
+    raises one ``ShardMismatchError`` listing every missing, unexpected or mis-shaped key; keys under
+    ``lenient_prefixes`` may be missing on either side (the Checkpointer passes its per-rank RNG prefix).
     """
     opts = options or LoadOptions()
     dw = DistWrapper(process_group)
@@ -111,7 +118,7 @@ def load(state: Any, path: "str | Storage", *, process_group: Any = None, strict
         plain, bindings, ctx = resolve(state)
         flat = flatten(plain)
         layouts = {k: tensor_layout(t) for k, t in flat.tensors.items()}
-        check_compatible(flat, layouts, manifest, storage.url, strict, opts.allow_dtype_cast)
+        check_compatible(flat, layouts, manifest, storage.url, strict, opts.allow_dtype_cast, lenient_prefixes)
         with torch.no_grad():
             read_into(ChunkReader(storage, manifest), manifest, layouts, opts.num_threads)
         assign(state, {k: v.value for k, v in manifest.values.items() if k in flat.values}, bindings)

@@ -1,0 +1,460 @@
+"""``ckpt.Checkpointer``: lazy asynchronous snapshots with a multi-level flush, for training loops.
+
+Who calls what, on every rank, in the same order (each public method is collective over ``process_group``):
+``Checkpointer(...)`` once; ``save(step, state)`` after ``optimizer.step()`` of that step; ``restore(state)`` at
+start-up; ``wait()``/``close()`` at the end. Training threads never block on I/O: ``save`` copies what may change
+before the next update (buffers, RNG, counters) and returns; parameters and optimizer state are copied in the
+background while the next forward/backward run, and an optimizer pre-step hook holds the next update until that
+copy is done (``wait_for_staging()`` serves loops that update by hand). Staged snapshots then flush to local disk
+and a remote URL on their own cadence, each tier committing on its own gloo group.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ckpt.dist import DistWrapper
+from ckpt.errors import CheckpointError, CheckpointNotFoundError
+from ckpt.loading import load as load_checkpoint
+from ckpt.options import SaveOptions
+from ckpt.policies import AnyOf, KeepAll, KeepEveryN, KeepLatestN, RetentionPolicy
+from ckpt.pool import ALIGN_BYTES, HostBufferPool, SegmentAllocator, Slot
+from ckpt.rng import RNGState
+from ckpt.saving import SavePlan, plan_save, write_and_commit
+from ckpt.staging import Copier, StagingHandle, copy_all
+from ckpt.state import assign, flatten, resolve
+from ckpt.tiers import FlushJob, FlushResult, StorageTier
+from formats.writer import ChunkWrite, WriteOptions
+from resharding.layout import TensorLayout, is_dtensor, tensor_layout
+
+RNG_KEY = "rng"
+
+
+class TierError(CheckpointError):
+    """A background tier failed; raised on the next Checkpointer call on every rank, naming tier and step."""
+
+
+@dataclass
+class SnapshotMetrics:
+    """Per-snapshot costs on this rank. Seconds unless named otherwise."""
+
+    step: int
+    rank: int
+    request_secs: float = 0.0
+    backpressure_wait_secs: float = 0.0
+    lazy_wait_secs: float = 0.0
+    copy_secs: float = 0.0
+    eager_copy_secs: float = 0.0
+    staged_bytes: int = 0
+    lazy_bytes: int = 0
+    tiers: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass
+class _Region:
+    key: str
+    piece_index: int
+    offset: int
+    nbytes: int
+    dtype: torch.dtype
+    sizes: tuple[int, ...]
+
+
+@dataclass
+class _Layout:
+    """A cached plan for one state structure: the write plan and where each local piece sits in a slot."""
+
+    signature: tuple[Any, ...]
+    plan: SavePlan
+    regions: list[_Region]
+    total_bytes: int
+
+
+class SnapshotHandle:
+    """Returned by ``Checkpointer.save``: ``done()`` once staged and flushed to every due tier; ``wait()`` blocks."""
+
+    def __init__(self, step: int, tiers: set[str]) -> None:
+        self.step = step
+        self._pending = set(tiers) | {"memory"}
+        self._cond = threading.Condition()
+        self.errors: list[BaseException] = []
+
+    def _complete(self, part: str, error: BaseException | None = None) -> None:
+        with self._cond:
+            self._pending.discard(part)
+            if error is not None:
+                self.errors.append(error)
+            self._cond.notify_all()
+
+    def done(self) -> bool:
+        with self._cond:
+            return not self._pending
+
+    def wait(self, timeout_secs: float | None = None) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._pending, timeout_secs)
+
+
+def _storage_ptr(t: torch.Tensor) -> int:
+    local = t.to_local() if is_dtensor(t) else t
+    return local.untyped_storage().data_ptr()
+
+
+class Checkpointer:
+    """Snapshots every ``memory_every`` steps into host memory, persisted every ``disk_every`` steps under
+    ``root`` and every ``remote_every`` steps under ``remote``. See README "Checkpointer" for every option."""
+
+    def __init__(self, root: str, *, memory_every: int = 1, disk_every: int = 1, remote: str | None = None,
+                 remote_every: int = 0, keep_last: int | None = 3, keep_every: int | None = None,
+                 remote_keep_last: int | None = None, memory_slots: int = 2, process_group: Any = None,
+                 storage_options: dict[str, Any] | None = None, save_options: SaveOptions | None = None,
+                 save_rng: bool = True, lazy: bool = True, metrics: bool = True,
+                 allocator: SegmentAllocator | None = None) -> None:
+        for name, v in (("memory_every", memory_every), ("disk_every", disk_every), ("remote_every", remote_every)):
+            if v < 0:
+                raise ValueError(f"Checkpointer({name}={v}): expected >= 0 (0 disables that tier)")
+        if remote_every and not remote:
+            raise ValueError("Checkpointer(remote_every>0) needs remote='scheme://...'")
+        self.root = str(root)
+        self.memory_every = memory_every
+        self.save_rng = save_rng
+        self.lazy = lazy
+        self.save_options = save_options or SaveOptions()
+        self.dw = DistWrapper(process_group)
+        self.process_group = process_group
+        self.pool = HostBufferPool(memory_slots, allocator)
+        self.copier = Copier()
+        self.tiers: list[StorageTier] = []
+        if disk_every:
+            self.tiers.append(StorageTier("disk", self.root, disk_every, _retention(keep_last, keep_every),
+                                          self._new_group()))
+        if remote and remote_every:
+            self.tiers.append(StorageTier("remote", remote, remote_every,
+                                          _retention(remote_keep_last or keep_last, keep_every), self._new_group(),
+                                          storage_options))
+        self._layout: _Layout | None = None
+        self._current: StagingHandle | None = None
+        self._current_metrics: SnapshotMetrics | None = None
+        self._hooks: dict[int, Any] = {}
+        self._errors: list[str] = []
+        self._lock = threading.Lock()
+        self.metrics: list[SnapshotMetrics] = []
+        self._metrics_path = self._metrics_file() if metrics else None
+        self._handles: dict[int, SnapshotHandle] = {}
+
+    # -- set-up helpers ------------------------------------------------------------------------------------------
+    def _new_group(self) -> Any:
+        """A gloo group of the same ranks, for one tier's background collectives (collective over the world)."""
+        if self.dw.world_size == 1:
+            return None
+        ranks = dist.get_process_group_ranks(self.process_group) if self.process_group is not None else None
+        return dist.new_group(ranks=ranks, backend="gloo")
+
+    def _metrics_file(self) -> str | None:
+        if "://" in self.root and not self.root.startswith("file://"):
+            return None
+        base = self.root.removeprefix("file://")
+        return os.path.join(base, "metrics", f"rank_{self.dw.rank:05d}.jsonl")
+
+    # -- errors --------------------------------------------------------------------------------------------------
+    def _record_error(self, msg: str) -> None:
+        with self._lock:
+            self._errors.append(msg)
+
+    def _raise_pending(self) -> None:
+        """Raise background failures on every rank at the same call (one small collective when distributed)."""
+        with self._lock:
+            mine, self._errors = self._errors, []
+        everyone = self.dw.all_gather(mine)
+        lines = [f"rank {r}: {m}" for r, ms in enumerate(everyone) for m in ms]
+        if lines:
+            raise TierError(
+                "background checkpointing failed (the last committed snapshot stays loadable; training may "
+                "continue and later snapshots retry):\n  " + "\n  ".join(lines)
+            )
+
+    # -- planning ------------------------------------------------------------------------------------------------
+    def _full_state(self, state: Any) -> Any:
+        if self.save_rng and isinstance(state, dict) and RNG_KEY not in state:
+            return {**state, RNG_KEY: RNGState(self.dw.rank)}
+        return state
+
+    def _layout_for(self, flat: Any, layouts: dict[str, TensorLayout]) -> _Layout:
+        sig = tuple((k, str(t.dtype), layouts[k].global_shape, layouts[k].pieces) for k, t in flat.tensors.items())
+        same = self._layout is not None and self._layout.signature == sig
+        if all(self.dw.all_gather(same)):
+            assert self._layout is not None
+            return self._layout
+        plan = plan_save(self.dw, flat, self.save_options.max_chunk_bytes, step="ckpt.Checkpointer: planning")
+        regions, offset = [], 0
+        for key, t in flat.tensors.items():
+            for i, piece in enumerate(layouts[key].pieces):
+                n = piece.global_box.numel * t.element_size()
+                regions.append(_Region(key, i, offset, n, t.dtype, piece.global_box.sizes))
+                offset += -(-n // ALIGN_BYTES) * ALIGN_BYTES
+        self._layout = _Layout(sig, plan, regions, offset)
+        return self._layout
+
+    @staticmethod
+    def _slot_view(slot: Slot, r: _Region) -> torch.Tensor:
+        return slot.buffer[r.offset : r.offset + r.nbytes].view(r.dtype).view(r.sizes)
+
+    def _install_hooks(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        for o in optimizers:
+            if id(o) not in self._hooks:
+                self._hooks[id(o)] = o.register_step_pre_hook(self._pre_step_hook)
+
+    def _pre_step_hook(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        """Runs before every ``optimizer.step()``: the DataStates-LLM wait for this snapshot's lazy copies."""
+        self.wait_for_staging()
+
+    # -- the training-loop API -----------------------------------------------------------------------------------
+    def wait_for_staging(self) -> float:
+        """Block until this rank's background copies of the last snapshot finished; return seconds blocked.
+
+        Installed as a pre-step hook on every optimizer found in the saved state; call it yourself before
+        changing parameters outside ``optimizer.step()``.
+        """
+        h = self._current
+        if h is None or h.done():
+            return 0.0
+        blocked = h.wait()
+        if self._current_metrics is not None and self._current_metrics.step == h.step:
+            self._current_metrics.lazy_wait_secs += blocked
+        return blocked
+
+    def save(self, step: int, state: Any) -> SnapshotHandle:
+        """Snapshot ``state`` at ``step``; returns at once with a handle (collective)."""
+        t0 = time.perf_counter()
+        self._raise_pending()
+        tiers_due = {t.name for t in self.tiers if t.due(step)}
+        mem_due = self.memory_every > 0 and step % self.memory_every == 0
+        if not tiers_due and not mem_due:
+            h = SnapshotHandle(step, set())
+            h._complete("memory")
+            return h
+        self.wait_for_staging()  # the previous snapshot's lazy copies (normally done long ago)
+        plain, _, ctx = resolve(self._full_state(state))
+        flat = flatten(plain)
+        layouts = {k: tensor_layout(t) for k, t in flat.tensors.items()}
+        lay = self._layout_for(flat, layouts)
+        optimizers = [o for o in _walk_objects(state) if isinstance(o, torch.optim.Optimizer)]
+        lazy_ptrs: set[int] = set()
+        if self.lazy:
+            self._install_hooks(optimizers)
+            owned = {id(p) for o in optimizers for g in o.param_groups for p in g["params"]}
+            for m in ctx.modules:
+                lazy_ptrs |= {_storage_ptr(p) for p in m.parameters() if id(p) in owned}
+            for o in optimizers:
+                lazy_ptrs |= {_storage_ptr(v) for s in o.state.values() for v in s.values() if isinstance(v, torch.Tensor)}
+        m = SnapshotMetrics(step, self.dw.rank)
+        slot, m.backpressure_wait_secs = self.pool.acquire(lay.total_bytes)
+        eager, lazy = [], []
+        for r in lay.regions:
+            src = layouts[r.key].local[layouts[r.key].pieces[r.piece_index].local_slices()]
+            (lazy if _storage_ptr(flat.tensors[r.key]) in lazy_ptrs else eager).append((src, self._slot_view(slot, r)))
+        te = time.perf_counter()
+        copy_all(eager)
+        m.eager_copy_secs = time.perf_counter() - te
+        m.staged_bytes = sum(r.nbytes for r in lay.regions)
+        m.lazy_bytes = sum(d.numel() * d.element_size() for _, d in lazy)
+        slot.info = {"values": dict(flat.values), "containers": dict(flat.containers), "layout": lay}
+        handle = SnapshotHandle(step, tiers_due)
+        self._handles[step] = handle
+        self.metrics.append(m)
+        self._current_metrics = m
+        self._current = self.copier.submit(step, lazy, lambda h: self._staged(h, slot, lay, tiers_due, handle, m))
+        m.request_secs = time.perf_counter() - t0
+        return handle
+
+    # -- background: after staging, flush ------------------------------------------------------------------------
+    def _staged(self, h: StagingHandle, slot: Slot, lay: _Layout, tiers_due: set[str], handle: SnapshotHandle,
+                m: SnapshotMetrics) -> None:
+        m.copy_secs = h.copy_secs
+        if h.error is not None:
+            self.pool.abandon(slot)
+            self._record_error(f"staging step {h.step}: {type(h.error).__name__}: {h.error}")
+            for part in ["memory", *tiers_due]:
+                handle._complete(part, h.error)
+            return
+        self.pool.mark_staged(slot, h.step, tiers_due)
+        handle._complete("memory")
+        for tier in self.tiers:
+            if tier.name in tiers_due:
+                tier.submit(FlushJob(h.step, lambda storage, dw, t=tier: self._flush(t, slot, lay, storage, dw, h.step),
+                                     lambda res, s=slot: self._flushed(res, s, handle, m)))
+        if not tiers_due:
+            self._write_metrics(m)
+
+    def _flush(self, tier: StorageTier, slot: Slot, lay: _Layout, storage: Any, dw: DistWrapper, step: int) -> int:
+        plan = lay.plan
+        regions = {(r.key, lay_piece_box(lay, r)): r for r in lay.regions}
+        items = []
+        for a in plan.assignments:
+            r = regions[(a.key, a.source)]
+            view = self._slot_view(slot, r)[a.box.relative_to(a.source).slices()]
+            items.append(ChunkWrite(a.key, a.box.offsets, a.box.sizes, view))
+        coord = dict(plan.coord)
+        if dw.is_coordinator:
+            coord["values"], coord["containers"] = slot.info["values"], slot.info["containers"]
+        o = self.save_options
+        wopts = WriteOptions(o.codec if tier.name == "remote" else "raw", o.zstd_level, o.block_bytes, o.files_per_rank)
+        write_and_commit(dw, storage, f"{plan.save_id}-s{step}", items, coord, wopts,
+                         step=f"ckpt tier {tier.name!r} step {step}")
+        return sum(i.nbytes for i in items)
+
+    def _flushed(self, res: FlushResult, slot: Slot, handle: SnapshotHandle, m: SnapshotMetrics) -> None:
+        self.pool.release(slot, res.tier)
+        m.tiers[res.tier] = {"ok": res.ok, "flush_secs": res.flush_secs, "bytes": res.bytes_written}
+        if not res.ok:
+            m.tiers[res.tier]["error"] = f"{type(res.error).__name__}: {res.error}"
+            self._record_error(f"tier {res.tier!r} step {res.step}: {type(res.error).__name__}: {res.error}")
+        handle._complete(res.tier, res.error)
+        if handle.done():
+            self._write_metrics(m)
+
+    def _write_metrics(self, m: SnapshotMetrics) -> None:
+        if self._metrics_path is None:
+            return
+        try:
+            os.makedirs(os.path.dirname(self._metrics_path), exist_ok=True)
+            with open(self._metrics_path, "a") as f:
+                f.write(json.dumps(asdict(m)) + "\n")
+        except OSError:
+            pass  # metrics are best effort; a full disk surfaces through the disk tier itself
+
+    # -- queries and restore -------------------------------------------------------------------------------------
+    def wait(self) -> None:
+        """Block until every snapshot is staged and flushed to every due tier; raise background failures."""
+        self.wait_for_staging()
+        for h in list(self._handles.values()):
+            h.wait()
+        for t in self.tiers:
+            t.drain()
+        self._handles.clear()
+        self._raise_pending()
+
+    def _tier_steps(self) -> dict[str, list[int]]:
+        local = self.pool.latest()
+        mem = [local.step] if local is not None and local.step is not None else []
+        everyone = self.dw.all_gather(mem)
+        steps = {"memory": sorted(set.intersection(*[set(s) for s in everyone]))}
+        listing = self.dw.run("ckpt.Checkpointer: listing tiers",
+                              lambda: {t.name: t.committed_steps() for t in self.tiers} if self.dw.is_coordinator else None)
+        steps.update(self.dw.broadcast(listing))
+        return steps
+
+    def steps(self, tier: str | None = None) -> list[int]:
+        """Committed steps on ``tier`` (``memory``, ``disk``, ``remote``), or on any tier (collective)."""
+        per = self._tier_steps()
+        if tier is not None:
+            return per.get(tier, [])
+        return sorted(set().union(*per.values()))
+
+    def latest_step(self) -> int | None:
+        """The newest step committed on any tier, or None (collective)."""
+        s = self.steps()
+        return s[-1] if s else None
+
+    def restore(self, state: Any, step: int | None = None) -> int:
+        """Load the latest committed step (or ``step``) into ``state`` from the fastest tier that has it.
+
+        Order: this process's memory snapshot, local disk, remote. Returns the step restored; raises
+        ``CheckpointNotFoundError`` when no tier has it (collective).
+        """
+        self.wait()
+        per = self._tier_steps()
+        every = sorted(set().union(*per.values()))
+        if not every or (step is not None and step not in every):
+            raise CheckpointNotFoundError(
+                f"{self.root}: no committed snapshot" + (f" of step {step}" if step is not None else "")
+                + f" on any tier (committed: {per}); start from scratch or pass another step"
+            )
+        want = every[-1] if step is None else step
+        full = self._full_state(state)
+        try:
+            if want in per["memory"] and all(self.dw.all_gather(self._restore_from_memory(full, want, dry_run=True))):
+                self._restore_from_memory(full, want)
+                return want
+            for tier in self.tiers:
+                if want in per.get(tier.name, []):
+                    load_checkpoint(full, tier.storage_for(want), process_group=self.process_group,
+                                    lenient_prefixes=(RNG_KEY + "/",))
+                    return want
+        finally:
+            if full is not state:  # values loaded into the top level of the copy that carries the RNG entry
+                for k in state:
+                    state[k] = full[k]
+        raise CheckpointNotFoundError(f"{self.root}: step {want} vanished while restoring")  # pragma: no cover
+
+    def _restore_from_memory(self, state: Any, step: int, dry_run: bool = False) -> bool:
+        slot = self.pool.latest()
+        if slot is None or slot.step != step:
+            return False
+        plain, bindings, ctx = resolve(state)
+        flat = flatten(plain)
+        layouts = {k: tensor_layout(t) for k, t in flat.tensors.items()}
+        lay: _Layout = slot.info["layout"]
+        sig = tuple((k, str(t.dtype), layouts[k].global_shape, layouts[k].pieces) for k, t in flat.tensors.items())
+        if sig != lay.signature:
+            return False
+        if dry_run:
+            return True
+        with torch.no_grad():
+            for r in lay.regions:
+                dst = layouts[r.key].local[layouts[r.key].pieces[r.piece_index].local_slices()]
+                dst.copy_(self._slot_view(slot, r))
+        assign(state, slot.info["values"], bindings)
+        for b in bindings:
+            b.apply(ctx)
+        return True
+
+    def close(self) -> None:
+        """Finish pending work, remove the optimizer hooks, free the pool. Raises pending failures."""
+        try:
+            self.wait()
+        finally:
+            for h in self._hooks.values():
+                h.remove()
+            self._hooks.clear()
+            self.copier.close()
+            for t in self.tiers:
+                t.close()
+            self.pool.close()
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def lay_piece_box(lay: _Layout, r: _Region) -> Any:
+    return lay.plan.layouts[r.key].pieces[r.piece_index].global_box
+
+
+def _retention(keep_last: int | None, keep_every: int | None) -> RetentionPolicy:
+    policies: list[RetentionPolicy] = []
+    if keep_last:
+        policies.append(KeepLatestN(keep_last))
+    if keep_every:
+        policies.append(KeepEveryN(keep_every))
+    return AnyOf(tuple(policies)) if policies else KeepAll()
+
+
+def _walk_objects(o: Any, depth: int = 0) -> list[Any]:
+    if depth > 8:
+        return []
+    if isinstance(o, dict):
+        return [x for v in o.values() for x in _walk_objects(v, depth + 1)]
+    if isinstance(o, (list, tuple)):
+        return [x for v in o for x in _walk_objects(v, depth + 1)]
+    return [o]

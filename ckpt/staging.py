@@ -1,0 +1,130 @@
+"""Copies of a snapshot into its slot: eager ones now, lazy ones in the background.
+
+The DataStates-LLM rule: parameters and optimizer state change only inside ``optimizer.step()``, so their copy
+may run while the next forward and backward run; the optimizer's pre-step hook waits for it. Everything else
+(buffers such as BatchNorm running stats, RNG state, step counters, CPU-side extras) can change at any time and
+is copied before ``Checkpointer.save`` returns.
+
+One code path for both devices: on CUDA the lazy copies are queued on a side stream (pinned destination,
+``non_blocking``) after it waits for the compute stream, and an event marks the end; on CPU a worker thread does
+the same copies and sets a ``threading.Event``. ``StagingHandle.wait()`` is the only synchronisation either way.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+Copy = tuple[torch.Tensor, torch.Tensor]  # (source view, destination view in a slot)
+
+
+@dataclass
+class StagingHandle:
+    """Completion of one snapshot's lazy copies. ``wait`` is called by the optimizer pre-step hook."""
+
+    step: int
+    _event: threading.Event = field(default_factory=threading.Event)
+    _cuda_event: Any = None
+    error: BaseException | None = None
+    copy_secs: float = 0.0
+    waited_secs: float = 0.0
+    _callbacks: list[Callable[["StagingHandle"], None]] = field(default_factory=list)
+
+    def done(self) -> bool:
+        if not self._event.is_set():
+            return False
+        return self._cuda_event is None or bool(self._cuda_event.query())
+
+    def wait(self) -> float:
+        """Block until the copies finished; return the seconds this call blocked (accumulated in waited_secs)."""
+        t0 = time.perf_counter()
+        self._event.wait()
+        if self._cuda_event is not None:
+            self._cuda_event.synchronize()
+        blocked = time.perf_counter() - t0
+        self.waited_secs += blocked
+        return blocked
+
+    def _finish(self) -> None:
+        self._event.set()
+
+
+def copy_all(copies: list[Copy]) -> None:
+    """Synchronous copies (eager part) on the calling thread."""
+    with torch.no_grad():
+        for src, dst in copies:
+            dst.copy_(src)
+
+
+class Copier:
+    """Runs lazy copies in the background. Owned by a Checkpointer; one per process."""
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[tuple[StagingHandle, list[Copy]] | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._stream: Any = None
+
+    def submit(self, step: int, copies: list[Copy], on_done: Callable[[StagingHandle], None]) -> StagingHandle:
+        """Start ``copies``; ``on_done(handle)`` runs on a background thread once they are complete."""
+        handle = StagingHandle(step)
+        handle._callbacks.append(on_done)
+        if any(src.is_cuda for src, _ in copies):
+            self._submit_cuda(handle, copies)
+        else:
+            self._ensure_thread()
+            self._queue.put((handle, copies))
+        return handle
+
+    def _submit_cuda(self, handle: StagingHandle, copies: list[Copy]) -> None:
+        if self._stream is None:
+            self._stream = torch.cuda.Stream()
+        t0 = time.perf_counter()
+        self._stream.wait_stream(torch.cuda.current_stream())
+        with torch.no_grad(), torch.cuda.stream(self._stream):
+            for src, dst in copies:
+                dst.copy_(src, non_blocking=True)
+                if src.is_cuda:
+                    src.record_stream(self._stream)
+            ev = torch.cuda.Event()
+            ev.record(self._stream)
+        handle._cuda_event = ev
+        self._ensure_thread()
+        # The worker waits for the event, then runs callbacks (flushes) off the training thread.
+        self._queue.put((handle, []))
+        handle.copy_secs = -t0  # completed in _run
+
+    def _ensure_thread(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._run, name="ckpt-stage", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            handle, copies = job
+            t0 = time.perf_counter()
+            try:
+                if handle._cuda_event is not None:
+                    handle._cuda_event.synchronize()
+                    handle.copy_secs = time.perf_counter() + handle.copy_secs
+                else:
+                    copy_all(copies)
+                    handle.copy_secs = time.perf_counter() - t0
+            except BaseException as e:  # noqa: BLE001 - kept on the handle, raised by the Checkpointer
+                handle.error = e
+            handle._finish()
+            for cb in handle._callbacks:
+                cb(handle)
+
+    def close(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        self._thread = None
