@@ -134,6 +134,11 @@ def main(argv: list[str] | None = None) -> int:
 
     print("\n4. ckpt verify (re-reads every chunk and checks coverage):")
     rc = cli_main(["verify", os.path.join(run_dir, "step_5")])
+    if rc == 0:
+        from ckpt.demo_snapshots import run as run_snapshots
+
+        print()
+        rc = run_snapshots(run_dir)
     print("\ndemo finished OK" if rc == 0 else "\ndemo FAILED")
     return rc
 
