@@ -121,14 +121,16 @@ def plan_save(dw: DistWrapper, flat: FlatState, max_chunk_bytes: int, check: Any
 
 
 def write_and_commit(dw: DistWrapper, storage: Storage, save_id: str, items: list[ChunkWrite], coord: dict[str, Any],
-                     wopts: WriteOptions, step: str = "ckpt.save: writing and committing") -> int:
+                     wopts: WriteOptions, step: str = "ckpt.save: writing and committing",
+                     ready: Any = None) -> int:
     """Every rank writes its items; the coordinator commits the manifest once all succeeded. Returns total bytes.
 
-    Collective over ``dw``. After the commit, data files the manifest does not list are deleted.
+    Collective over ``dw``. After the commit, data files the manifest does not list are deleted. ``ready(item)``
+    (optional) blocks until an item's data is final, so items stream out as they are staged.
     """
 
     def write_local() -> tuple[dict[str, int], list[tuple[str, ChunkEntry]]]:
-        return write_items(storage, f"{DATA_DIR}/{save_id}-r{dw.rank:05d}", items, wopts)
+        return write_items(storage, f"{DATA_DIR}/{save_id}-r{dw.rank:05d}", items, wopts, ready)
 
     def commit(results: list[tuple[dict[str, int], list[tuple[str, ChunkEntry]]]]) -> list[int]:
         manifest = _build_manifest(results, save_id, dw.world_size, coord)

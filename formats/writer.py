@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -67,17 +68,38 @@ def _encode(item: ChunkWrite, opts: WriteOptions) -> tuple[memoryview, int, int,
     return raw, len(raw), opts.block_bytes, tuple(checksum.block_digests(raw, opts.block_bytes)), "raw"
 
 
-def write_file(storage: Storage, path: str, items: list[ChunkWrite], opts: WriteOptions) -> tuple[int, list[tuple[str, ChunkEntry]]]:
-    """Write ``items`` back to back into ``path``; return (file size in bytes, [(key, chunk entry)])."""
-    buffers: list[memoryview] = []
+def write_file(storage: Storage, path: str, items: list[ChunkWrite], opts: WriteOptions,
+               ready: Callable[[ChunkWrite], None] | None = None) -> tuple[int, list[tuple[str, ChunkEntry]]]:
+    """Write ``items`` back to back into ``path``; return (file size in bytes, [(key, chunk entry)]).
+
+    Without ``ready`` every item's data is final: one vectored write. With ``ready``, ``ready(item)`` blocks until
+    that item's data is final (a snapshot still being staged), and each item streams to storage as soon as it is.
+    """
     entries: list[tuple[str, ChunkEntry]] = []
     offset = 0
-    for item in items:
-        stored, raw_len, block, sums, codec = _encode(item, opts)
-        entries.append((item.key, ChunkEntry(item.offsets, item.sizes, path, offset, len(stored), codec, raw_len, block, sums)))
-        buffers.append(stored)
-        offset += len(stored)
-    storage.write(path, buffers)
+    if ready is None:
+        buffers: list[memoryview] = []
+        for item in items:
+            stored, raw_len, block, sums, codec = _encode(item, opts)
+            entries.append((item.key, ChunkEntry(item.offsets, item.sizes, path, offset, len(stored), codec, raw_len,
+                                                 block, sums)))
+            buffers.append(stored)
+            offset += len(stored)
+        storage.write(path, buffers)
+        return offset, entries
+    writer = storage.open_writer(path)
+    try:
+        for item in items:
+            ready(item)
+            stored, raw_len, block, sums, codec = _encode(item, opts)
+            entries.append((item.key, ChunkEntry(item.offsets, item.sizes, path, offset, len(stored), codec, raw_len,
+                                                 block, sums)))
+            writer.write(stored)
+            offset += len(stored)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
     return offset, entries
 
 
@@ -92,7 +114,8 @@ def split_into_files(items: list[ChunkWrite], num_files: int) -> list[list[Chunk
     return [g for g in groups if g]
 
 
-def write_items(storage: Storage, file_prefix: str, items: list[ChunkWrite], opts: WriteOptions) -> tuple[dict[str, int], list[tuple[str, ChunkEntry]]]:
+def write_items(storage: Storage, file_prefix: str, items: list[ChunkWrite], opts: WriteOptions,
+                ready: Callable[[ChunkWrite], None] | None = None) -> tuple[dict[str, int], list[tuple[str, ChunkEntry]]]:
     """Write one rank's items into ``{file_prefix}-{i}.bin`` files in parallel threads.
 
     Returns ({file path: size in bytes}, [(key, chunk entry)]). Called on every rank during a save.
@@ -104,10 +127,10 @@ def write_items(storage: Storage, file_prefix: str, items: list[ChunkWrite], opt
         return sizes, entries
     paths = [f"{file_prefix}-{i}.bin" for i in range(len(groups))]
     if len(groups) == 1:
-        results = [write_file(storage, paths[0], groups[0], opts)]
+        results = [write_file(storage, paths[0], groups[0], opts, ready)]
     else:
         with ThreadPoolExecutor(max_workers=len(groups), thread_name_prefix="ckpt-write") as pool:
-            results = list(pool.map(lambda pg: write_file(storage, pg[0], pg[1], opts), zip(paths, groups)))
+            results = list(pool.map(lambda pg: write_file(storage, pg[0], pg[1], opts, ready), zip(paths, groups)))
     for path, (size, ents) in zip(paths, results):
         sizes[path] = size
         entries.extend(ents)

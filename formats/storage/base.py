@@ -57,6 +57,14 @@ class Storage(ABC):
         Not atomic: use ``commit`` for the file whose presence means "done".
         """
 
+    def open_writer(self, path: str) -> "StreamWriter":
+        """A writer that receives ``path``'s content piece by piece, for producers whose bytes become ready over
+        time (a snapshot's chunks as their copies finish). ``close()`` makes the file durable like ``write``.
+
+        The default collects the pieces and calls ``write`` at ``close``; backends that can stream override it.
+        """
+        return _BufferingWriter(self, path)
+
     @abstractmethod
     def commit(self, path: str, data: bytes) -> None:
         """Atomically publish ``data`` at ``path`` (replace if present). Writing the manifest is the commit."""
@@ -110,3 +118,33 @@ class Storage(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r})"
+
+
+class StreamWriter:
+    """Returned by ``Storage.open_writer``. Not thread-safe: one producer thread writes one file."""
+
+    def write(self, data: "bytes | bytearray | memoryview") -> None:
+        raise NotImplementedError
+
+    def close(self) -> int:
+        """Finish the file (durable when this returns); return its size in bytes."""
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        """Give up; the partial file may remain (it is unreferenced and removed by the next commit)."""
+
+
+class _BufferingWriter(StreamWriter):
+    def __init__(self, storage: Storage, path: str) -> None:
+        check_relpath(path)
+        self.storage, self.path = storage, path
+        self.pieces: list[memoryview] = []
+
+    def write(self, data: "bytes | bytearray | memoryview") -> None:
+        self.pieces.append(memoryview(data))
+
+    def close(self) -> int:
+        return self.storage.write(self.path, self.pieces)
+
+    def abort(self) -> None:
+        self.pieces = []

@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from typing import Any, Iterable, Iterator, Sequence
 
 from ckpt.errors import UnsafeCheckpointError, CorruptCheckpointError, StorageError
-from formats.storage.base import Buffer, Storage, check_relpath
+from formats.storage.base import Buffer, Storage, StreamWriter, check_relpath
 
 __all__ = ["LocalStorage", "as_byte_views", "is_tmp_name", "tmp_name", "truncated_error"]
 
@@ -223,6 +223,10 @@ class LocalStorage(Storage):
         # Same inode (O_TRUNC), so a cached read descriptor stays valid; drop it anyway so nothing depends on that.
         self._fds.invalidate(full)
         return written_bytes
+
+    def open_writer(self, path: str) -> "StreamWriter":
+        """Stream ``path`` piece by piece with early writeback; fsync at ``close``."""
+        return _LocalStreamWriter(self, self.full_path(path))
 
     def commit(self, path: str, data: bytes) -> None:
         """Atomically publish ``data`` at ``path``: tmp file, fsync, rename over ``path``, fsync the directory.
@@ -496,3 +500,46 @@ def _not_found(full: str) -> FileNotFoundError:
 
 def _raise_walk_error(e: OSError) -> None:
     raise e
+
+
+class _LocalStreamWriter(StreamWriter):
+    """Appends pieces to a new file, starting writeback every ``WRITEBACK_PIECE_BYTES``; fsync on close."""
+
+    def __init__(self, storage: "LocalStorage", full: str) -> None:
+        self.storage, self.full = storage, full
+        self.size_bytes = 0
+        self._unsynced_from = 0
+        try:
+            os.makedirs(os.path.dirname(full), exist_ok=True)
+            self.fd: int | None = os.open(full, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
+        except OSError as e:
+            raise StorageError(f"writing {full}: {e}") from e
+
+    def write(self, data: "bytes | bytearray | memoryview") -> None:
+        assert self.fd is not None, "write after close"
+        try:
+            self.size_bytes += _writev_all(self.fd, as_byte_views([data]))
+            if _sync_file_range is not None and self.size_bytes - self._unsynced_from >= WRITEBACK_PIECE_BYTES:
+                _sync_file_range(self.fd, self._unsynced_from, self.size_bytes - self._unsynced_from,
+                                 _SYNC_FILE_RANGE_WRITE)
+                self._unsynced_from = self.size_bytes
+        except OSError as e:
+            raise StorageError(f"writing {self.full}: {e}") from e
+
+    def close(self) -> int:
+        if self.fd is None:
+            return self.size_bytes
+        try:
+            os.fsync(self.fd)
+        except OSError as e:
+            raise StorageError(f"writing {self.full}: {e}") from e
+        finally:
+            os.close(self.fd)
+            self.fd = None
+            self.storage._fds.invalidate(self.full)
+        return self.size_bytes
+
+    def abort(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None

@@ -149,6 +149,24 @@ class AbstractWriteReadTests(_BaseStorageTests):
             storage.write("f.bin", [memoryview(strided)])
 
 
+class AbstractStreamWriteTests(_BaseStorageTests):
+    def test_open_writer_streams_pieces_into_one_file(self, storage: Storage) -> None:
+        rng = np.random.default_rng(3)
+        pieces = [rng.integers(0, 256, n, dtype=np.uint8).tobytes() for n in (0, 7, 3 * MIB + 5, 1, 17 * MIB)]
+        w = storage.open_writer("data/streamed.bin")
+        for p in pieces:
+            w.write(memoryview(p))
+        assert w.close() == sum(len(p) for p in pieces)
+        whole = b"".join(pieces)
+        assert storage.size("data/streamed.bin") == len(whole)
+        assert hashlib.sha256(storage.read("data/streamed.bin")).digest() == hashlib.sha256(whole).digest()
+        assert storage.read("data/streamed.bin", 3 * MIB + 10, 5) == whole[3 * MIB + 10 : 3 * MIB + 15]
+
+    def test_open_writer_refuses_unsafe_paths(self, storage: Storage) -> None:
+        with pytest.raises(UnsafeCheckpointError):
+            storage.open_writer("../escape.bin")
+
+
 class AbstractCommitTests(_BaseStorageTests):
     def test_commit_publishes_and_replaces(self, storage: Storage) -> None:
         assert not storage.exists("ckpt/manifest.json")
@@ -296,6 +314,7 @@ class AbstractLargeWriteTests(_BaseStorageTests):
 
 
 class AbstractStorageSuite(
+    AbstractStreamWriteTests,
     AbstractWriteReadTests,
     AbstractCommitTests,
     AbstractListTests,
