@@ -149,6 +149,7 @@ class Checkpointer:
         self.metrics: list[SnapshotMetrics] = []
         self._metrics_path = self._metrics_file() if metrics else None
         self._handles: dict[int, SnapshotHandle] = {}
+        self._unlisted: dict[str, str] = {}  # tiers the last listing could not reach, and why
 
     # -- set-up helpers ------------------------------------------------------------------------------------------
     def _new_group(self) -> Any:
@@ -342,19 +343,38 @@ class Checkpointer:
         self._handles.clear()
         self._raise_pending()
 
-    def _tier_steps(self) -> dict[str, list[int]]:
+    def _tier_steps(self, only: str | None = None) -> dict[str, list[int]]:
+        """Committed steps per tier. With ``only``, lists that tier alone and a listing failure raises; without,
+        a tier that cannot be listed (a remote store that is down) counts as empty, so the others stay usable,
+        and the failure is kept in ``self._unlisted`` for messages."""
         local = self.pool.latest()
         mem = [local.step] if local is not None and local.step is not None else []
         everyone = self.dw.all_gather(mem)
         steps = {"memory": sorted(set.intersection(*[set(s) for s in everyone]))}
-        listing = self.dw.run("ckpt.Checkpointer: listing tiers",
-                              lambda: {t.name: t.committed_steps() for t in self.tiers} if self.dw.is_coordinator else None)
-        steps.update(self.dw.broadcast(listing))
+
+        def listing() -> tuple[dict[str, list[int]], dict[str, str]] | None:
+            if not self.dw.is_coordinator:
+                return None
+            found, failed = {}, {}
+            for t in self.tiers:
+                if only is not None and t.name != only:
+                    continue
+                try:
+                    found[t.name] = t.committed_steps()
+                except Exception as e:  # noqa: BLE001 - see the docstring
+                    if only is not None:
+                        raise
+                    found[t.name], failed[t.name] = [], f"{type(e).__name__}: {e}"
+            return found, failed
+
+        found, self._unlisted = self.dw.broadcast(self.dw.run("ckpt.Checkpointer: listing tiers", listing))
+        steps.update(found)
         return steps
 
     def steps(self, tier: str | None = None) -> list[int]:
-        """Committed steps on ``tier`` (``memory``, ``disk``, ``remote``), or on any tier (collective)."""
-        per = self._tier_steps()
+        """Committed steps on ``tier`` (``memory``, ``disk``, ``remote``), or on any tier that can be listed now
+        (collective)."""
+        per = self._tier_steps(tier)
         if tier is not None:
             return per.get(tier, [])
         return sorted(set().union(*per.values()))
@@ -374,9 +394,10 @@ class Checkpointer:
         per = self._tier_steps()
         every = sorted(set().union(*per.values()))
         if not every or (step is not None and step not in every):
+            unlisted = "".join(f"; tier {k!r} could not be listed: {v}" for k, v in self._unlisted.items())
             raise CheckpointNotFoundError(
                 f"{self.root}: no committed snapshot" + (f" of step {step}" if step is not None else "")
-                + f" on any tier (committed: {per}); start from scratch or pass another step"
+                + f" on any tier (committed: {per}{unlisted}); start from scratch or pass another step"
             )
         want = every[-1] if step is None else step
         full = self._full_state(state)
