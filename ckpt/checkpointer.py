@@ -15,6 +15,7 @@ import json
 import os
 import threading
 import time
+import weakref
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -143,12 +144,13 @@ class Checkpointer:
         self._layout: _Layout | None = None
         self._current: StagingHandle | None = None
         self._current_metrics: SnapshotMetrics | None = None
-        self._hooks: dict[int, Any] = {}
+        self._hooks: weakref.WeakKeyDictionary[torch.optim.Optimizer, Any] = weakref.WeakKeyDictionary()
         self._errors: list[str] = []
         self._lock = threading.Lock()
         self.metrics: list[SnapshotMetrics] = []
         self._metrics_path = self._metrics_file() if metrics else None
         self._handles: dict[int, SnapshotHandle] = {}
+        self._unwritten: list[tuple[SnapshotHandle, SnapshotMetrics]] = []
         self._unlisted: dict[str, str] = {}  # tiers the last listing could not reach, and why
 
     # -- set-up helpers ------------------------------------------------------------------------------------------
@@ -209,9 +211,9 @@ class Checkpointer:
         return slot.buffer[r.offset : r.offset + r.nbytes].view(r.dtype).view(r.sizes)
 
     def _install_hooks(self, optimizers: list[torch.optim.Optimizer]) -> None:
-        for o in optimizers:
-            if id(o) not in self._hooks:
-                self._hooks[id(o)] = o.register_step_pre_hook(self._pre_step_hook)
+        for o in optimizers:  # keyed weakly by the optimizer itself: a recycled id() must not skip a hook
+            if o not in self._hooks:
+                self._hooks[o] = o.register_step_pre_hook(self._pre_step_hook)
 
     def _pre_step_hook(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         """Runs before every ``optimizer.step()``: the DataStates-LLM wait for this snapshot's lazy copies."""
@@ -257,11 +259,16 @@ class Checkpointer:
             for o in optimizers:
                 lazy_ptrs |= {_storage_ptr(v) for s in o.state.values() for v in s.values() if isinstance(v, torch.Tensor)}
         m = SnapshotMetrics(step, self.dw.rank)
-        slot, m.backpressure_wait_secs = self.pool.acquire(lay.total_bytes)
+        slot, m.backpressure_wait_secs = self.pool.acquire(lay.total_bytes, tiers_due)
         eager, lazy = [], []
-        for r in lay.regions:
+        lazy_index: dict[int, int] = {}  # region position -> index of its lazy copy (absent: copied eagerly)
+        for i, r in enumerate(lay.regions):
             src = layouts[r.key].local[layouts[r.key].pieces[r.piece_index].local_slices()]
-            (lazy if _storage_ptr(flat.tensors[r.key]) in lazy_ptrs else eager).append((src, self._slot_view(slot, r)))
+            if _storage_ptr(flat.tensors[r.key]) in lazy_ptrs:
+                lazy_index[i] = len(lazy)
+                lazy.append((src, self._slot_view(slot, r)))
+            else:
+                eager.append((src, self._slot_view(slot, r)))
         te = time.perf_counter()
         copy_all(eager)
         m.eager_copy_secs = time.perf_counter() - te
@@ -270,46 +277,58 @@ class Checkpointer:
         slot.info = {"values": dict(flat.values), "containers": dict(flat.containers), "layout": lay}
         handle = SnapshotHandle(step, tiers_due)
         self._handles[step] = handle
+        self._write_metrics()
+        self._unwritten.append((handle, m))
         self.metrics.append(m)
         self._current_metrics = m
-        self._current = self.copier.submit(step, lazy, lambda h: self._staged(h, slot, lay, tiers_due, handle, m))
+        staging = self.copier.submit(step, lazy, lambda h: self._staged(h, slot, handle, m))
+        self._current = staging
+        # Tiers start now: each chunk streams out as soon as its own region is staged (ready() waits for it).
+        for tier in self.tiers:
+            if tier.name in tiers_due:
+                tier.submit(FlushJob(step, lambda storage, dw, t=tier: self._flush(t, slot, lay, storage, dw, step,
+                                                                                  staging, lazy_index),
+                                     lambda res: self._flushed(res, slot, handle, m)))
         m.request_secs = time.perf_counter() - t0
         return handle
 
     # -- background: after staging, flush ------------------------------------------------------------------------
-    def _staged(self, h: StagingHandle, slot: Slot, lay: _Layout, tiers_due: set[str], handle: SnapshotHandle,
-                m: SnapshotMetrics) -> None:
+    def _staged(self, h: StagingHandle, slot: Slot, handle: SnapshotHandle, m: SnapshotMetrics) -> None:
+        """All copies of ``h`` are in ``slot`` (copier thread): the memory tier commits."""
         m.copy_secs = h.copy_secs
         if h.error is not None:
             self.pool.abandon(slot)
             self._record_error(f"staging step {h.step}: {type(h.error).__name__}: {h.error}")
-            for part in ["memory", *tiers_due]:
-                handle._complete(part, h.error)
+            handle._complete("memory", h.error)
             return
-        self.pool.mark_staged(slot, h.step, tiers_due)
+        self.pool.mark_staged(slot, h.step)
         handle._complete("memory")
-        for tier in self.tiers:
-            if tier.name in tiers_due:
-                tier.submit(FlushJob(h.step, lambda storage, dw, t=tier: self._flush(t, slot, lay, storage, dw, h.step),
-                                     lambda res, s=slot: self._flushed(res, s, handle, m)))
-        if not tiers_due:
-            self._write_metrics(m)
 
-    def _flush(self, tier: StorageTier, slot: Slot, lay: _Layout, storage: Any, dw: DistWrapper, step: int) -> int:
+    def _flush(self, tier: StorageTier, slot: Slot, lay: _Layout, storage: Any, dw: DistWrapper, step: int,
+               staging: StagingHandle, lazy_index: dict[int, int]) -> int:
+        """Write one snapshot to ``tier`` from its slot (tier thread), streaming chunks as they are staged."""
         plan = lay.plan
-        regions = {(r.key, lay_piece_box(lay, r)): r for r in lay.regions}
-        items = []
+        regions = {(r.key, lay_piece_box(lay, r)): (i, r) for i, r in enumerate(lay.regions)}
+        items, waits = [], {}
         for a in plan.assignments:
-            r = regions[(a.key, a.source)]
+            i, r = regions[(a.key, a.source)]
             view = self._slot_view(slot, r)[a.box.relative_to(a.source).slices()]
-            items.append(ChunkWrite(a.key, a.box.offsets, a.box.sizes, view))
+            item = ChunkWrite(a.key, a.box.offsets, a.box.sizes, view)
+            items.append(item)
+            if i in lazy_index:
+                waits[id(item)] = lazy_index[i]
+
+        def ready(item: ChunkWrite) -> None:
+            if id(item) in waits:
+                staging.wait_copied(waits[id(item)])
+
         coord = dict(plan.coord)
         if dw.is_coordinator:
             coord["values"], coord["containers"] = slot.info["values"], slot.info["containers"]
         o = self.save_options
         wopts = WriteOptions(o.codec if tier.name == "remote" else "raw", o.zstd_level, o.block_bytes, o.files_per_rank)
         write_and_commit(dw, storage, f"{plan.save_id}-s{step}", items, coord, wopts,
-                         step=f"ckpt tier {tier.name!r} step {step}")
+                         step=f"ckpt tier {tier.name!r} step {step}", ready=ready)
         return sum(i.nbytes for i in items)
 
     def _flushed(self, res: FlushResult, slot: Slot, handle: SnapshotHandle, m: SnapshotMetrics) -> None:
@@ -319,16 +338,24 @@ class Checkpointer:
             m.tiers[res.tier]["error"] = f"{type(res.error).__name__}: {res.error}"
             self._record_error(f"tier {res.tier!r} step {res.step}: {type(res.error).__name__}: {res.error}")
         handle._complete(res.tier, res.error)
-        if handle.done():
-            self._write_metrics(m)
 
-    def _write_metrics(self, m: SnapshotMetrics) -> None:
+    def _write_metrics(self, everything: bool = False) -> None:
+        """Append finished snapshots' metrics as JSON lines (main thread).
+
+        A snapshot's line is written at a later ``save`` or at ``wait``: its lazy wait happens in the next
+        ``optimizer.step()``, so only then are its numbers final.
+        """
+        done = [(h, m) for h, m in self._unwritten if everything or h.done()]
+        if not done:
+            return
+        self._unwritten = [(h, m) for h, m in self._unwritten if (h, m) not in done]
         if self._metrics_path is None:
             return
         try:
             os.makedirs(os.path.dirname(self._metrics_path), exist_ok=True)
             with open(self._metrics_path, "a") as f:
-                f.write(json.dumps(asdict(m)) + "\n")
+                for _, m in done:
+                    f.write(json.dumps(asdict(m)) + "\n")
         except OSError:
             pass  # metrics are best effort; a full disk surfaces through the disk tier itself
 
@@ -341,6 +368,7 @@ class Checkpointer:
         for t in self.tiers:
             t.drain()
         self._handles.clear()
+        self._write_metrics(everything=True)
         self._raise_pending()
 
     def _tier_steps(self, only: str | None = None) -> dict[str, list[int]]:
@@ -443,7 +471,7 @@ class Checkpointer:
         try:
             self.wait()
         finally:
-            for h in self._hooks.values():
+            for h in list(self._hooks.values()):
                 h.remove()
             self._hooks.clear()
             self.copier.close()

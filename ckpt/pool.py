@@ -86,8 +86,11 @@ class HostBufferPool:
     def _reusable(self, slot: Slot) -> bool:
         return slot.state != STAGING and not slot.pending and (slot is not self._latest or len(self.slots) == 1)
 
-    def acquire(self, nbytes: int, timeout_secs: float | None = None) -> tuple[Slot, float]:
+    def acquire(self, nbytes: int, tiers: "set[str] | None" = None,
+                timeout_secs: float | None = None) -> tuple[Slot, float]:
         """A slot of at least ``nbytes`` for a new snapshot, and the seconds spent waiting for one.
+
+        ``tiers`` will flush from the slot (each calls ``release`` when done); it is not reused before.
 
         Grows the slot's segment only when the state grew (a new layout); otherwise reuses it untouched.
         Raises ``TimeoutError`` after ``timeout_secs``.
@@ -110,6 +113,7 @@ class HostBufferPool:
             if slot is self._latest:
                 self._latest = None
             slot.state, slot.step, slot.info = STAGING, None, {}
+            slot.pending = set(tiers or ())
         waited = time.perf_counter() - t0
         if slot.capacity_bytes < nbytes:
             old = slot.buffer
@@ -120,18 +124,17 @@ class HostBufferPool:
             self.allocated_bytes += nbytes
         return slot, waited
 
-    def mark_staged(self, slot: Slot, step: int, tiers: set[str]) -> None:
-        """Staging finished: ``slot`` is the newest in-memory snapshot; ``tiers`` will flush from it."""
+    def mark_staged(self, slot: Slot, step: int) -> None:
+        """Staging finished: ``slot`` is the newest in-memory snapshot (tiers may still be flushing from it)."""
         with self._cond:
             slot.state, slot.step = STAGED, step
-            slot.pending = set(tiers)
             self._latest = slot
             self._cond.notify_all()
 
     def abandon(self, slot: Slot) -> None:
-        """Staging failed: the slot holds nothing usable."""
+        """Staging failed: the slot holds nothing usable (tiers still flushing release it as they fail)."""
         with self._cond:
-            slot.state, slot.step, slot.pending = FREE, None, set()
+            slot.state, slot.step = FREE, None
             if slot is self._latest:
                 self._latest = None
             self._cond.notify_all()

@@ -29,6 +29,9 @@ class StagingHandle:
 
     step: int
     _event: threading.Event = field(default_factory=threading.Event)
+    #: Lazy copies finished so far, in submission order (CPU path); guarded by ``_progress``.
+    copied: int = 0
+    _progress: threading.Condition = field(default_factory=threading.Condition)
     _cuda_event: Any = None
     error: BaseException | None = None
     copy_secs: float = 0.0
@@ -50,15 +53,38 @@ class StagingHandle:
         self.waited_secs += blocked
         return blocked
 
+    def wait_copied(self, index: int) -> None:
+        """Block until lazy copy number ``index`` (0-based) is in its slot; raise if staging failed.
+
+        Called by tier flush threads so that each chunk streams out as soon as its own copy is done.
+        """
+        if self._cuda_event is not None:  # one event for the whole snapshot on the CUDA path
+            self._event.wait()
+            self._cuda_event.synchronize()
+        else:
+            with self._progress:
+                self._progress.wait_for(lambda: self.copied > index or self._event.is_set())
+        if self.error is not None:
+            raise RuntimeError(f"staging of step {self.step} failed: {self.error}") from self.error
+
+    def _advance(self) -> None:
+        with self._progress:
+            self.copied += 1
+            self._progress.notify_all()
+
     def _finish(self) -> None:
         self._event.set()
+        with self._progress:
+            self._progress.notify_all()
 
 
-def copy_all(copies: list[Copy]) -> None:
-    """Synchronous copies (eager part) on the calling thread."""
+def copy_all(copies: list[Copy], progress: Callable[[], None] | None = None) -> None:
+    """Copies in order on the calling thread; ``progress()`` after each one."""
     with torch.no_grad():
         for src, dst in copies:
             dst.copy_(src)
+            if progress is not None:
+                progress()
 
 
 class Copier:
@@ -115,7 +141,7 @@ class Copier:
                     handle._cuda_event.synchronize()
                     handle.copy_secs = time.perf_counter() + handle.copy_secs
                 else:
-                    copy_all(copies)
+                    copy_all(copies, handle._advance)
                     handle.copy_secs = time.perf_counter() - t0
             except BaseException as e:  # noqa: BLE001 - kept on the handle, raised by the Checkpointer
                 handle.error = e

@@ -27,7 +27,7 @@ import ckpt
 import ckpt.checkpointer  # imported now: it binds ``copy_all`` at import, before ``copier_gate`` patches staging's
 import ckpt.staging
 from ckpt.errors import StorageError
-from formats.storage import register_scheme
+from formats.storage import Storage, register_scheme
 from formats.storage.local import LocalStorage
 
 pytestmark = pytest.mark.timeout(120)
@@ -129,7 +129,13 @@ def state_of(model: Net, opt: torch.optim.Optimizer, sched: Any, step: int, **ex
 
 class FailingStorage(LocalStorage):
     """A local directory whose ``write`` raises ``StorageError`` (as a full disk would) once
-    ``writes_left`` writes have been spent; ``writes_left = None`` never fails. Shared by every instance."""
+    ``writes_left`` writes have been spent; ``writes_left = None`` never fails. Shared by every instance.
+
+    Streamed files (``open_writer``) go through the base class's buffering writer, i.e. through ``write``, so
+    the injected failure covers the Checkpointer's streaming flushes too."""
+
+    def open_writer(self, path: str) -> Any:
+        return Storage.open_writer(self, path)
 
     writes_left: ClassVar[int | None] = None
     failures: ClassVar[int] = 0
@@ -146,7 +152,11 @@ class FailingStorage(LocalStorage):
 
 
 class GatedStorage(LocalStorage):
-    """A local directory whose ``write`` waits until ``gate`` is set: a tier as slow as the test wants."""
+    """A local directory whose ``write`` waits until ``gate`` is set: a tier as slow as the test wants.
+    Streamed files go through ``write`` as in ``FailingStorage``."""
+
+    def open_writer(self, path: str) -> Any:
+        return Storage.open_writer(self, path)
 
     gate: ClassVar[threading.Event] = threading.Event()
     writes_done: ClassVar[int] = 0
@@ -194,9 +204,9 @@ def copier_gate(monkeypatch: pytest.MonkeyPatch) -> Iterable[threading.Event]:
     ev = threading.Event()
     real = ckpt.staging.copy_all
 
-    def held(copies: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def held(copies: list[tuple[torch.Tensor, torch.Tensor]], *args: Any) -> None:
         assert ev.wait(60), "the test never released the copier"
-        real(copies)
+        real(copies, *args)
 
     monkeypatch.setattr(ckpt.staging, "copy_all", held)
     yield ev

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from ckpt.errors import StorageError
-from formats.storage import register_scheme
+from formats.storage import Storage, register_scheme
 from formats.storage.local import LocalStorage
 from tests.distributed_utils import run_distributed
 
@@ -55,6 +55,9 @@ class TinyNet(nn.Module):
 class RankOneFailsStep2(LocalStorage):
     """A local directory where rank 1 cannot write step 2 (registered in every rank: this module is imported
     there to unpickle the worker functions)."""
+
+    def open_writer(self, path: str) -> Any:  # streamed files go through write(), where the failure is injected
+        return Storage.open_writer(self, path)
 
     def write(self, path: str, buffers: Any) -> int:
         import torch.distributed as dist
