@@ -29,6 +29,7 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.save_load
+	$(PY) -m benchmarks.training_stall
 
 clean:
 	rm -rf $(VENV) build *.egg-info
