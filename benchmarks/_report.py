@@ -468,3 +468,15 @@ def line_plot_panels(path: str, title: str, panels: Sequence[tuple[str, Series]]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def write_outputs(out_dir: str, name: str, result: dict, render_markdown, plot) -> str:
+    """Write ``<name>.json``, ``<name>.md`` and ``<name>.png`` under ``out_dir``; return the markdown."""
+    import os
+
+    os.makedirs(out_dir, exist_ok=True)
+    write_json(os.path.join(out_dir, f"{name}.json"), result)
+    md = render_markdown(result)
+    write_text(os.path.join(out_dir, f"{name}.md"), md)
+    plot(result, os.path.join(out_dir, f"{name}.png"))
+    return md

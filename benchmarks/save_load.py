@@ -549,11 +549,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         }
     finally:
         shutil.rmtree(base, ignore_errors=True)
-    os.makedirs(args.out, exist_ok=True)
-    rep.write_json(os.path.join(args.out, "save_load.json"), result)
-    md = render_markdown(result)
-    rep.write_text(os.path.join(args.out, "save_load.md"), md)
-    plot(result, os.path.join(args.out, "save_load.png"))
+    md = rep.write_outputs(args.out, "save_load", result, render_markdown, plot)
     print(md)
     return result
 

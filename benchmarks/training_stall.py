@@ -482,11 +482,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     result["goals"] = goals(summary)
     result["elapsed_secs"] = time.perf_counter() - t_start
-    os.makedirs(args.out, exist_ok=True)
-    rep.write_json(os.path.join(args.out, "training_stall.json"), result)
-    md = render_markdown(result)
-    rep.write_text(os.path.join(args.out, "training_stall.md"), md)
-    plot(result, os.path.join(args.out, "training_stall.png"))
+    md = rep.write_outputs(args.out, "training_stall", result, render_markdown, plot)
     print(md)
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -26,12 +26,12 @@ from ckpt.dist import DistWrapper
 from ckpt.errors import CheckpointError, CheckpointNotFoundError
 from ckpt.loading import load as load_checkpoint
 from ckpt.options import SaveOptions
-from ckpt.policies import AnyOf, KeepAll, KeepEveryN, KeepLatestN, RetentionPolicy
+from ckpt.policies import retention_from
 from ckpt.pool import ALIGN_BYTES, HostBufferPool, SegmentAllocator, Slot
 from ckpt.rng import RNGState
 from ckpt.saving import SavePlan, plan_save, write_and_commit
 from ckpt.staging import Copier, StagingHandle, copy_all
-from ckpt.state import assign, flatten, resolve
+from ckpt.state import assign, flatten, resolve, walk_objects
 from ckpt.tiers import FlushJob, FlushResult, StorageTier
 from formats.writer import ChunkWrite, WriteOptions
 from resharding.layout import TensorLayout, is_dtensor, tensor_layout
@@ -135,11 +135,11 @@ class Checkpointer:
         self.copier = Copier()
         self.tiers: list[StorageTier] = []
         if disk_every:
-            self.tiers.append(StorageTier("disk", self.root, disk_every, _retention(keep_last, keep_every),
+            self.tiers.append(StorageTier("disk", self.root, disk_every, retention_from(keep_last, keep_every),
                                           self._new_group()))
         if remote and remote_every:
             self.tiers.append(StorageTier("remote", remote, remote_every,
-                                          _retention(remote_keep_last or keep_last, keep_every), self._new_group(),
+                                          retention_from(remote_keep_last or keep_last, keep_every), self._new_group(),
                                           storage_options))
         self._layout: _Layout | None = None
         self._current: StagingHandle | None = None
@@ -249,7 +249,7 @@ class Checkpointer:
         flat = flatten(plain)
         layouts = {k: tensor_layout(t) for k, t in flat.tensors.items()}
         lay = self._layout_for(flat, layouts)
-        optimizers = [o for o in _walk_objects(state) if isinstance(o, torch.optim.Optimizer)]
+        optimizers = [o for o in walk_objects(state) if isinstance(o, torch.optim.Optimizer)]
         lazy_ptrs: set[int] = set()
         if self.lazy:
             self._install_hooks(optimizers)
@@ -488,22 +488,3 @@ class Checkpointer:
 
 def lay_piece_box(lay: _Layout, r: _Region) -> Any:
     return lay.plan.layouts[r.key].pieces[r.piece_index].global_box
-
-
-def _retention(keep_last: int | None, keep_every: int | None) -> RetentionPolicy:
-    policies: list[RetentionPolicy] = []
-    if keep_last:
-        policies.append(KeepLatestN(keep_last))
-    if keep_every:
-        policies.append(KeepEveryN(keep_every))
-    return AnyOf(tuple(policies)) if policies else KeepAll()
-
-
-def _walk_objects(o: Any, depth: int = 0) -> list[Any]:
-    if depth > 8:
-        return []
-    if isinstance(o, dict):
-        return [x for v in o.values() for x in _walk_objects(v, depth + 1)]
-    if isinstance(o, (list, tuple)):
-        return [x for v in o for x in _walk_objects(v, depth + 1)]
-    return [o]

@@ -87,3 +87,13 @@ class AnyOf:
         for p in self.policies:
             out |= p.keep(steps)
         return out
+
+
+def retention_from(keep_last: int | None, keep_every: int | None) -> RetentionPolicy:
+    """The retention a Checkpointer tier uses for ``keep_last``/``keep_every`` (None: not set)."""
+    policies: list[RetentionPolicy] = []
+    if keep_last:
+        policies.append(KeepLatestN(keep_last))
+    if keep_every:
+        policies.append(KeepEveryN(keep_every))
+    return AnyOf(tuple(policies)) if policies else KeepAll()

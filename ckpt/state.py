@@ -154,3 +154,14 @@ def unflatten(tensors: Mapping[str, Any], values: Mapping[str, Any], containers:
         return items if c.type == "list" else tuple(items)
 
     return build("")
+
+
+def walk_objects(o: Any, depth: int = 0) -> list[Any]:
+    """Every non-container object inside nested dicts/lists/tuples (to find optimizers in a state)."""
+    if depth > 8:
+        return []
+    if isinstance(o, dict):
+        return [x for v in o.values() for x in walk_objects(v, depth + 1)]
+    if isinstance(o, (list, tuple)):
+        return [x for v in o for x in walk_objects(v, depth + 1)]
+    return [o]
