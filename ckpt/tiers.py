@@ -8,7 +8,6 @@ with training or with another tier). ``latest`` and retention move only after a 
 
 from __future__ import annotations
 
-import os
 import queue
 import re
 import threading
@@ -20,7 +19,6 @@ from ckpt.dist import DistWrapper
 from ckpt.policies import RetentionPolicy
 from formats.manifest import MANIFEST_NAME
 from formats.storage import Storage, open_storage
-from formats.storage.local import LocalStorage
 
 STEP_DIR = re.compile(r"^step_(\d{9,})$")
 LATEST = "latest"
@@ -132,7 +130,6 @@ class StorageTier:
                 doomed.append(p)
         if doomed:
             self.root.delete(doomed)
-            _remove_empty_dirs(self.root, {p.split("/")[0] for p in doomed})
 
     def drain(self) -> None:
         """Block until every submitted job finished."""
@@ -149,16 +146,3 @@ class StorageTier:
         self._thread = None
         self.root.close()
 
-
-def _remove_empty_dirs(storage: Storage, names: set[str]) -> None:
-    """Remove the step folders retention emptied. Object stores have no folders; a local disk keeps them after
-    their files are deleted, and snapshots every step would leave one behind per step. A folder that is not
-    empty is left alone."""
-    if not isinstance(storage, LocalStorage):
-        return
-    for name in names:
-        for dirpath, _dirs, _files in os.walk(storage.full_path(name), topdown=False):
-            try:
-                os.rmdir(dirpath)
-            except OSError:
-                pass

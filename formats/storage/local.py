@@ -332,6 +332,15 @@ class LocalStorage(Storage):
                 pass
             except OSError as e:
                 raise StorageError(f"deleting {full}: {e}") from e
+        # Object stores have no folders; here, folders a delete emptied go too (never the root itself), so
+        # retention of a step every iteration leaves no empty step_*/data folder behind.
+        for parent in sorted({os.path.dirname(f) for f in fulls}, key=len, reverse=True):
+            while parent != self.root and parent.startswith(self.root + os.sep):
+                try:
+                    os.rmdir(parent)
+                except OSError:
+                    break  # not empty (or already gone): stop climbing
+                parent = os.path.dirname(parent)
 
     def root_exists(self) -> bool:
         return os.path.isdir(self.root) and bool(self.list(""))
