@@ -116,7 +116,8 @@ class Checkpointer:
     def __init__(self, root: str, *, memory_every: int = 1, disk_every: int = 1, remote: str | None = None,
                  remote_every: int = 0, keep_last: int | None = 3, keep_every: int | None = None,
                  remote_keep_last: int | None = None, memory_slots: int = 2, process_group: Any = None,
-                 storage_options: dict[str, Any] | None = None, save_options: SaveOptions | None = None,
+                 storage_options: dict[str, Any] | None = None, disk_storage_options: dict[str, Any] | None = None,
+                 save_options: SaveOptions | None = None,
                  save_rng: bool = True, lazy: bool = True, metrics: bool = True,
                  allocator: SegmentAllocator | None = None) -> None:
         for name, v in (("memory_every", memory_every), ("disk_every", disk_every), ("remote_every", remote_every)):
@@ -136,7 +137,7 @@ class Checkpointer:
         self.tiers: list[StorageTier] = []
         if disk_every:
             self.tiers.append(StorageTier("disk", self.root, disk_every, retention_from(keep_last, keep_every),
-                                          self._new_group()))
+                                          self._new_group(), disk_storage_options))
         if remote and remote_every:
             self.tiers.append(StorageTier("remote", remote, remote_every,
                                           retention_from(remote_keep_last or keep_last, keep_every), self._new_group(),

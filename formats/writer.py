@@ -92,11 +92,10 @@ def write_file(storage: Storage, path: str, items: list[ChunkWrite], opts: Write
         for item in items:
             ready(item)
             stored, raw_len, block, sums, codec = _encode(item, opts)
-            entries.append((item.key, ChunkEntry(item.offsets, item.sizes, path, offset, len(stored), codec, raw_len,
+            at = writer.append(stored)
+            entries.append((item.key, ChunkEntry(item.offsets, item.sizes, path, at, len(stored), codec, raw_len,
                                                  block, sums)))
-            writer.write(stored)
-            offset += len(stored)
-        writer.close()
+        offset = writer.close()
     except BaseException:
         writer.abort()
         raise

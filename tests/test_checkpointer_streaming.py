@@ -34,13 +34,14 @@ def test_first_chunk_reaches_disk_before_staging_finishes(tmp_path, monkeypatch)
 
     monkeypatch.setattr(ckpt.staging, "copy_all", copy_first_then_hold)
     written: list[int] = []
-    real_write = local_stream.LocalStreamWriter.write
+    real_write = local_stream.LocalStreamWriter.append
 
-    def recording_write(self: Any, data: Any) -> None:
-        real_write(self, data)
+    def recording_write(self: Any, data: Any) -> int:
+        offset = real_write(self, data)
         written.append(len(memoryview(data)))
+        return offset
 
-    monkeypatch.setattr(local_stream.LocalStreamWriter, "write", recording_write)
+    monkeypatch.setattr(local_stream.LocalStreamWriter, "append", recording_write)
     cp = ckpt.Checkpointer(tmp_path, disk_every=1, save_rng=False, save_options=ckpt.SaveOptions(files_per_rank=1))
     h = cp.save(1, {"model": model, "optim": opt})
     first_bytes = 512 * 512 * 4

@@ -124,7 +124,20 @@ class StreamWriter:
     """Returned by ``Storage.open_writer``. Not thread-safe: one producer thread writes one file."""
 
     def write(self, data: "bytes | bytearray | memoryview") -> None:
+        """Append ``data`` right after the previous bytes."""
         raise NotImplementedError
+
+    def append(self, data: "bytes | bytearray | memoryview") -> int:
+        """Append ``data`` and return the file offset where it starts.
+
+        Unlike ``write``, a writer may leave padding before ``data`` (the direct-I/O writer aligns large pieces so
+        they go to disk without a copy); readers use only the byte ranges they were given. The default writes back
+        to back.
+        """
+        offset = getattr(self, "_appended_bytes", 0)
+        self.write(data)
+        self._appended_bytes = offset + memoryview(data).nbytes
+        return offset
 
     def close(self) -> int:
         """Finish the file (durable when this returns); return its size in bytes."""

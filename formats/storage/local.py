@@ -183,16 +183,21 @@ class LocalStorage(Storage):
     """A directory on a local file system; see the module docstring for the I/O strategy.
 
     Built by ``open_storage(path_or_file_url, storage_options)``. ``storage_options`` may hold
-    ``max_open_fds`` (int, default ``DEFAULT_MAX_OPEN_FDS``): how many read descriptors to keep open.
-    Any other key is an error, so a typo is not silently ignored.
+    ``max_open_fds`` (int, default ``DEFAULT_MAX_OPEN_FDS``): how many read descriptors to keep open, and
+    ``direct_io`` (bool, default True): whether ``open_writer`` streams large pieces with ``O_DIRECT`` where the
+    file system allows it (see ``LocalStreamWriter``). Any other key is an error, so a typo is not silently ignored.
     """
 
     def __init__(self, url: str, storage_options: "dict[str, Any] | None" = None) -> None:
         opts = dict(storage_options or {})
         max_open_fds = int(opts.pop("max_open_fds", DEFAULT_MAX_OPEN_FDS))
+        direct_io = opts.pop("direct_io", True)
         if opts:
             raise ValueError(f"LocalStorage({url!r}): unknown storage_options {sorted(opts)}; "
-                             "the only local option is 'max_open_fds'")
+                             "the local options are 'max_open_fds' and 'direct_io'")
+        if not isinstance(direct_io, bool):
+            raise ValueError(f"LocalStorage({url!r}): direct_io must be true or false, got {direct_io!r}")
+        self.direct_io = direct_io
         if max_open_fds < 1:
             raise ValueError(f"LocalStorage({url!r}): max_open_fds must be >= 1, got {max_open_fds}")
         self.url = url
@@ -226,10 +231,10 @@ class LocalStorage(Storage):
         return written_bytes
 
     def open_writer(self, path: str) -> "StreamWriter":
-        """Stream ``path`` piece by piece with early writeback; fsync at ``close``."""
+        """Stream ``path`` piece by piece (direct I/O, else early writeback); fsync at ``close``."""
         from formats.storage.local_stream import LocalStreamWriter  # noqa: PLC0415
 
-        return LocalStreamWriter(self, self.full_path(path))
+        return LocalStreamWriter(self, self.full_path(path), direct=self.direct_io)
 
     def commit(self, path: str, data: bytes) -> None:
         """Atomically publish ``data`` at ``path``: tmp file, fsync, rename over ``path``, fsync the directory.
