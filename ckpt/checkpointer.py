@@ -264,7 +264,7 @@ class Checkpointer:
         eager, lazy = [], []
         lazy_index: dict[int, int] = {}  # region position -> index of its lazy copy (absent: copied eagerly)
         for i, r in enumerate(lay.regions):
-            src = layouts[r.key].local[layouts[r.key].pieces[r.piece_index].local_slices()]
+            src = layouts[r.key].pieces[r.piece_index].local_view(layouts[r.key].local)
             if _storage_ptr(flat.tensors[r.key]) in lazy_ptrs:
                 lazy_index[i] = len(lazy)
                 lazy.append((src, self._slot_view(slot, r)))
@@ -460,7 +460,7 @@ class Checkpointer:
             return True
         with torch.no_grad():
             for r in lay.regions:
-                dst = layouts[r.key].local[layouts[r.key].pieces[r.piece_index].local_slices()]
+                dst = layouts[r.key].pieces[r.piece_index].local_view(layouts[r.key].local)
                 dst.copy_(self._slot_view(slot, r))
         assign(state, slot.info["values"], bindings)
         for b in bindings:

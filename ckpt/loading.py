@@ -79,7 +79,9 @@ def read_into(reader: ChunkReader, manifest: Manifest, layouts: dict[str, Tensor
         item, lay = job
         entry = manifest.tensors[item.key]
         chunk = entry.chunks[item.chunk_index]
-        dest = lay.local[tuple(slice(o, o + s) for o, s in zip(item.dest_offsets, item.rel.sizes))]
+        piece = lay.pieces[item.piece_index]
+        local = piece.source if piece.source is not None else lay.local
+        dest = local[tuple(slice(o, o + s) for o, s in zip(item.dest_offsets, item.rel.sizes))]
         reader.read_region(entry, chunk, item.rel.offsets, item.rel.sizes, dest)
 
     if num_threads <= 1 or len(jobs) <= 1:

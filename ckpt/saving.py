@@ -74,7 +74,7 @@ def describe(flat: FlatState, is_coordinator: bool) -> tuple[_LocalPlan, dict[st
 def chunk_data(lay: TensorLayout, a: WriteAssignment) -> torch.Tensor:
     """The local elements of assignment ``a`` (a view into the local tensor; copied only by the writer)."""
     piece = next(p for p in lay.pieces if p.global_box == a.source)
-    local = lay.local[piece.local_slices()]
+    local = piece.local_view(lay.local)
     rel = a.box.relative_to(a.source)
     return local[rel.slices()]
 

@@ -9,7 +9,7 @@ global rows; those are decomposed into boxes (runs of consecutive indices), neve
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -25,13 +25,23 @@ except ImportError:  # pragma: no cover - every supported torch has it
 
 @dataclass(frozen=True)
 class LocalPiece:
-    """The local box ``local_offsets`` + ``global_box.sizes`` of the local tensor holds ``global_box``."""
+    """The local box ``local_offsets`` + ``global_box.sizes`` of the local tensor holds ``global_box``.
+
+    ``source`` is the tensor the local box indexes into when it is not the layout's ``local`` tensor: a spec
+    layout gives one logical tensor pieces that live in several rank-local tensors (fused QKV, ZeRO flat
+    buffers), each piece a strided view of its own.
+    """
 
     local_offsets: tuple[int, ...]
     global_box: Box
+    source: "torch.Tensor | None" = field(default=None, compare=False, hash=False, repr=False)
 
     def local_slices(self) -> tuple[slice, ...]:
         return tuple(slice(o, o + s) for o, s in zip(self.local_offsets, self.global_box.sizes))
+
+    def local_view(self, local: torch.Tensor) -> torch.Tensor:
+        """The local elements of this piece: a view of ``source`` (if set) or of the layout's ``local``."""
+        return (self.source if self.source is not None else local)[self.local_slices()]
 
 
 @dataclass(frozen=True)

@@ -95,19 +95,21 @@ def plan_global_writes(local_plans: list[list[WriteCandidate]],
 
 @dataclass(frozen=True)
 class ReadItem:
-    """Copy ``rel`` (relative to chunk ``chunk_index``) into the local tensor at ``dest_offsets``."""
+    """Copy ``rel`` (relative to chunk ``chunk_index``) into local piece ``piece_index`` at ``dest_offsets``
+    (offsets into the piece's local tensor, as ``LocalPiece.local_offsets`` are)."""
 
     key: str
     chunk_index: int
     rel: Box
     dest_offsets: tuple[int, ...]
+    piece_index: int = 0
 
 
 def plan_reads(key: str, chunk_boxes: list[Box], pieces: tuple[LocalPiece, ...] | list[LocalPiece],
                where: str = "") -> list[ReadItem]:
     """Intersect each local piece with every stored chunk; raise if the chunks do not cover a piece exactly."""
     items: list[ReadItem] = []
-    for piece in pieces:
+    for pi, piece in enumerate(pieces):
         g = piece.global_box
         covered = 0
         for ci, cb in enumerate(chunk_boxes):
@@ -116,7 +118,7 @@ def plan_reads(key: str, chunk_boxes: list[Box], pieces: tuple[LocalPiece, ...] 
                 continue
             covered += inter.numel
             dest = tuple(lo + (a - b) for lo, a, b in zip(piece.local_offsets, inter.offsets, g.offsets))
-            items.append(ReadItem(key, ci, inter.relative_to(cb), dest))
+            items.append(ReadItem(key, ci, inter.relative_to(cb), dest, pi))
         if covered != g.numel and not g.is_empty():
             raise CorruptCheckpointError(
                 f"{where}key {key!r}: stored chunks cover {covered} of the {g.numel} elements of box "
