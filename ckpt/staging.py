@@ -67,9 +67,9 @@ class StagingHandle:
         if self.error is not None:
             raise RuntimeError(f"staging of step {self.step} failed: {self.error}") from self.error
 
-    def _advance(self) -> None:
+    def _advance(self, n: int = 1) -> None:
         with self._progress:
-            self.copied += 1
+            self.copied += n
             self._progress.notify_all()
 
     def _finish(self) -> None:
@@ -78,13 +78,40 @@ class StagingHandle:
             self._progress.notify_all()
 
 
-def copy_all(copies: list[Copy], progress: Callable[[], None] | None = None) -> None:
-    """Copies in order on the calling thread; ``progress()`` after each one."""
+#: Copies are issued in batches of about this many bytes, one ``torch._foreach_copy_`` call each.
+COPY_BATCH_BYTES = 64 * 1024 * 1024
+
+
+def _batches(copies: list[Copy]) -> list[list[Copy]]:
+    out: list[list[Copy]] = []
+    nbytes = COPY_BATCH_BYTES
+    for c in copies:
+        if nbytes >= COPY_BATCH_BYTES:
+            out.append([])
+            nbytes = 0
+        out[-1].append(c)
+        nbytes += c[1].numel() * c[1].element_size()
+    return out
+
+
+def copy_all(copies: list[Copy], progress: Callable[[int], None] | None = None) -> None:
+    """Copies in order on the calling thread; ``progress(n)`` after every batch of ``n`` of them.
+
+    A batch is one ``torch._foreach_copy_`` call: the training thread and this one then trade the GIL once per
+    batch instead of once per tensor. With per-tensor ``copy_`` calls, the hundreds of small tensors of a model
+    made the training thread wait for the GIL often enough to slow a concurrent forward and backward pass of a
+    98M-parameter GPT by about 45 ms here; batched, by about 10 ms.
+    """
+    foreach = getattr(torch, "_foreach_copy_", None)
     with torch.no_grad():
-        for src, dst in copies:
-            dst.copy_(src)
+        for batch in _batches(copies):
+            if foreach is not None and len(batch) > 1:
+                foreach([d for _, d in batch], [s for s, _ in batch])
+            else:
+                for src, dst in batch:
+                    dst.copy_(src)
             if progress is not None:
-                progress()
+                progress(len(batch))
 
 
 class Copier:

@@ -827,3 +827,17 @@ def test_metrics_per_snapshot(tmp_path: Path) -> None:
             assert x["tiers"]["disk"]["ok"] and x["tiers"]["disk"]["bytes"] > 0
         else:
             assert x["tiers"] == {}, "memory-only snapshots flush nowhere"
+
+
+def test_copy_all_batches_copy_every_tensor_and_report_progress(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batched copies (one ``_foreach_copy_`` per batch): mixed dtypes, non-contiguous sources, empty tensors."""
+    monkeypatch.setattr(ckpt.staging, "COPY_BATCH_BYTES", 4096)
+    g = torch.Generator().manual_seed(0)
+    srcs = [torch.randn(40, 30, generator=g).t(), torch.randint(0, 9, (5000,), generator=g), torch.empty(0),
+            torch.randn(3, generator=g).to(torch.bfloat16), torch.tensor(7.0), torch.randn(64, 64, generator=g)[::2]]
+    dsts = [torch.zeros(s.shape, dtype=s.dtype) for s in srcs]
+    seen: list[int] = []
+    ckpt.staging.copy_all(list(zip(srcs, dsts)), seen.append)
+    assert sum(seen) == len(srcs) and len(seen) > 1  # several batches, every copy counted once
+    for s, d in zip(srcs, dsts):
+        assert torch.equal(s, d)
