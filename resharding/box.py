@@ -52,6 +52,29 @@ class Box:
             return Box((), ()) if self.ndim == 0 else None
         return Box(lo, tuple(h - l for l, h in zip(lo, hi)))
 
+    def subtract(self, other: "Box") -> list["Box"]:
+        """This box minus ``other``: at most ``2 * ndim`` disjoint boxes (``[self]`` when they do not overlap).
+
+        Peels the parts below and above the intersection one dim at a time, so the pieces tile the difference.
+        """
+        inter = self.intersect(other)
+        if inter is None or inter.is_empty() or self.ndim == 0:
+            return [] if (inter is not None and self.ndim == 0) else [self]
+        out: list[Box] = []
+        offs, sizes = list(self.offsets), list(self.sizes)
+        for d in range(self.ndim):
+            lo, hi = inter.offsets[d], inter.offsets[d] + inter.sizes[d]
+            if lo > offs[d]:
+                o, s = list(offs), list(sizes)
+                s[d] = lo - offs[d]
+                out.append(Box(tuple(o), tuple(s)))
+            if hi < offs[d] + sizes[d]:
+                o, s = list(offs), list(sizes)
+                o[d], s[d] = hi, offs[d] + sizes[d] - hi
+                out.append(Box(tuple(o), tuple(s)))
+            offs[d], sizes[d] = lo, hi - lo
+        return out
+
     def contains(self, other: "Box") -> bool:
         return all(a <= b and b + s <= a + t for a, t, b, s in zip(self.offsets, self.sizes, other.offsets, other.sizes))
 
@@ -125,3 +148,61 @@ def boxes_tile(boxes: list[Box], shape: tuple[int, ...]) -> list[str]:
     if total != whole.numel:
         problems.append(f"boxes cover {total} elements, shape {list(shape)} has {whole.numel}")
     return problems
+
+
+def flat_range_to_boxes(shape: tuple[int, ...], start: int, stop: int) -> list[Box]:
+    """The flat element range ``[start, stop)`` of a row-major ``shape`` array as boxes, in flat order.
+
+    Each box is contiguous in row-major order (its dims before some dim ``d`` have size 1 and its dims after ``d``
+    are full), there are at most ``2 * ndim - 1`` of them (one for a 0-d array), and together they cover the
+    range exactly once. This is how a ZeRO flat-buffer fragment, which cuts a parameter at an arbitrary element,
+    becomes boxes without padding or gathering.
+    """
+    numel = math.prod(shape)
+    if not 0 <= start <= stop <= numel:
+        raise ValueError(f"flat range [{start}, {stop}) is outside a {numel}-element array of shape {list(shape)}")
+    if start == stop:
+        return []
+    if not shape:
+        return [Box((), ())]
+    return _range_boxes(tuple(shape), start, stop)
+
+
+def _range_boxes(shape: tuple[int, ...], start: int, stop: int) -> list[Box]:
+    # Invariant: 0 <= start < stop <= prod(shape), len(shape) >= 1.
+    inner_shape = shape[1:]
+    inner = math.prod(inner_shape)
+    if not inner_shape:
+        return [Box((start,), (stop - start,))]
+    first, first_off = divmod(start, inner)
+    last, last_off = divmod(stop, inner)
+
+    def lift(row: int, boxes: list[Box]) -> list[Box]:
+        return [Box((row,) + b.offsets, (1,) + b.sizes) for b in boxes]
+
+    if first == last:  # inside one row: recurse into it
+        return lift(first, _range_boxes(inner_shape, first_off, last_off))
+    out: list[Box] = []
+    if first_off:  # the tail of a partial first row
+        out += lift(first, _range_boxes(inner_shape, first_off, inner))
+        first += 1
+    if last > first:  # whole rows
+        out.append(Box((first,) + (0,) * len(inner_shape), (last - first,) + inner_shape))
+    if last_off:  # the head of a partial last row
+        out += lift(last, _range_boxes(inner_shape, 0, last_off))
+    return out
+
+
+def is_contiguous_box(shape: tuple[int, ...], box: Box) -> bool:
+    """Whether ``box`` is one contiguous run of a row-major ``shape`` array."""
+    if box.is_empty():
+        return True
+    d = 0
+    while d < box.ndim and box.sizes[d] == 1:
+        d += 1
+    return all(box.offsets[k] == 0 and box.sizes[k] == shape[k] for k in range(d + 1, box.ndim))
+
+
+def box_flat_start(shape: tuple[int, ...], box: Box) -> int:
+    """Flat row-major index (in a ``shape`` array) of the first element of ``box``."""
+    return sum(o * s for o, s in zip(box.offsets, row_major_strides(shape)))
