@@ -1,4 +1,4 @@
-"""The ``ckpt`` command line: ``inspect`` and ``verify`` (more subcommands join as their issues land).
+"""The ``ckpt`` command line: ``inspect``, ``verify``, ``reshard`` and ``spec check`` (``ckpt.cli_reshard``).
 
 Exit codes: 0 success; 1 a check failed (``verify`` found damage); 2 bad usage or unreadable input.
 ``--json`` prints one JSON document on stdout for scripts; progress bars go to stderr and only on a terminal.
@@ -58,7 +58,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"checkpoint  {doc['path']}")
     print(f"format      ckpt-universal v{doc['format_version']}, written by {doc['writer'].get('library')} "
           f"{doc['writer'].get('version')} (torch {doc['writer'].get('torch')})")
-    print(f"saved under world size {doc['world_size']}; layouts: {doc['layout']}")
+    lay = dict(doc["layout"])
+    spec = lay.pop("spec", None)
+    print(f"saved under world size {doc['world_size']}; layouts: {lay}")
+    if spec is not None:
+        from resharding.spec_bind import SpecBinding
+
+        b = SpecBinding.from_json_dict(spec, doc["path"])
+        print(f"spec        '{b.spec.name}' ({b.spec.file}) under "
+              f"{','.join(f'{k}={v}' for k, v in b.parallel.items())}; dims {b.dims}")
     print(f"size        {_human_bytes(doc['tensor_bytes'])} of tensors in {len(doc['tensors'])} keys, "
           f"{_human_bytes(doc['stored_bytes'])} in {doc['files']} files")
     width = max([len(t["key"]) for t in doc["tensors"]] + [3])
@@ -153,7 +161,7 @@ def _storage_options(args: argparse.Namespace) -> dict[str, Any] | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ckpt", description="Inspect and verify ckpt checkpoints.")
+    p = argparse.ArgumentParser(prog="ckpt", description="Inspect, verify and reshard ckpt checkpoints.")
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp: argparse.ArgumentParser) -> None:
@@ -169,6 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
     common(sp)
     sp.add_argument("--workers", type=int, default=4, help="parallel chunk reads (default 4)")
     sp.set_defaults(func=cmd_verify)
+
+    def storage_option(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--storage-options", metavar="JSON", help="fsspec options as JSON")
+
+    from ckpt.cli_reshard import add_parsers  # noqa: PLC0415
+
+    add_parsers(sub, storage_option)
     return p
 
 

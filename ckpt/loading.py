@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ckpt.dist import DistWrapper
-from ckpt.errors import ShardMismatchError
+from ckpt.errors import ShardMismatchError, SpecError
 from ckpt.options import LoadOptions
 from ckpt.state import FlatState, assign, flatten, resolve
 from formats.dtypes import dtype_from_name
@@ -23,14 +23,17 @@ from formats.reader import ChunkReader, read_manifest
 from formats.storage import Storage, open_storage
 from resharding.layout import TensorLayout, tensor_layout
 from resharding.planner import ReadItem, plan_reads
+from resharding.spec_bind import SpecBinding, local_layouts, parse_parallel, resolve_spec
 
 
 def check_compatible(flat: FlatState, layouts: dict[str, TensorLayout], manifest: Manifest, where: str,
-                     strict: bool, allow_dtype_cast: bool, lenient_prefixes: tuple[str, ...] = ()) -> None:
+                     strict: bool, allow_dtype_cast: bool, lenient_prefixes: tuple[str, ...] = (),
+                     other_ranks_keys: "set[str] | frozenset[str]" = frozenset()) -> None:
     """Raise one ``ShardMismatchError`` listing every mismatch between the state and the checkpoint.
 
     Keys under ``lenient_prefixes`` may be missing on either side (per-rank state such as RNG streams, whose
-    keys depend on the world size).
+    keys depend on the world size). Checkpoint keys in ``other_ranks_keys`` (logical tensors a spec layout gives
+    to other ranks, such as another pipeline stage's layers) are not reported as unexpected.
     """
     problems: list[str] = []
     strict_for = (lambda k: strict and not k.startswith(lenient_prefixes)) if lenient_prefixes else (lambda k: strict)
@@ -44,8 +47,8 @@ def check_compatible(flat: FlatState, layouts: dict[str, TensorLayout], manifest
             continue
         if tuple(entry.shape) != tuple(lay.global_shape):
             problems.append(f"key {key!r}: shape {list(lay.global_shape)} in the state, {list(entry.shape)} in the checkpoint")
-        if not allow_dtype_cast and dtype_from_name(entry.dtype, key) != flat.tensors[key].dtype:
-            problems.append(f"key {key!r}: dtype {flat.tensors[key].dtype} in the state, {entry.dtype} in the checkpoint")
+        if not allow_dtype_cast and dtype_from_name(entry.dtype, key) != lay.local.dtype:
+            problems.append(f"key {key!r}: dtype {lay.local.dtype} in the state, {entry.dtype} in the checkpoint")
     for key in flat.values:
         if key in manifest.tensors:
             problems.append(f"key {key!r}: the state holds a {type(flat.values[key]).__name__}, the checkpoint a tensor")
@@ -54,7 +57,7 @@ def check_compatible(flat: FlatState, layouts: dict[str, TensorLayout], manifest
     if strict:
         wanted = set(layouts) | set(flat.values)
         for key in manifest.keys():
-            if key not in wanted and strict_for(key):
+            if key not in wanted and key not in other_ranks_keys and strict_for(key):
                 problems.append(f"key {key!r}: in the checkpoint, not in the state")
     if problems:
         raise ShardMismatchError(
@@ -93,6 +96,24 @@ def read_into(reader: ChunkReader, manifest: Manifest, layouts: dict[str, Tensor
             f.result()
 
 
+def load_binding(manifest: Manifest, spec: Any, dims: dict[str, Any] | None, layout: Any,
+                 where: str) -> SpecBinding | None:
+    """The spec binding a load uses: the arguments, completed from the spec and dims the checkpoint recorded."""
+    saved = manifest.layout.get("spec") if isinstance(manifest.layout, dict) else None
+    if layout is None:
+        if spec is not None or dims is not None:
+            raise SpecError(f"ckpt.load {where}: spec=/dims= need layout= (this rank's parallel layout, "
+                            "e.g. 'tp=2,pp=1,dp=2')")
+        return None
+    base = SpecBinding.from_json_dict(saved, where) if saved is not None else None
+    if spec is None and base is None:
+        raise SpecError(f"ckpt.load {where}: layout= needs a spec, and this checkpoint was saved without one; "
+                        "pass spec= (a shipped name such as 'llama', or a YAML path) and dims=")
+    return SpecBinding(resolve_spec(spec) if spec is not None else base.spec,  # type: ignore[union-attr]
+                       dict(dims) if dims is not None else dict(base.dims),  # type: ignore[union-attr]
+                       parse_parallel(layout))
+
+
 def _box(chunk: Any) -> Any:
     from resharding.box import Box
 
@@ -101,7 +122,8 @@ def _box(chunk: Any) -> Any:
 
 def load(state: Any, path: "str | Storage", *, process_group: Any = None, strict: bool = True,
          storage_options: dict[str, Any] | None = None, options: LoadOptions | None = None,
-         lenient_prefixes: tuple[str, ...] = ()) -> None:
+         lenient_prefixes: tuple[str, ...] = (), spec: Any = None, dims: dict[str, Any] | None = None,
+         layout: Any = None) -> None:
     """Load the checkpoint at ``path`` into ``state`` in place (collective over ``process_group``).
 
     Tensors (plain or DTensor) are filled in place whatever layout they were saved under: this is load-time
@@ -109,19 +131,31 @@ def load(state: Any, path: "str | Storage", *, process_group: Any = None, strict
     and lists; Stateful objects (modules, optimizers, schedulers, ...) get ``load_state_dict``. ``strict=True``
     raises one ``ShardMismatchError`` listing every missing, unexpected or mis-shaped key; keys under
     ``lenient_prefixes`` may be missing on either side (the Checkpointer passes its per-rank RNG prefix).
+
+    ``layout`` (``"tp=2,pp=4,dp=1"`` or a mapping) loads into rank-local tensors laid out as a spec describes
+    (Megatron-style state, ZeRO flat buffers): this rank's tensors are filled from the logical tensors, padding
+    with zeros. ``spec`` and ``dims`` default to those the checkpoint was saved with.
     """
     opts = options or LoadOptions()
     dw = DistWrapper(process_group)
     storage = open_storage(path, storage_options)
     manifest = dw.run("ckpt.load: reading the manifest", lambda: read_manifest(storage) if dw.is_coordinator else None)
     manifest = dw.broadcast(manifest)
+    binding = load_binding(manifest, spec, dims, layout, storage.url)
+    if binding is not None and binding.world_size != dw.world_size:
+        raise ShardMismatchError(f"ckpt.load: the parallel layout {binding.parallel} has {binding.world_size} ranks, "
+                                 f"the process group {dw.world_size}")
 
     def load_local() -> None:
         plain, bindings, ctx = resolve(state)
         flat = flatten(plain)
-        layouts = {k: tensor_layout(t) for k, t in flat.tensors.items()}
-        check_compatible(flat, layouts, manifest, storage.url, strict, opts.allow_dtype_cast, lenient_prefixes)
+        layouts, rl = local_layouts(flat.tensors, binding, dw.rank, for_save=False)
+        check_compatible(flat, layouts, manifest, storage.url, strict, opts.allow_dtype_cast, lenient_prefixes,
+                         frozenset(binding.logical_shapes()) if binding is not None else frozenset())
         with torch.no_grad():
+            if rl is not None:  # padding (vocabulary rows, ZeRO alignment) is not in the checkpoint: zeros
+                for lt in rl:
+                    flat.tensors[lt.key].zero_()
             read_into(ChunkReader(storage, manifest), manifest, layouts, opts.num_threads)
         assign(state, {k: v.value for k, v in manifest.values.items() if k in flat.values}, bindings)
         for b in bindings:

@@ -20,14 +20,19 @@ from typing import Any
 import torch
 
 from ckpt.dist import DistWrapper
-from ckpt.errors import CheckpointExistsError
+from ckpt.errors import CheckpointExistsError, ShardMismatchError, SpecError
 from ckpt.options import SaveOptions
 from ckpt.state import FlatState, flatten, resolve
 from formats.dtypes import dtype_name
 from formats.manifest import DATA_DIR, MANIFEST_NAME, ChunkEntry, ContainerEntry, FileEntry, Manifest, TensorEntry, ValueEntry
 from formats.storage import Storage, open_storage
 from formats.writer import ChunkWrite, WriteOptions, write_items
-from resharding.layout import TensorLayout, tensor_layout
+from formats import checksum
+from formats.tensor_bytes import as_bytes
+from resharding.box import Box
+from resharding.layout import LocalPiece, TensorLayout, tensor_layout
+from resharding.spec_bind import SpecBinding, local_layouts, parse_parallel, replica_policies, resolve_spec
+from resharding.spec_layout import RankLayout
 from resharding.planner import WriteAssignment, WriteCandidate, plan_global_writes
 
 WRITER_VERSION = "0.1.0"
@@ -50,25 +55,87 @@ class _LocalPlan:
     meta: dict[str, tuple[str, tuple[int, ...], dict[str, Any] | None]]
     values: dict[str, Any] | None
     containers: dict[str, ContainerEntry] | None
+    #: Digests of the boxes a spec calls replicated, so the coordinator can check that the holders agree.
+    replica_digests: dict[tuple[str, Box], str] | None = None
 
 
-def describe(flat: FlatState, is_coordinator: bool) -> tuple[_LocalPlan, dict[str, TensorLayout]]:
-    """This rank's write candidates and tensor meta (no copy, no I/O). Every rank, before ``plan_global``."""
-    layouts: dict[str, TensorLayout] = {}
+def describe(flat: FlatState, is_coordinator: bool, binding: SpecBinding | None = None, rank: int = 0,
+             bound: tuple[dict[str, TensorLayout], RankLayout | None] | None = None
+             ) -> tuple[_LocalPlan, dict[str, TensorLayout]]:
+    """This rank's write candidates and tensor meta (no copy, no I/O). Every rank, before ``plan_global``.
+
+    ``bound``: this rank's layouts already computed by ``local_layouts`` (and averaged).
+    """
+    layouts, rl = bound if bound is not None else local_layouts(flat.tensors, binding, rank, for_save=True)
     candidates: list[WriteCandidate] = []
     meta: dict[str, tuple[str, tuple[int, ...], dict[str, Any] | None]] = {}
-    for key, t in flat.tensors.items():
-        lay = tensor_layout(t)
-        layouts[key] = lay
+    for key, lay in layouts.items():
+        t = lay.local
         dname = dtype_name(t.dtype)
         meta[key] = (dname, lay.global_shape, lay.description)
         for piece in lay.pieces:
             candidates.append(WriteCandidate(key, dname, lay.global_shape, piece.global_box, t.element_size()))
+    digests = None
+    if rl is not None:
+        policies = replica_policies(rl)
+        digests = {}
+        for key, lay in layouts.items():
+            for piece in lay.pieces:
+                if policies.get((key, piece.global_box)) == "replicated":
+                    digests[(key, piece.global_box)] = checksum.digest(as_bytes(piece.local_view(lay.local).contiguous()))
     return (
         _LocalPlan(candidates, meta, flat.values if is_coordinator else None,
-                   flat.containers if is_coordinator else None),
+                   flat.containers if is_coordinator else None, digests),
         layouts,
     )
+
+
+def check_replicas(plans: list[_LocalPlan], where: str) -> None:
+    """Raise one ``ShardMismatchError`` naming every box a spec calls replicated whose holders differ."""
+    first: dict[tuple[str, Box], tuple[int, str]] = {}
+    problems: list[str] = []
+    for rank, p in enumerate(plans):
+        for kb, d in (p.replica_digests or {}).items():
+            r0, d0 = first.setdefault(kb, (rank, d))
+            if d0 != d:
+                key, box = kb
+                problems.append(f"key {key!r} box offsets={list(box.offsets)} sizes={list(box.sizes)}: rank {r0} "
+                                f"and rank {rank} hold different values (checksums {d0} and {d})")
+    if problems:
+        raise ShardMismatchError(
+            f"{where}: the spec calls these tensors replicated, but their replicas differ ({len(problems)}):\n  "
+            + "\n  ".join(problems[:20])
+            + "\nIf the replicas may diverge (for example layer norms under tensor parallelism without "
+              "synchronisation), mark the rule `averaged: tp` in the spec; otherwise find why the ranks disagree."
+        )
+
+
+def average_replicas(dw: DistWrapper, layouts: dict[str, TensorLayout], rl: RankLayout) -> None:
+    """Replace the pieces a spec calls averaged by the mean over their holders (collective over ``dw``).
+
+    The mean is computed in float64, summing holders in rank order, then cast back: every holder computes the
+    same bits. The arithmetic differs from any single replica, so tests compare averaged tensors with a
+    tolerance.
+    """
+    policies = {kb for kb, pol in replica_policies(rl).items() if pol == "averaged"}
+    mine: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
+    for key, lay in layouts.items():
+        for piece in lay.pieces:
+            if (key, piece.global_box) in policies:
+                mine[(key, piece.global_box.offsets)] = piece.local_view(lay.local).detach().cpu().clone()
+    gathered = dw.all_gather(mine)
+    if not any(gathered):
+        return
+    for key, lay in list(layouts.items()):
+        new = []
+        for piece in lay.pieces:
+            kb = (key, piece.global_box.offsets)
+            if kb in mine:
+                reps = [g[kb] for g in gathered if kb in g]
+                mean = (sum(r.to(torch.float64) for r in reps) / len(reps)).to(mine[kb].dtype)
+                piece = LocalPiece(tuple(0 for _ in piece.global_box.sizes), piece.global_box, source=mean)
+            new.append(piece)
+        layouts[key] = TensorLayout(lay.global_shape, lay.local, tuple(new), lay.description)
 
 
 def chunk_data(lay: TensorLayout, a: WriteAssignment) -> torch.Tensor:
@@ -91,28 +158,43 @@ class SavePlan:
 
 
 def plan_save(dw: DistWrapper, flat: FlatState, max_chunk_bytes: int, check: Any = None,
-              step: str = "ckpt.save: planning") -> SavePlan:
+              step: str = "ckpt.save: planning", binding: SpecBinding | None = None) -> SavePlan:
     """Collective planning: every rank describes its boxes, the coordinator deduplicates and balances.
 
-    ``check(plans)`` runs on the coordinator before planning (e.g. refuse to overwrite); it may raise.
+    ``check(plans)`` runs on the coordinator before planning (e.g. refuse to overwrite); it may raise. With a
+    spec ``binding`` the rank's tensors are described by the spec (rank = this rank in ``dw``), replicas the spec
+    calls averaged are averaged first, and replicas it calls replicated are checked equal.
     """
     layouts: dict[str, TensorLayout] = {}
     coord: dict[str, Any] = {}
+    if binding is not None:
+        if binding.world_size != dw.world_size:
+            raise ShardMismatchError(f"{step}: the parallel layout {binding.parallel} has {binding.world_size} ranks, "
+                                     f"the process group {dw.world_size}")
+        pre, rl = dw.run(step, lambda: local_layouts(flat.tensors, binding, dw.rank, for_save=True))
+        assert rl is not None
+        average_replicas(dw, pre, rl)
+        bound: tuple[dict[str, TensorLayout], RankLayout | None] | None = (pre, rl)
+    else:
+        bound = None
 
     def plan_local() -> _LocalPlan:
-        lp, lay = describe(flat, dw.is_coordinator)
+        lp, lay = describe(flat, dw.is_coordinator, binding, dw.rank, bound)
         layouts.update(lay)
         return lp
 
     def plan_global(plans: list[_LocalPlan]) -> list[tuple[str, list[WriteAssignment]]]:
         if check is not None:
             check(plans)
-        assignments = plan_global_writes([p.candidates for p in plans], max_chunk_bytes)
+        check_replicas(plans, step)
+        assignments = plan_global_writes([p.candidates for p in plans], max_chunk_bytes,
+                                         overlapping_replicas=binding is not None)
         meta: dict[str, tuple[str, tuple[int, ...], dict[str, Any] | None]] = {}
         for p in plans:
             for k, m in p.meta.items():
                 meta.setdefault(k, m)
-        coord.update(meta=meta, values=plans[0].values, containers=plans[0].containers)
+        coord.update(meta=meta, values=plans[0].values, containers=plans[0].containers,
+                     spec=binding.to_json_dict() if binding is not None else None)
         save_id = f"{int(time.time())}-{uuid.uuid4().hex[:12]}"
         return [(save_id, a) for a in assignments]
 
@@ -146,7 +228,8 @@ def write_and_commit(dw: DistWrapper, storage: Storage, save_id: str, items: lis
 
 
 def save(state: Any, path: "str | Storage", *, process_group: Any = None, storage_options: dict[str, Any] | None = None,
-         overwrite: bool = False, options: SaveOptions | None = None) -> SaveResult:
+         overwrite: bool = False, options: SaveOptions | None = None, spec: Any = None,
+         dims: dict[str, Any] | None = None, layout: Any = None) -> SaveResult:
     """Save ``state`` to ``path`` (a directory, ``file://``, ``memory://`` or fsspec URL such as ``s3://``).
 
     Collective: every rank of ``process_group`` (default: the default group, or none when torch.distributed is
@@ -154,8 +237,14 @@ def save(state: Any, path: "str | Storage", *, process_group: Any = None, storag
     ``overwrite=False`` refuses to replace a committed checkpoint (``CheckpointExistsError``); with True the old
     one stays loadable until the new manifest replaces it. After the commit, data files the new manifest does not
     list (the replaced checkpoint's, or a crashed save's) are deleted.
+
+    ``spec`` (a ``Spec``, a shipped spec name such as ``"llama"``, a YAML path or text), ``dims`` (the model
+    dimensions the spec asks for) and ``layout`` (the parallel layout, ``"tp=2,pp=2,dp=1"`` or a mapping) describe
+    rank-local state whose sharding is implicit (Megatron-style, ZeRO flat buffers): the checkpoint then holds
+    logical tensors and records the spec, so it loads under any other layout.
     """
     t0 = time.perf_counter()
+    binding = make_binding(spec, dims, layout, "ckpt.save")
     opts = options or SaveOptions()
     dw = DistWrapper(process_group)
     storage = open_storage(path, storage_options)
@@ -169,12 +258,22 @@ def save(state: Any, path: "str | Storage", *, process_group: Any = None, storag
                 "or save to a new path"
             )
 
-    plan = plan_save(dw, flat, opts.max_chunk_bytes, refuse_overwrite)
+    plan = plan_save(dw, flat, opts.max_chunk_bytes, refuse_overwrite, binding=binding)
     wopts = WriteOptions(opts.codec, opts.zstd_level, opts.block_bytes, opts.files_per_rank)
     items = [ChunkWrite(a.key, a.box.offsets, a.box.sizes, chunk_data(plan.layouts[a.key], a)) for a in plan.assignments]
     total = write_and_commit(dw, storage, plan.save_id, items, plan.coord, wopts)
     mine_bytes = sum(i.nbytes for i in items)
     return SaveResult(storage.url, plan.save_id, mine_bytes, total, time.perf_counter() - t0)
+
+
+def make_binding(spec: Any, dims: dict[str, Any] | None, layout: Any, where: str) -> SpecBinding | None:
+    """The spec binding of ``save``/``load`` arguments, or None when no spec is given."""
+    if spec is None and dims is None and layout is None:
+        return None
+    if spec is None or layout is None:
+        raise SpecError(f"{where}: spec= and layout= go together (and dims= for the model dimensions the spec "
+                        "needs); pass all of them, or none")
+    return SpecBinding(resolve_spec(spec), dict(dims or {}), parse_parallel(layout))
 
 
 def _build_manifest(results: list[tuple[dict[str, int], list[tuple[str, ChunkEntry]]]], save_id: str,
@@ -192,11 +291,14 @@ def _build_manifest(results: list[tuple[dict[str, int], list[tuple[str, ChunkEnt
         for k, (d, shape, desc) in meta.items()
     }
     values = {k: ValueEntry(k, v) for k, v in coord["values"].items()}
-    meshes = {repr(m[2]["mesh_shape"]) for m in meta.values() if m[2] is not None}
+    meshes = {repr(m[2]["mesh_shape"]) for m in meta.values() if m[2] is not None and "mesh_shape" in m[2]}
+    layout: dict[str, Any] = {"world_size": world_size, "dtensor_mesh_shapes": sorted(meshes)}
+    if coord.get("spec") is not None:
+        layout["spec"] = coord["spec"]
     return Manifest(
         save_id=save_id, world_size=world_size, files=files, tensors=tensors, values=values,
         containers=coord["containers"],
         writer={"library": "ckpt", "version": WRITER_VERSION, "torch": torch.__version__},
         created_unix_secs=time.time(),
-        layout={"world_size": world_size, "dtensor_mesh_shapes": sorted(meshes)},
+        layout=layout,
     )

@@ -44,8 +44,8 @@ class WriteAssignment:
     source: Box
 
 
-def plan_global_writes(local_plans: list[list[WriteCandidate]],
-                       max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES) -> list[list[WriteAssignment]]:
+def plan_global_writes(local_plans: list[list[WriteCandidate]], max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+                       overlapping_replicas: bool = False) -> list[list[WriteAssignment]]:
     """Deduplicate replicas and balance bytes across ranks; return each rank's assignments.
 
     A box offered by several ranks (a replica) is written once. Large replicated boxes are split into row
@@ -53,6 +53,11 @@ def plan_global_writes(local_plans: list[list[WriteCandidate]],
     writes and reads parallelise. Assignment is greedy, largest first, to the least-loaded holder: no rank writes
     much more than its share. Raises ``ShardMismatchError`` listing every key whose ranks disagree on dtype or
     shape, or whose boxes do not tile the tensor exactly once.
+
+    ``overlapping_replicas=True`` (spec-described state) accepts boxes that overlap without being equal: replicas
+    cut differently, such as the Adam moments of a TP-replicated layer norm inside ZeRO partitions whose
+    boundaries differ between TP ranks. The union is then cut into disjoint pieces, each written once by a rank
+    whose box contains it; the union must still cover the tensor exactly.
     """
     meta: dict[str, tuple[str, tuple[int, ...], int]] = {}
     holders: dict[tuple[str, Box], list[int]] = defaultdict(list)
@@ -70,26 +75,55 @@ def plan_global_writes(local_plans: list[list[WriteCandidate]],
     by_key: dict[str, list[Box]] = defaultdict(list)
     for key, box in holders:
         by_key[key].append(box)
+    pieces: list[tuple[str, Box, Box, list[int]]] = []  # (key, disjoint piece, the candidate box holding it, ranks)
     for key, (_, shape, _) in meta.items():
-        for p in boxes_tile(by_key.get(key, []), shape):
-            problems.append(f"key {key!r}: {p}")
+        boxes = by_key.get(key, [])
+        if overlapping_replicas:
+            disjoint = _disjoint_cover(boxes)
+            for p in boxes_tile([piece for piece, _ in disjoint], shape):
+                problems.append(f"key {key!r}: {p}")
+            pieces.extend((key, piece, src, holders[(key, src)]) for piece, src in disjoint)
+        else:
+            for p in boxes_tile(boxes, shape):
+                problems.append(f"key {key!r}: {p}")
+            pieces.extend((key, b, b, holders[(key, b)]) for b in boxes)
     if problems:
         raise ShardMismatchError("the ranks' shards do not form consistent tensors:\n  " + "\n  ".join(problems))
 
     work: list[tuple[int, str, Box, Box, list[int]]] = []
-    for (key, box), ranks in holders.items():
+    for key, box, src, ranks in pieces:
         nbytes = box.numel * meta[key][2]
         parts = math.ceil(nbytes / max_chunk_bytes) if nbytes > max_chunk_bytes else 1
         if len(ranks) > 1 and nbytes >= MIN_SPLIT_BYTES:
             parts = max(parts, len(ranks))
         for sub in box.split(parts):
-            work.append((sub.numel * meta[key][2], key, sub, box, ranks))
+            work.append((sub.numel * meta[key][2], key, sub, src, ranks))
     load = [0] * len(local_plans)
     out: list[list[WriteAssignment]] = [[] for _ in local_plans]
     for nbytes, key, sub, src, ranks in sorted(work, key=lambda w: (-w[0], w[1], w[2].offsets)):
         r = min(ranks, key=lambda x: (load[x], x))
         load[r] += nbytes
         out[r].append(WriteAssignment(key, sub, src))
+    return out
+
+
+def _disjoint_cover(boxes: list[Box]) -> list[tuple[Box, Box]]:
+    """Cut the union of ``boxes`` into disjoint pieces: [(piece, a box of ``boxes`` containing it)].
+
+    Largest boxes first, so replicas cut differently are mostly written from the biggest box that holds them.
+    """
+    covered: list[Box] = []
+    out: list[tuple[Box, Box]] = []
+    for box in sorted(boxes, key=lambda b: (-b.numel, b.offsets, b.sizes)):
+        rest = [box]
+        for c in covered:
+            if box.intersect(c) is None:
+                continue
+            rest = [q for r in rest for q in r.subtract(c)]
+            if not rest:
+                break
+        out.extend((r, box) for r in rest if not r.is_empty())
+        covered.append(box)
     return out
 
 

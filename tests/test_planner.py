@@ -157,3 +157,39 @@ def test_strided_shard_indices_decompose_into_runs():
         assert sum(p.global_box.numel for p in pieces) == len(index[0]) * 3
     rows = sorted(r for ix in seen.values() for r in ix)
     assert rows == list(range(8))  # every row held exactly once over the mesh
+
+
+@given(st.integers(1, 3).flatmap(lambda n: st.tuples(boxes(n), boxes(n))))
+def test_subtract_is_the_set_difference(pair):
+    a, b = pair
+    parts = a.subtract(b)
+    assert len(parts) <= 2 * a.ndim
+    cells = [_cells(p) for p in parts]
+    assert set().union(*cells) == _cells(a) - _cells(b)
+    assert sum(len(c) for c in cells) == len(_cells(a) - _cells(b))  # disjoint
+
+
+@given(st.integers(1, 2).flatmap(lambda n: st.lists(boxes(n), min_size=1, max_size=6)))
+def test_overlapping_replicas_are_written_once(bs):
+    """Replicas cut differently (ZeRO partitions of a TP-replicated tensor): every element of the union is written
+    exactly once, by a rank whose box holds it."""
+    shape = tuple(max(b.offsets[d] + b.sizes[d] for b in bs) for d in range(bs[0].ndim))
+    union = set().union(*[_cells(b) for b in bs])
+    plans = [[WriteCandidate("k", "float32", shape, b, 4)] for b in bs]
+    if union != _cells(Box.whole(shape)):
+        with pytest.raises(ShardMismatchError):
+            plan_global_writes(plans, overlapping_replicas=True)
+        return
+    out = plan_global_writes(plans, overlapping_replicas=True)
+    written: list[tuple[int, ...]] = []
+    for rank, assignments in enumerate(out):
+        for a in assignments:
+            assert bs[rank].contains(a.box) and a.source == bs[rank]
+            written.extend(_cells(a.box))
+    assert sorted(written) == sorted(union)
+
+
+def test_overlapping_boxes_stay_an_error_without_the_flag():
+    plans = [[WriteCandidate("k", "float32", (4,), Box((0,), (3,)), 4)], [WriteCandidate("k", "float32", (4,), Box((1,), (3,)), 4)]]
+    with pytest.raises(ShardMismatchError, match="overlap"):
+        plan_global_writes(plans)

@@ -1,0 +1,348 @@
+"""Offline conversion in one process: universal checkpoint <-> the rank-local state of every rank of a layout.
+
+Who calls it: ``ckpt reshard`` (universal -> universal under another parallel layout), the foreign-format
+importers and exporters (Megatron rank directories), and tests that simulate every rank of a layout in one
+process. Three operations, each streaming one box at a time, so peak memory is about the largest box read or
+written (at most a tensor, split at ``max_chunk_bytes``) and nothing is staged on disk:
+
+* ``reshard(src, dst, target)``: the data files and manifest that ``ckpt.save`` would write if every rank of
+  ``target`` saved its state: the same global write plan (replicas written once, balanced across target ranks),
+  each box read from ``src`` by exact byte ranges.
+* ``export_rank(src, binding, rank)``: one rank's local tensors (zero padding included), for loading by a
+  framework's own code.
+* ``import_ranks(states, dst, binding)``: a universal checkpoint from every rank's local tensors, checking that
+  replicas agree and averaging where the spec says so.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import torch
+
+from ckpt.errors import ShardMismatchError, SpecError
+from formats.dtypes import dtype_from_name, dtype_name
+from formats.manifest import DATA_DIR, MANIFEST_NAME, ChunkEntry, FileEntry, Manifest, TensorEntry, ValueEntry
+from formats.reader import ChunkReader, read_manifest
+from formats.storage import Storage
+from formats.writer import ChunkWrite, WriteOptions, write_file
+from resharding.box import Box
+from resharding.layout import TensorLayout
+from resharding.planner import DEFAULT_MAX_CHUNK_BYTES, WriteAssignment, WriteCandidate, plan_global_writes, plan_reads
+from resharding.spec_bind import SpecBinding, local_layouts, replica_policies
+from resharding.spec_layout import AVERAGED, REPLICATED
+
+WRITER = {"library": "ckpt", "tool": "resharding.offline"}
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    path: str
+    save_id: str
+    ranks: int
+    bytes_written: int
+    bytes_read: int
+    elapsed_secs: float
+
+
+def read_box(reader: ChunkReader, entry: TensorEntry, box: Box, out: torch.Tensor, where: str) -> None:
+    """Fill ``out`` (shape ``box.sizes``) with ``box`` of ``entry``, reading only the byte ranges it needs."""
+    from resharding.layout import LocalPiece
+
+    chunks = [Box(c.offsets, c.sizes) for c in entry.chunks]
+    for item in plan_reads(entry.key, chunks, [LocalPiece(tuple(0 for _ in box.sizes), box)], where):
+        dest = out[tuple(slice(o, o + s) for o, s in zip(item.dest_offsets, item.rel.sizes))]
+        reader.read_region(entry, entry.chunks[item.chunk_index], item.rel.offsets, item.rel.sizes, dest)
+
+
+def source_binding(manifest: Manifest, where: str) -> SpecBinding:
+    saved = manifest.layout.get("spec") if isinstance(manifest.layout, dict) else None
+    if saved is None:
+        raise SpecError(f"{where}: this checkpoint records no spec (it was not saved from spec-described rank "
+                        "state); pass one (--spec NAME|PATH and --dims JSON)")
+    return SpecBinding.from_json_dict(saved, where)
+
+
+def _candidates(binding: SpecBinding, manifest: Manifest, rank: int, where: str) -> list[WriteCandidate]:
+    """What ``rank`` of ``binding`` would offer to write (dtype from the checkpoint); replicas once per rank."""
+    rl = binding.rank_layout(rank)
+    shapes = binding.logical_shapes()
+    out: dict[tuple[str, Box], WriteCandidate] = {}
+    flat_keys: dict[str, bool] = {}
+    kinds = {s.match: s.kind for s in binding.spec.state}
+    for lt in rl:
+        flat = kinds.get(lt.rule) == "flat"
+        for p in lt.pieces:
+            flat_keys[p.logical_key] = flat_keys.get(p.logical_key, True) and flat
+    for lt in rl:
+        flat = kinds.get(lt.rule) == "flat"
+        for p in lt.pieces:
+            if flat and not flat_keys[p.logical_key]:
+                continue  # ZeRO master partitions duplicate the model weights this rank holds whole
+            entry = manifest.tensors.get(p.logical_key)
+            if entry is None:
+                raise ShardMismatchError(f"{where}: key {p.logical_key!r} (local {lt.key!r} on target rank {rank}) is "
+                                         "not in the checkpoint; is it the spec and dims it was saved with?")
+            if tuple(entry.shape) != shapes[p.logical_key]:
+                raise ShardMismatchError(f"{where}: key {p.logical_key!r} has shape {list(entry.shape)} in the "
+                                         f"checkpoint, the spec gives {list(shapes[p.logical_key])}")
+            itemsize = dtype_from_name(entry.dtype, entry.key).itemsize
+            out.setdefault((p.logical_key, p.box), WriteCandidate(p.logical_key, entry.dtype, tuple(entry.shape),
+                                                                  p.box, itemsize))
+    return list(out.values())
+
+
+def reshard(src: Storage, dst: Storage, target: "SpecBinding | Mapping[str, Any] | str", *,
+            max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES, options: WriteOptions | None = None,
+            progress: Progress | None = None, dry_run: bool = False) -> ConvertResult:
+    """Write at ``dst`` the checkpoint every rank of ``target`` would have saved; ``src`` stays untouched.
+
+    ``target`` is a full binding, or a parallel layout (the spec and dims come from ``src``'s manifest). Keys the
+    spec does not describe (plain values, extra tensors) are carried over unchanged, written by target rank 0.
+    ``progress(nbytes)`` is called after each box. With ``dry_run`` nothing is written; the result counts the bytes.
+    """
+    t0 = time.perf_counter()
+    where = src.url
+    manifest = read_manifest(src)
+    if not isinstance(target, SpecBinding):
+        target = source_binding(manifest, where).with_parallel(target)
+    n = target.world_size
+    plans = [_candidates(target, manifest, r, where) for r in range(n)]
+    described = {c.key for plan in plans for c in plan}
+    for key, entry in manifest.tensors.items():  # keys outside the spec: carried over by rank 0
+        if key not in described:
+            plans[0].append(WriteCandidate(key, entry.dtype, tuple(entry.shape), Box.whole(tuple(entry.shape)),
+                                           dtype_from_name(entry.dtype, key).itemsize))
+    assignments = plan_global_writes(plans, max_chunk_bytes, overlapping_replicas=True)
+    total = sum(a.box.numel * dtype_from_name(manifest.tensors[a.key].dtype, a.key).itemsize
+                for ranks in assignments for a in ranks)
+    save_id = f"{int(time.time())}-{uuid.uuid4().hex[:12]}"
+    if dry_run:
+        return ConvertResult(dst.url, save_id, n, total, 0, time.perf_counter() - t0)
+    reader = ChunkReader(src, manifest)
+    opts = options or WriteOptions(num_files=1)
+    results: list[tuple[dict[str, int], list[tuple[str, ChunkEntry]]]] = []
+    for rank, mine in enumerate(assignments):
+        items = [_LazyItem(a, manifest, reader, where) for a in mine]
+        path = f"{DATA_DIR}/{save_id}-r{rank:05d}-0.bin"
+        if not items:
+            results.append(({}, []))
+            continue
+        loader = _Loader(progress)
+        size, entries = write_file(dst, path, items, opts, ready=loader)  # type: ignore[arg-type]
+        loader.finish()
+        results.append(({path: size}, entries))
+    commit(dst, save_id, n, manifest, results, target)
+    return ConvertResult(dst.url, save_id, n, total, reader.bytes_read, time.perf_counter() - t0)
+
+
+class _LazyItem(ChunkWrite):
+    """A ``ChunkWrite`` whose data is read from the source only when the writer reaches it (then dropped)."""
+
+    def __init__(self, a: WriteAssignment, manifest: Manifest, reader: ChunkReader, where: str) -> None:
+        entry = manifest.tensors[a.key]
+        object.__setattr__(self, "key", a.key)
+        object.__setattr__(self, "offsets", a.box.offsets)
+        object.__setattr__(self, "sizes", a.box.sizes)
+        object.__setattr__(self, "_a", a)
+        object.__setattr__(self, "_entry", entry)
+        object.__setattr__(self, "_reader", reader)
+        object.__setattr__(self, "_where", where)
+        object.__setattr__(self, "_data", None)
+
+    @property  # type: ignore[override]
+    def data(self) -> torch.Tensor:
+        d = self._data
+        assert d is not None, "data read before the writer asked for it"
+        return d
+
+    @property
+    def nbytes(self) -> int:
+        return self._a.box.numel * dtype_from_name(self._entry.dtype, self.key).itemsize
+
+    def load(self) -> None:
+        out = torch.empty(self._a.box.sizes, dtype=dtype_from_name(self._entry.dtype, self.key))
+        read_box(self._reader, self._entry, self._a.box, out, f"{self._where}: ")
+        object.__setattr__(self, "_data", out)
+
+    def drop(self) -> None:
+        object.__setattr__(self, "_data", None)
+
+
+class _Loader:
+    """The writer's ``ready`` hook: read an item's box just before it is written; free the previous one."""
+
+    def __init__(self, progress: Progress | None) -> None:
+        self.progress = progress
+        self.prev: _LazyItem | None = None
+
+    def __call__(self, item: _LazyItem) -> None:
+        if self.prev is not None:
+            self.prev.drop()
+            if self.progress is not None:
+                self.progress(self.prev.nbytes)
+        item.load()
+        self.prev = item
+
+    def finish(self) -> None:
+        if self.prev is not None:
+            self.prev.drop()
+            if self.progress is not None:
+                self.progress(self.prev.nbytes)
+            self.prev = None
+
+
+def commit(dst: Storage, save_id: str, world_size: int, src_manifest: Manifest | None,
+           results: list[tuple[dict[str, int], list[tuple[str, ChunkEntry]]]], binding: SpecBinding,
+           meta: Mapping[str, tuple[str, tuple[int, ...]]] | None = None,
+           values: Mapping[str, Any] | None = None) -> Manifest:
+    """Write the manifest (the commit) for data files already written at ``dst``."""
+    files: dict[str, FileEntry] = {}
+    chunks: dict[str, list[ChunkEntry]] = {}
+    for rank, (sizes, entries) in enumerate(results):
+        for p, nbytes in sizes.items():
+            files[p] = FileEntry(nbytes, rank)
+        for key, c in entries:
+            chunks.setdefault(key, []).append(c)
+    if src_manifest is not None:
+        meta = {k: (e.dtype, tuple(e.shape)) for k, e in src_manifest.tensors.items()}
+        vals = dict(src_manifest.values)
+        containers = dict(src_manifest.containers)
+    else:
+        assert meta is not None
+        vals = {k: ValueEntry(k, v) for k, v in (values or {}).items()}
+        containers = {}
+    tensors = {k: TensorEntry(k, d, shape, tuple(sorted(chunks.get(k, []), key=lambda c: c.offsets)), None)
+               for k, (d, shape) in meta.items()}
+    manifest = Manifest(save_id=save_id, world_size=world_size, files=files, tensors=tensors, values=vals,
+                        containers=containers, writer={**WRITER, "torch": torch.__version__},
+                        created_unix_secs=time.time(),
+                        layout={"world_size": world_size, "dtensor_mesh_shapes": [], "spec": binding.to_json_dict()})
+    dst.commit(MANIFEST_NAME, manifest.to_json())
+    return manifest
+
+
+def export_rank(src: Storage, binding: SpecBinding, rank: int, manifest: Manifest | None = None
+                ) -> dict[str, torch.Tensor]:
+    """Rank ``rank``'s local tensors under ``binding`` (flattened local key -> tensor), padding zero-filled."""
+    manifest = manifest or read_manifest(src)
+    reader = ChunkReader(src, manifest)
+    rl = binding.rank_layout(rank)
+    out: dict[str, torch.Tensor] = {}
+    for lt in rl:
+        keys = {p.logical_key for p in lt.pieces}
+        missing = sorted(k for k in keys if k not in manifest.tensors)
+        if missing:
+            raise ShardMismatchError(f"{src.url}: rank {rank} needs {missing[:5]} (local {lt.key!r}), which the "
+                                     "checkpoint does not hold")
+        dtypes = {manifest.tensors[k].dtype for k in keys}
+        if len(dtypes) > 1:
+            raise ShardMismatchError(f"{src.url}: local {lt.key!r} of rank {rank} gathers logical tensors of dtypes "
+                                     f"{sorted(dtypes)}")
+        out[lt.key] = torch.zeros(lt.shape, dtype=dtype_from_name(dtypes.pop(), lt.key) if keys else torch.float32)
+    layouts, _ = local_layouts(out, binding, rank, for_save=False)
+    for key, lay in layouts.items():
+        entry = manifest.tensors[key]
+        for piece in lay.pieces:
+            read_box(reader, entry, piece.global_box, piece.local_view(lay.local), f"{src.url}: ")
+    return out
+
+
+def import_ranks(states: Mapping[int, Mapping[str, torch.Tensor]], dst: Storage, binding: SpecBinding, *,
+                 values: Mapping[str, Any] | None = None, max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+                 options: WriteOptions | None = None, progress: Progress | None = None) -> ConvertResult:
+    """A universal checkpoint at ``dst`` from every rank's flattened local tensors (rank -> key -> tensor).
+
+    Replicas the spec calls replicated must be bit-identical (else ``ShardMismatchError`` naming the key and the
+    ranks); replicas it calls averaged are written as their mean (float64, ranks in order). ``values`` are plain
+    JSON values stored as they are.
+    """
+    t0 = time.perf_counter()
+    n = binding.world_size
+    if sorted(states) != list(range(n)):
+        raise ShardMismatchError(f"{dst.url}: layout {binding.parallel} has ranks 0..{n - 1}; got states of ranks "
+                                 f"{sorted(states)}")
+    layouts: list[dict[str, TensorLayout]] = []
+    policies: dict[tuple[str, Box], str] = {}
+    for r in range(n):
+        lay, rl = local_layouts(states[r], binding, r, for_save=True)
+        layouts.append(lay)
+        assert rl is not None
+        policies.update(replica_policies(rl))
+    _reconcile(layouts, policies, dst.url)
+    plans = [[WriteCandidate(k, dtype_name(lay.local.dtype), lay.global_shape, p.global_box, lay.local.element_size())
+              for k, lay in layouts[r].items() for p in lay.pieces] for r in range(n)]
+    assignments = plan_global_writes(plans, max_chunk_bytes, overlapping_replicas=True)
+    save_id = f"{int(time.time())}-{uuid.uuid4().hex[:12]}"
+    opts = options or WriteOptions(num_files=1)
+    results = []
+    written = 0
+    for r, mine in enumerate(assignments):
+        items = []
+        for a in mine:
+            lay = layouts[r][a.key]
+            piece = next(p for p in lay.pieces if p.global_box == a.source)
+            view = piece.local_view(lay.local)[a.box.relative_to(a.source).slices()]
+            items.append(ChunkWrite(a.key, a.box.offsets, a.box.sizes, view))
+        if not items:
+            results.append(({}, []))
+            continue
+        path = f"{DATA_DIR}/{save_id}-r{r:05d}-0.bin"
+        size, entries = write_file(dst, path, items, opts)
+        written += size
+        if progress is not None:
+            progress(size)
+        results.append(({path: size}, entries))
+    meta = {k: (dtype_name(lay.local.dtype), lay.global_shape) for lays in layouts for k, lay in lays.items()}
+    commit(dst, save_id, n, None, results, binding, meta, values)
+    return ConvertResult(dst.url, save_id, n, written, 0, time.perf_counter() - t0)
+
+
+def _reconcile(layouts: list[dict[str, TensorLayout]], policies: Mapping[tuple[str, Box], str], where: str) -> None:
+    """Check replicated boxes bit-identical across ranks; replace averaged boxes by their mean (in place)."""
+    from resharding.layout import LocalPiece
+
+    holders: dict[tuple[str, Box], list[tuple[int, torch.Tensor]]] = {}
+    for r, lays in enumerate(layouts):
+        for key, lay in lays.items():
+            for p in lay.pieces:
+                if (key, p.global_box) in policies:
+                    holders.setdefault((key, p.global_box), []).append((r, p.local_view(lay.local)))
+    problems = []
+    means: dict[tuple[str, Box], torch.Tensor] = {}
+    for kb, reps in holders.items():
+        if len(reps) < 2:
+            continue
+        if policies[kb] == REPLICATED:
+            r0, t0 = reps[0]
+            for r, t in reps[1:]:
+                if not torch.equal(t0, t):
+                    key, box = kb
+                    problems.append(f"key {key!r} box offsets={list(box.offsets)} sizes={list(box.sizes)}: ranks "
+                                    f"{r0} and {r} differ (max |diff| {float((t0.double() - t.double()).abs().max()):.3g})")
+                    break
+        elif policies[kb] == AVERAGED:
+            means[kb] = (sum(t.to(torch.float64) for _, t in reps) / len(reps)).to(reps[0][1].dtype)
+    if problems:
+        raise ShardMismatchError(
+            f"{where}: the spec calls these tensors replicated, but their replicas differ ({len(problems)}):\n  "
+            + "\n  ".join(problems[:20])
+            + "\nIf the replicas may diverge, mark the rule `averaged: tp` in the spec; otherwise find why the ranks "
+              "disagree."
+        )
+    if not means:
+        return
+    for lays in layouts:
+        for key, lay in list(lays.items()):
+            new = tuple(LocalPiece(tuple(0 for _ in p.global_box.sizes), p.global_box, source=means[(key, p.global_box)])
+                        if (key, p.global_box) in means else p for p in lay.pieces)
+            lays[key] = TensorLayout(lay.global_shape, lay.local, new, lay.description)
+
+
+def logical_numel(shapes: Mapping[str, tuple[int, ...]]) -> int:
+    return sum(math.prod(s) for s in shapes.values())
