@@ -73,11 +73,18 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("via", ["load-time", "offline ckpt reshard"])
 @pytest.mark.parametrize("name,mc,src,dst", CASES, ids=[c[0] for c in CASES])
 def test_resume_under_another_layout_follows_the_unsharded_run(tmp_path: Path, name: str, mc: M.ModelConfig,
-                                                               src: M.ParallelConfig, dst: M.ParallelConfig) -> None:
+                                                               src: M.ParallelConfig, dst: M.ParallelConfig,
+                                                               via: str) -> None:
     path = str(tmp_path / "ckpt")
     before = run_distributed(_save_worker, src.world, mc, src, path, timeout_secs=240)
+    if via != "load-time":  # rewrite as the target layout would have saved it, then load without resharding
+        from ckpt.cli import main as cli
+
+        assert cli(["reshard", path, str(tmp_path / "resharded"), "--to", layout_text(dst), "--no-progress"]) == 0
+        path = str(tmp_path / "resharded")
     after = run_distributed(_resume_worker, dst.world, mc, dst, path, timeout_secs=240)
     ref = _reference(mc)
     got = before[0] + after[0]
