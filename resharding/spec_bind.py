@@ -19,6 +19,7 @@ import torch
 from ckpt.errors import ShardMismatchError, SpecError
 from resharding.box import Box
 from resharding.layout import LocalPiece, TensorLayout, tensor_layout
+from resharding.spec_apply import piece_view
 from resharding.spec_layout import REPLICATED, AVERAGED, RankLayout, logical_shapes, rank_layout
 from spec_lang import SHIPPED, Spec, load_spec, shipped_spec
 
@@ -151,7 +152,7 @@ def bind_tensors(tensors: Mapping[str, torch.Tensor], layout: RankLayout, shapes
             if dtypes.setdefault(p.logical_key, t.dtype) != t.dtype:
                 raise ShardMismatchError(f"logical key {p.logical_key!r}: local tensors of dtypes "
                                          f"{dtypes[p.logical_key]} and {t.dtype} (local key {lt.key!r}) hold it")
-            view = t.as_strided(p.sizes, p.strides, t.storage_offset() + p.storage_offset)
+            view = piece_view(t, p)
             piece = LocalPiece(tuple(0 for _ in p.sizes), Box(p.logical_offsets, p.sizes), source=view)
             pieces.setdefault(p.logical_key, []).append((piece, flat))
     out: dict[str, TensorLayout] = {}
