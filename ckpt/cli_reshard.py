@@ -62,11 +62,19 @@ def cmd_reshard(args: argparse.Namespace) -> int:
     if dst.exists(MANIFEST_NAME) and not args.overwrite and not args.dry_run:
         raise CheckpointExistsError(f"{dst.url}: a committed checkpoint is already there; pass --overwrite to "
                                     "replace it, or choose another destination")
-    plan = reshard(src, dst, binding, dry_run=True)
-    bar = None if args.dry_run else _bar(args, plan.bytes_written, "reshard")
-    result = plan if args.dry_run else reshard(src, dst, binding, progress=bar.update if bar is not None else None)
-    if bar is not None:
-        bar.close()
+    bars: list[Any] = []
+
+    def start_bar(total: int) -> None:
+        bars.append(_bar(args, total, "reshard"))
+
+    def advance(n: int) -> None:
+        if bars and bars[0] is not None:
+            bars[0].update(n)
+
+    result = reshard(src, dst, binding, dry_run=args.dry_run, on_plan=start_bar, progress=advance)
+    if bars and bars[0] is not None:
+        bars[0].close()
+    plan = result
     doc = {"src": src.url, "dst": dst.url, "to": binding.parallel, "spec": binding.spec.name,
            "ranks": result.ranks, "bytes": plan.bytes_written, "bytes_read": result.bytes_read,
            "seconds": round(result.elapsed_secs, 3), "dry_run": bool(args.dry_run)}

@@ -99,12 +99,14 @@ def _candidates(binding: SpecBinding, manifest: Manifest, rank: int, where: str)
 
 def reshard(src: Storage, dst: Storage, target: "SpecBinding | Mapping[str, Any] | str", *,
             max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES, options: WriteOptions | None = None,
-            progress: Progress | None = None, dry_run: bool = False) -> ConvertResult:
+            progress: Progress | None = None, dry_run: bool = False,
+            on_plan: Callable[[int], None] | None = None) -> ConvertResult:
     """Write at ``dst`` the checkpoint every rank of ``target`` would have saved; ``src`` stays untouched.
 
     ``target`` is a full binding, or a parallel layout (the spec and dims come from ``src``'s manifest). Keys the
     spec does not describe (plain values, extra tensors) are carried over unchanged, written by target rank 0.
-    ``progress(nbytes)`` is called after each box. With ``dry_run`` nothing is written; the result counts the bytes.
+    ``on_plan(total_bytes)`` is called once the plan is made (a progress bar's total), then ``progress(nbytes)``
+    after each box. With ``dry_run`` nothing is written; the result counts the bytes.
     """
     t0 = time.perf_counter()
     where = src.url
@@ -124,6 +126,8 @@ def reshard(src: Storage, dst: Storage, target: "SpecBinding | Mapping[str, Any]
     save_id = f"{int(time.time())}-{uuid.uuid4().hex[:12]}"
     if dry_run:
         return ConvertResult(dst.url, save_id, n, total, 0, time.perf_counter() - t0)
+    if on_plan is not None:
+        on_plan(total)
     reader = ChunkReader(src, manifest)
     opts = options or WriteOptions(num_files=1)
     results: list[tuple[dict[str, int], list[tuple[str, ChunkEntry]]]] = []
