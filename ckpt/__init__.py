@@ -20,6 +20,8 @@ from ckpt.errors import (
     SpecError,
     StorageError,
     UnsafeCheckpointError,
+    UnknownFormatError,
+    FormatNotImplementedError,
 )
 
 __version__ = "0.1.0"
@@ -49,7 +51,7 @@ __all__ = [
     "RNGState", "EveryNSteps", "KeepLatestN", "KeepEveryN", "AnyOf", "SaveOptions", "LoadOptions", "SaveResult", "Stateful",
     "CheckpointError", "CheckpointNotFoundError", "IncompleteCheckpointError", "CorruptCheckpointError",
     "ShardMismatchError", "UnsafeCheckpointError", "StorageError", "SpecError", "DistributedCheckpointError",
-    "CheckpointExistsError", "UnsupportedStateError",
+    "CheckpointExistsError", "UnsupportedStateError", "UnknownFormatError", "FormatNotImplementedError",
 ]
 
 

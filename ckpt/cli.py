@@ -1,4 +1,5 @@
-"""The ``ckpt`` command line: ``inspect``, ``verify``, ``reshard`` and ``spec check`` (``ckpt.cli_reshard``).
+"""The ``ckpt`` command line: ``inspect``, ``verify``; ``reshard`` and ``spec check`` (``ckpt.cli_reshard``);
+``convert`` and ``diff`` (``ckpt.cli_convert``).
 
 Exit codes: 0 success; 1 a check failed (``verify`` found damage); 2 bad usage or unreadable input.
 ``--json`` prints one JSON document on stdout for scripts; progress bars go to stderr and only on a terminal.
@@ -161,7 +162,7 @@ def _storage_options(args: argparse.Namespace) -> dict[str, Any] | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ckpt", description="Inspect, verify and reshard ckpt checkpoints.")
+    p = argparse.ArgumentParser(prog="ckpt", description="Inspect, verify, reshard, convert and compare checkpoints.")
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp: argparse.ArgumentParser) -> None:
@@ -184,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     from ckpt.cli_reshard import add_parsers  # noqa: PLC0415
 
     add_parsers(sub, storage_option)
+    from ckpt.cli_convert import add_parsers as add_convert_parsers  # noqa: PLC0415
+
+    add_convert_parsers(sub, storage_option)
     return p
 
 

@@ -60,6 +60,14 @@ class UnsupportedStateError(CheckpointError, TypeError):
     """The state holds something the format cannot store without pickle (the message names the key)."""
 
 
+class UnknownFormatError(CheckpointError):
+    """The path holds no checkpoint of a format ``ckpt convert`` reads; the message lists what was found."""
+
+
+class FormatNotImplementedError(CheckpointError, NotImplementedError):
+    """A recognised format (DeepSpeed, Megatron) whose converter is not implemented yet."""
+
+
 class SpecError(CheckpointError):
     """A resharding spec is invalid; the message names file, line and column."""
 

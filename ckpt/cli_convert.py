@@ -1,0 +1,185 @@
+"""``ckpt convert`` and ``ckpt diff``: the command-line side of ``formats.foreign``.
+
+Kept apart from ``ckpt.cli`` (which owns the parser and the exit-code conventions). Exit codes: ``convert`` 0 on
+success, 2 on bad usage or unreadable/refused input (including formats not implemented yet); ``diff`` 0 when the
+checkpoints are equal, 1 when they differ (every difference listed), 2 on bad usage or unreadable input.
+``--json`` prints one JSON document on stdout; progress bars (bytes/s and ETA) go to stderr, on a terminal only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+SOURCE_CHOICES = ("auto", "universal", "dcp", "torch", "safetensors", "deepspeed", "megatron")
+TARGET_CHOICES = ("universal", "dcp", "torch", "safetensors", "deepspeed-universal")
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+def _bar(args: argparse.Namespace, total: int, desc: str) -> Any:
+    if args.json or args.no_progress or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, file=sys.stderr)
+
+
+def _size(text: str) -> int:
+    from formats.foreign import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _workers(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"--workers {text!r}: expected a positive integer")
+    return n
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from ckpt.cli import _storage_options
+    from formats.foreign import PLANNED_TARGETS, open_source, plan_conversion, run_conversion
+    from formats.foreign.detect import not_implemented
+
+    if args.to in PLANNED_TARGETS:  # before reading anything
+        raise not_implemented(args.to, "writing")
+    if args.max_shard_size is not None and args.to != "safetensors":
+        print(f"ckpt convert: --max-shard-size applies to --to safetensors only (the target is {args.to})",
+              file=sys.stderr)
+        return EXIT_USAGE
+    opts = _storage_options(args)
+    with open_source(args.src, args.src_format, allow_pickle=args.allow_pickle, storage_options=opts) as source:
+        plan = plan_conversion(source, args.dst, args.to, dtype=args.dtype, max_shard_bytes=args.max_shard_size,
+                               storage_options=opts)
+        if args.dry_run:
+            _print_plan(args, plan)
+            return EXIT_OK
+        bar = _bar(args, plan.bytes_out, "convert")
+        try:
+            result = run_conversion(source, plan, workers=args.workers, overwrite=args.overwrite,
+                                    progress=bar.update if bar is not None else None, storage_options=opts)
+        finally:
+            if bar is not None:
+                bar.close()
+    if args.json:
+        print(json.dumps(result.to_json(), indent=1))
+        return EXIT_OK
+    if plan.skipped:
+        print(f"note: {len(plan.skipped)} key(s) not written ({plan.dst_format} holds model weights only): "
+              f"{', '.join(plan.skipped[:5])}{', ...' if len(plan.skipped) > 5 else ''}", file=sys.stderr)
+    rate = plan.bytes_out / max(result.elapsed_secs, 1e-9)
+    cast = f", {plan.cast} cast to {plan.dtype}" if plan.cast else ""
+    print(f"OK: {plan.src_format} {plan.src} -> {plan.dst_format} {plan.dst}: {plan.tensors} tensors{cast}, "
+          f"{plan.values} values, {_mib(plan.bytes_out)} in {result.elapsed_secs:.2f} s ({_mib(rate)}/s)")
+    return EXIT_OK
+
+
+def _print_plan(args: argparse.Namespace, plan: Any) -> None:
+    if args.json:
+        print(json.dumps({**plan.to_json(), "dry_run": True}, indent=1))
+        return
+    print(f"dry run: {plan.src_format} {plan.src} -> {plan.dst_format} {plan.dst}")
+    cast = f"; {plan.cast} cast to {plan.dtype}" if plan.cast else ""
+    print(f"  {plan.tensors} tensors ({_mib(plan.bytes_in)} read, {_mib(plan.bytes_out)} written), "
+          f"{plan.values} values{cast}")
+    print("  would write:")
+    for o in plan.outputs:
+        print(f"    {o}")
+    if plan.skipped:
+        print(f"  not written ({plan.dst_format} holds model weights only): {len(plan.skipped)} key(s): "
+              f"{', '.join(plan.skipped[:5])}{', ...' if len(plan.skipped) > 5 else ''}")
+    if plan.dst_exists:
+        print("  the destination already holds a checkpoint: the conversion needs --overwrite")
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    from ckpt.cli import _storage_options
+    from formats.foreign import diff, open_source
+
+    if args.atol < 0 or args.rtol < 0:
+        print(f"ckpt diff: --atol and --rtol must be >= 0 (got {args.atol}, {args.rtol})", file=sys.stderr)
+        return EXIT_USAGE
+    opts = _storage_options(args)
+    with open_source(args.a, args.a_format, allow_pickle=args.allow_pickle, storage_options=opts) as a, \
+            open_source(args.b, args.b_format, allow_pickle=args.allow_pickle, storage_options=opts) as b:
+        common = set(a.tensors) & set(b.tensors)
+        bar = _bar(args, sum(a.tensors[k].nbytes + b.tensors[k].nbytes for k in common), "diff")
+        try:
+            report = diff(a, b, atol=args.atol, rtol=args.rtol, progress=bar.update if bar is not None else None)
+        finally:
+            if bar is not None:
+                bar.close()
+    if args.json:
+        print(json.dumps(report.to_json(), indent=1))
+    elif report.equal:
+        tol = f" within atol {args.atol}, rtol {args.rtol}" if args.atol or args.rtol else ", bit for bit"
+        print(f"EQUAL: {report.a} ({report.a_format}) and {report.b} ({report.b_format}) hold the same "
+              f"{report.keys_compared} keys with the same dtypes, shapes and values{tol}")
+    else:
+        print(f"DIFFERENT: {report.a} ({report.a_format}) vs {report.b} ({report.b_format}): "
+              f"{len(report.differences)} difference(s) among {report.keys_compared} common keys")
+        for d in report.differences:
+            print(f"  - {d.key}: {d.detail}")
+    return EXIT_OK if report.equal else EXIT_FAILED
+
+
+def add_parsers(sub: Any, storage_option: Any) -> None:
+    sp = sub.add_parser(
+        "convert", help="convert between the universal format, PyTorch DCP, torch.save files and safetensors",
+        description="Convert a checkpoint between formats, streaming one tensor at a time. Formats: universal "
+                    "(ckpt), dcp (PyTorch Distributed Checkpoint directory), torch (one torch.save file), "
+                    "safetensors (a file, or a Hugging Face directory, sharded with model.safetensors.index.json). "
+                    "--from deepspeed|megatron and --to deepspeed-universal are recognised but not implemented yet "
+                    "(they exit 2).")
+    sp.add_argument("src", help="source checkpoint: directory, file, or URL (URLs for universal checkpoints only)")
+    sp.add_argument("dst", help="destination: a directory (universal, dcp, safetensors) or a file path (torch)")
+    sp.add_argument("--from", dest="src_format", choices=SOURCE_CHOICES, default="auto",
+                    help="source format (default auto: manifest.json -> universal, .metadata -> dcp, *.safetensors "
+                         "or model.safetensors.index.json -> safetensors, one .pt/.pth/.bin file -> torch); "
+                         "deepspeed and megatron: not implemented yet")
+    sp.add_argument("--to", choices=TARGET_CHOICES, default="universal",
+                    help="target format (default universal); deepspeed-universal: not implemented yet")
+    sp.add_argument("--dtype", choices=("bf16", "fp16", "fp32"),
+                    help="cast model weights (floating tensors under model/) to this dtype; optimizer state, step "
+                         "counters, integer and fp8 tensors keep theirs")
+    sp.add_argument("--max-shard-size", type=_size, default=None, metavar="SIZE",
+                    help="largest safetensors shard, e.g. 500MB, 5GB (default), 2GiB")
+    sp.add_argument("--workers", type=_workers, default=1, metavar="N",
+                    help="output files written in parallel (default 1); peak memory is about N tensors")
+    sp.add_argument("--dry-run", action="store_true", help="print what would be written, write nothing")
+    sp.add_argument("--allow-pickle", action="store_true",
+                    help="load pickled objects that torch's weights_only loader refuses (torch.save files, DCP "
+                         "values and metadata); this can run code stored in the checkpoint: trusted files only")
+    sp.add_argument("--overwrite", action="store_true", help="replace a checkpoint already at the destination")
+    sp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sp.add_argument("--json", action="store_true", help="print one JSON document for scripts")
+    storage_option(sp)
+    sp.set_defaults(func=cmd_convert)
+
+    sp = sub.add_parser("diff", help="compare two checkpoints of any supported formats key by key (exit 1 if they "
+                                     "differ)")
+    sp.add_argument("a", help="first checkpoint (any supported format)")
+    sp.add_argument("b", help="second checkpoint (any supported format)")
+    sp.add_argument("--atol", type=float, default=0.0, help="absolute tolerance (default 0: bit-exact)")
+    sp.add_argument("--rtol", type=float, default=0.0, help="relative tolerance (default 0: bit-exact)")
+    sp.add_argument("--a-format", choices=SOURCE_CHOICES, default="auto", help="format of A (default auto)")
+    sp.add_argument("--b-format", choices=SOURCE_CHOICES, default="auto", help="format of B (default auto)")
+    sp.add_argument("--allow-pickle", action="store_true", help="as for convert: trusted files only")
+    sp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sp.add_argument("--json", action="store_true", help="print one JSON document for scripts")
+    storage_option(sp)
+    sp.set_defaults(func=cmd_diff)

@@ -1,0 +1,231 @@
+"""Conversion between checkpoint formats: open a source, plan (pure), then write.
+
+``open_source(path, fmt)`` opens any supported format as a ``Source``; ``plan_conversion`` says what a conversion
+would write (no I/O beyond what opening did); ``run_conversion`` writes it, tensor by tensor; ``convert`` does all
+three. Every pair of formats converts directly (safetensors -> DCP needs no universal copy in between); the
+universal format is the hub only in that every key follows its conventions.
+
+Who calls it: ``ckpt convert`` (``ckpt.cli_convert``) and scripts. Single process; ``workers`` threads write
+output files in parallel (peak memory about ``workers`` tensors).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable
+
+import torch
+
+from ckpt.errors import CheckpointExistsError
+from formats.foreign.detect import (FORMATS, PLANNED_SOURCES, PLANNED_TARGETS, UnknownFormatError, _is_local,
+                                    _local, detect_format, not_implemented, torch_files)
+from formats.foreign.source import MODEL_PREFIX, Source
+
+Progress = Callable[[int], None]
+
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+          "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
+#: Floating dtypes a ``--dtype`` cast applies to; fp8 and other quantised types keep their bits (they need scales).
+CASTABLE = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+def parse_dtype(name: "str | torch.dtype | None") -> torch.dtype | None:
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    try:
+        return DTYPES[name.lower()]
+    except KeyError:
+        raise ValueError(f"dtype {name!r}: expected one of bf16, fp16, fp32") from None
+
+
+def open_source(path: str, fmt: str = "auto", *, allow_pickle: bool = False,
+                storage_options: dict[str, Any] | None = None) -> Source:
+    """Open ``path`` as format ``fmt`` (``auto`` detects it). Reads and validates metadata only."""
+    path = str(path)
+    if fmt in PLANNED_SOURCES:
+        raise not_implemented(fmt, "reading")
+    if fmt == "auto":
+        fmt = detect_format(path, storage_options)
+    if fmt not in FORMATS:
+        raise UnknownFormatError(f"unknown format {fmt!r}; expected auto or one of {', '.join(FORMATS)}")
+    if fmt == "universal":
+        from formats.foreign.universal import UniversalSource
+
+        return UniversalSource(path, storage_options)
+    if not _is_local(path):
+        raise UnknownFormatError(f"{path}: {fmt} checkpoints are read from local paths only")
+    local = _local(path)
+    if fmt == "dcp":
+        from formats.foreign.dcp import DcpSource
+
+        return DcpSource(local, allow_pickle=allow_pickle)
+    if fmt == "torch":
+        from formats.foreign.torch_file import TorchSource
+
+        if os.path.isdir(local):
+            files = torch_files(local)
+            if len(files) != 1:
+                raise UnknownFormatError(f"{path}: expected one .pt/.pth/.bin file in the directory, found {files[:10]}")
+            local = os.path.join(local, files[0])
+        return TorchSource(local, allow_pickle=allow_pickle)
+    from formats.foreign.hf_safetensors import SafetensorsSource
+
+    return SafetensorsSource(local)
+
+
+@dataclass
+class ConvertPlan:
+    """What a conversion writes. Pure data; ``to_json()`` for ``--json`` and ``--dry-run``."""
+
+    src: str
+    src_format: str
+    dst: str
+    dst_format: str
+    dtype: str | None
+    tensors: int
+    values: int
+    bytes_in: int
+    bytes_out: int
+    #: Files the conversion writes (shards, the torch file) or a description of them (DCP, universal).
+    outputs: list[str] = field(default_factory=list)
+    #: Keys the target format cannot hold (non-model keys for safetensors); they are not written.
+    skipped: list[str] = field(default_factory=list)
+    #: Tensors cast by ``dtype``.
+    cast: int = 0
+    dst_exists: bool = False
+    #: Largest safetensors shard (bytes); None for other targets.
+    max_shard_bytes: int | None = None
+    #: Per written tensor: its stored dtype.
+    dtypes: dict[str, torch.dtype] = field(default_factory=dict, repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "dtypes"}
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    plan: ConvertPlan
+    written: list[str]
+    elapsed_secs: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.plan.to_json(), "written": self.written, "seconds": round(self.elapsed_secs, 3)}
+
+
+def cast_keys(source: Source, dtype: torch.dtype | None) -> dict[str, torch.dtype]:
+    """The stored dtype of every tensor under a ``dtype`` cast: model weights (keys under ``model/``; every key when
+    there is no ``model/``) of a standard floating dtype are cast; optimizer state, step counters, integer and fp8
+    tensors keep theirs."""
+    has_model = any(k.startswith(MODEL_PREFIX) for k in source.tensors)
+    out = {}
+    for k, info in source.tensors.items():
+        target = info.dtype
+        if dtype is not None and info.dtype in CASTABLE and (k.startswith(MODEL_PREFIX) or not has_model):
+            target = dtype
+        out[k] = target
+    return out
+
+
+def plan_conversion(source: Source, dst: str, dst_format: str, *, dtype: "str | torch.dtype | None" = None,
+                    max_shard_bytes: int | None = None, storage_options: dict[str, Any] | None = None) -> ConvertPlan:
+    """What converting ``source`` to ``dst_format`` at ``dst`` writes. Raises for targets that cannot hold it."""
+    if dst_format in PLANNED_TARGETS:
+        raise not_implemented(dst_format, "writing")
+    if dst_format not in FORMATS:
+        raise UnknownFormatError(f"unknown target format {dst_format!r}; expected one of {', '.join(FORMATS)}")
+    if max_shard_bytes is not None and dst_format != "safetensors":
+        raise ValueError(f"max_shard_bytes applies to safetensors targets only (the target is {dst_format})")
+    dt = parse_dtype(dtype)
+    dtypes = cast_keys(source, dt)
+    skipped: list[str] = []
+    outputs: list[str] = []
+    written_keys = list(source.tensors)
+    if dst_format == "safetensors":
+        from formats.foreign.hf_safetensors import (DEFAULT_MAX_SHARD_BYTES, INDEX_NAME, model_names, plan_shards,
+                                                    shard_names)
+
+        names = model_names(source)
+        written_keys = list(names)
+        skipped = sorted(k for k in [*source.tensors, *source.values] if k not in names)
+        nb = {k: source.tensors[k].numel * dtypes[k].itemsize for k in names}
+        max_shard_bytes = max_shard_bytes or DEFAULT_MAX_SHARD_BYTES
+        shards = plan_shards(names, nb, max_shard_bytes)
+        files = shard_names(len(shards))
+        outputs = [f"{os.path.join(dst, f)} ({sum(nb[k] for k in s)} bytes, {len(s)} tensors)"
+                   for f, s in zip(files, shards)] + ([os.path.join(dst, INDEX_NAME)] if len(shards) > 1 else [])
+        exists = any(os.path.exists(os.path.join(dst, f)) for f in [*files, INDEX_NAME])
+    elif dst_format == "torch":
+        outputs = [dst]
+        exists = os.path.exists(dst)
+    elif dst_format == "dcp":
+        outputs = [f"{dst}/ (one .distcp file per entry, then .metadata)"]
+        exists = os.path.exists(os.path.join(dst, ".metadata"))
+    else:
+        from formats.storage import open_storage
+
+        outputs = [f"{dst}/data/*.bin, then {dst}/manifest.json"]
+        with open_storage(dst, storage_options) as st:
+            exists = st.exists("manifest.json")
+    dtypes = {k: dtypes[k] for k in written_keys}
+    return ConvertPlan(
+        src=source.path, src_format=source.format, dst=str(dst), dst_format=dst_format,
+        dtype=None if dt is None else str(dt).replace("torch.", ""), tensors=len(written_keys),
+        values=0 if dst_format == "safetensors" else len(source.values),
+        bytes_in=sum(source.tensors[k].nbytes for k in written_keys),
+        bytes_out=sum(math.prod(source.tensors[k].shape) * dtypes[k].itemsize for k in written_keys),
+        outputs=outputs, skipped=skipped, cast=sum(1 for k in written_keys if dtypes[k] != source.tensors[k].dtype),
+        dst_exists=exists, max_shard_bytes=max_shard_bytes if dst_format == "safetensors" else None, dtypes=dtypes)
+
+
+def run_conversion(source: Source, plan: ConvertPlan, *, workers: int = 1, overwrite: bool = False,
+                   progress: Progress | None = None,
+                   storage_options: dict[str, Any] | None = None) -> ConvertResult:
+    """Write what ``plan`` describes, reading ``source`` tensor by tensor. ``progress(nbytes)`` after each tensor
+    (or box). Raises ``CheckpointExistsError`` if the target exists and ``overwrite`` is false."""
+    t0 = time.perf_counter()
+    if plan.dst_exists and not overwrite:
+        raise CheckpointExistsError(f"{plan.dst}: a {plan.dst_format} checkpoint is already there; pass --overwrite "
+                                    "(overwrite=True) to replace it, or choose another destination")
+    dtypes = plan.dtypes
+    if plan.dst_format == "universal":
+        from formats.foreign.universal import write_universal
+
+        manifest = write_universal(source, plan.dst, dtypes=dtypes, workers=workers,
+                                   overwrite=overwrite, progress=progress, storage_options=storage_options)
+        written = [f"{plan.dst}/{p}" for p in sorted(manifest.files)] + [f"{plan.dst}/manifest.json"]
+    elif plan.dst_format == "dcp":
+        from formats.foreign.dcp import write_dcp
+
+        written = write_dcp(source, plan.dst, dtypes=dtypes, workers=workers,
+                            overwrite=overwrite, progress=progress)
+    elif plan.dst_format == "torch":
+        from formats.foreign.torch_file import write_torch
+
+        written = write_torch(source, plan.dst, dtypes=dtypes, overwrite=overwrite,
+                              progress=progress)
+    else:
+        from formats.foreign.hf_safetensors import DEFAULT_MAX_SHARD_BYTES, write_safetensors
+
+        written = write_safetensors(source, plan.dst, dtypes=dtypes,
+                                    max_shard_bytes=plan.max_shard_bytes or DEFAULT_MAX_SHARD_BYTES,
+                                    overwrite=overwrite, workers=workers, progress=progress)
+    return ConvertResult(plan, written, time.perf_counter() - t0)
+
+
+def convert(src: str, dst: str, *, src_format: str = "auto", dst_format: str = "universal",
+            dtype: "str | torch.dtype | None" = None, workers: int = 1, max_shard_bytes: int | None = None,
+            allow_pickle: bool = False, overwrite: bool = False, dry_run: bool = False,
+            progress: Progress | None = None, storage_options: dict[str, Any] | None = None) -> ConvertResult:
+    """Convert the checkpoint at ``src`` into ``dst_format`` at ``dst``; with ``dry_run`` only plan it."""
+    if dst_format in PLANNED_TARGETS:
+        raise not_implemented(dst_format, "writing")
+    with open_source(src, src_format, allow_pickle=allow_pickle, storage_options=storage_options) as source:
+        plan = plan_conversion(source, dst, dst_format, dtype=dtype, max_shard_bytes=max_shard_bytes,
+                               storage_options=storage_options)
+        if dry_run:
+            return ConvertResult(plan, [], 0.0)
+        return run_conversion(source, plan, workers=workers, overwrite=overwrite, progress=progress,
+                              storage_options=storage_options)

@@ -1,0 +1,133 @@
+"""Which format a path holds: ``detect_format`` (used by ``ckpt convert`` / ``ckpt diff`` with ``--from auto``).
+
+Rules, checked on the path itself (nothing is unpickled or read beyond a file's first bytes):
+
+* ``universal``: ``manifest.json`` in the directory (or object-store prefix; the only format read from URLs).
+* ``dcp``: ``.metadata`` in the directory (PyTorch Distributed Checkpoint).
+* ``safetensors``: a ``*.safetensors`` file, a ``model.safetensors.index.json`` file, or a directory holding either.
+  A Hugging Face directory holding both safetensors and ``pytorch_model.bin`` is read as safetensors, as
+  ``transformers`` does.
+* ``torch``: a single ``.pt`` / ``.pth`` / ``.bin`` file (or a file starting with a zip or pickle header), or a
+  directory holding exactly one such file.
+
+DeepSpeed and Megatron directories are recognised and reported as not implemented yet. Anything else raises
+``UnknownFormatError`` listing what was found.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ckpt.errors import (CheckpointError, CheckpointNotFoundError, FormatNotImplementedError,  # noqa: F401 - re-exported
+                         IncompleteCheckpointError, UnknownFormatError)
+from formats.storage import open_storage, split_scheme
+
+FORMATS = ("universal", "dcp", "torch", "safetensors")
+#: Recognised names whose converters do not exist yet (``ckpt convert`` exits 2 with "not implemented yet").
+PLANNED_SOURCES = ("deepspeed", "megatron")
+PLANNED_TARGETS = ("deepspeed-universal",)
+TORCH_SUFFIXES = (".pt", ".pth", ".bin")
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+DCP_METADATA = ".metadata"
+MANIFEST = "manifest.json"
+
+_NEEDS = ("manifest.json (universal), .metadata (dcp), *.safetensors or model.safetensors.index.json "
+          "(safetensors), one .pt/.pth/.bin file (torch)")
+
+
+def not_implemented(name: str, direction: str) -> FormatNotImplementedError:
+    return FormatNotImplementedError(
+        f"{direction} {name!r} is not implemented yet (it is planned); supported formats are {', '.join(FORMATS)}")
+
+
+def _is_local(path: str) -> bool:
+    return split_scheme(path)[0] == "file"
+
+
+def _local(path: str) -> str:
+    return split_scheme(path)[1] if path.startswith("file://") else path
+
+
+def _sniff_torch(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return False
+    return head[:4] == b"PK\x03\x04" or head[:1] == b"\x80"  # torch's zip format, or a legacy pickle
+
+
+def torch_files(directory: str) -> list[str]:
+    return sorted(n for n in os.listdir(directory)
+                  if n.endswith(TORCH_SUFFIXES) and os.path.isfile(os.path.join(directory, n)))
+
+
+def detect_format(path: str, storage_options: dict[str, Any] | None = None) -> str:
+    """The format of ``path``: one of ``FORMATS``. Raises ``UnknownFormatError`` listing what was found,
+    ``CheckpointNotFoundError`` if nothing exists there, ``IncompleteCheckpointError`` for a universal checkpoint
+    that never committed, and ``FormatNotImplementedError`` for DeepSpeed/Megatron directories."""
+    path = str(path)
+    if not _is_local(path):
+        storage = open_storage(path, storage_options)
+        try:
+            if storage.exists(MANIFEST):
+                return "universal"
+            found = storage.list("")[:10]
+        finally:
+            storage.close()
+        if not found:
+            raise CheckpointNotFoundError(f"{path}: nothing is stored there")
+        raise UnknownFormatError(f"{path}: found {found} but no {MANIFEST}; only universal checkpoints are read from "
+                                 "URLs (copy other formats to a local directory first)")
+    local = _local(path)
+    if not os.path.exists(local):
+        raise CheckpointNotFoundError(f"{path}: no such file or directory")
+    if os.path.isfile(local):
+        name = os.path.basename(local)
+        if name.endswith(".safetensors") or name == SAFETENSORS_INDEX:
+            return "safetensors"
+        if name.endswith(TORCH_SUFFIXES) or _sniff_torch(local):
+            return "torch"
+        size = os.path.getsize(local)
+        raise UnknownFormatError(f"{path}: cannot tell the format of this file ({size} bytes, name {name!r}); "
+                                 f"recognised: {_NEEDS}. Pass --from to say which it is.")
+    names = sorted(os.listdir(local))
+    found: list[str] = []
+    if MANIFEST in names:
+        found.append("universal")
+    if DCP_METADATA in names:
+        found.append("dcp")
+    if SAFETENSORS_INDEX in names or any(n.endswith(".safetensors") for n in names):
+        found.append("safetensors")
+    if len(found) == 1:
+        return found[0]
+    if len(found) > 1:
+        raise UnknownFormatError(f"{path}: ambiguous, it holds files of several formats ({', '.join(found)}); "
+                                 "pass --from to say which to read")
+    tfiles = torch_files(local)
+    planned = _planned(local, names)
+    if planned is not None:
+        raise FormatNotImplementedError(f"{path}: looks like a {planned} checkpoint; reading {planned} checkpoints "
+                                        "is not implemented yet")
+    if "data" in names and os.path.isdir(os.path.join(local, "data")) and not tfiles:
+        raise IncompleteCheckpointError(f"{path}: data/ exists but {MANIFEST} does not: a universal checkpoint whose "
+                                        "save never committed. Use an earlier checkpoint.")
+    if len(tfiles) == 1:
+        return "torch"
+    if len(tfiles) > 1:
+        raise UnknownFormatError(f"{path}: holds several torch files {tfiles[:10]}; pass the file to convert")
+    listing = ", ".join(names[:10]) + (f", ... ({len(names)} entries)" if len(names) > 10 else "")
+    raise UnknownFormatError(f"{path}: no checkpoint format recognised; found [{listing or 'an empty directory'}], "
+                             f"expected one of: {_NEEDS}. Pass --from to say which it is.")
+
+
+def _planned(local: str, names: list[str]) -> str | None:
+    """'DeepSpeed' or 'Megatron' for directories laid out by those frameworks (not converted yet)."""
+    if any(n.endswith("_model_states.pt") or n.endswith("_optim_states.pt") for n in names) or (
+            "latest" in names and any(n.startswith("global_step") for n in names)):
+        return "DeepSpeed"
+    if "latest_checkpointed_iteration.txt" in names or any(n.startswith("iter_") for n in names) or any(
+            n.startswith("mp_rank_") for n in names):
+        return "Megatron"
+    return None

@@ -1,0 +1,90 @@
+"""A static check of a pickle's imports, run before torch unpickles a DCP ``.metadata`` file.
+
+DCP stores its metadata as a pickle, and ``FileSystemReader.read_metadata`` unpickles it with plain ``pickle``: a
+forged file could run any code. Before handing the file to torch, ``check_globals`` walks its opcodes (without
+executing any) and resolves every name the pickle would import (``GLOBAL``, ``STACK_GLOBAL``, ``INST``); each must
+be one of the classes DCP metadata is made of (its dataclasses, ``torch.Size``, dtypes, layouts, paths). A name that
+cannot be resolved statically, an extension-registry or persistent-id opcode, or any other import is refused
+with ``UnsafeCheckpointError`` naming the file and the import. Only importable constructors of plain data pass, so
+unpickling what passes cannot run user code. Callers that trust the file skip the check (``allow_pickle=True``).
+"""
+
+from __future__ import annotations
+
+import pickletools
+from typing import Any
+
+import torch
+
+from ckpt.errors import CorruptCheckpointError, UnsafeCheckpointError
+
+_DCP_MODULES = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING",
+    },
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.distributed.checkpoint._fsspec_filesystem": {"_StorageInfo"},
+    "torch.distributed.checkpoint.planner": {"WriteItemType", "LoadItemType"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath", "Path"},
+    "collections": {"OrderedDict"},
+    "builtins": {"set", "frozenset", "tuple", "list", "dict"},
+}
+_STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8", "SHORT_BINSTRING", "BINSTRING", "STRING"}
+_REFUSED_OPS = {"EXT1", "EXT2", "EXT4", "PERSID", "BINPERSID"}
+
+
+def _allowed(module: Any, name: Any) -> bool:
+    if not isinstance(module, str) or not isinstance(name, str):
+        return False
+    if name in _DCP_MODULES.get(module, ()):
+        return True
+    # dtypes, layouts and memory formats are module-level constants of torch (torch.float32, torch.strided).
+    return module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format))
+
+
+def check_globals(data: bytes, where: str) -> None:
+    """Raise ``UnsafeCheckpointError`` unless every import in the pickle ``data`` is a DCP metadata class."""
+    # A model of the values that can name an import: strings pushed by the stream and read back from the memo.
+    # Every other push is an opaque None, so an import built any other way does not resolve and is refused.
+    stack: list[Any] = []
+    memo: dict[int, Any] = {}
+    try:
+        for op, arg, pos in pickletools.genops(data):
+            name = op.name
+            if name in _STRING_OPS:
+                stack.append(arg)
+            elif name == "MEMOIZE":
+                memo[len(memo)] = stack[-1] if stack else None
+            elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                memo[int(arg)] = stack[-1] if stack else None
+            elif name in ("GET", "BINGET", "LONG_BINGET"):
+                stack.append(memo.get(int(arg)))
+            elif name in ("GLOBAL", "INST"):
+                module, _, attr = str(arg).partition(" ")
+                _check(module, attr, pos, where)
+                stack.append(None)
+            elif name == "STACK_GLOBAL":
+                module, attr = (stack[-2], stack[-1]) if len(stack) >= 2 else (None, None)
+                _check(module, attr, pos, where)
+                stack.append(None)
+            elif name in _REFUSED_OPS:
+                raise UnsafeCheckpointError(
+                    f"{where}: the pickle uses {name} at byte {pos}, which DCP metadata never does; refusing to "
+                    "unpickle it (it could run code). If you trust this checkpoint, pass allow_pickle=True "
+                    "(ckpt convert --allow-pickle).")
+            else:
+                stack.append(None)
+    except (ValueError, EOFError) as e:  # pickletools' message for truncated or invalid streams
+        raise CorruptCheckpointError(f"{where}: not a valid pickle ({e}); the DCP metadata is damaged") from e
+
+
+def _check(module: Any, attr: Any, pos: int, where: str) -> None:
+    if not _allowed(module, attr):
+        what = f"{module}.{attr}" if isinstance(module, str) and isinstance(attr, str) else "a name built at run time"
+        raise UnsafeCheckpointError(
+            f"{where}: the pickle imports {what} (byte {pos}), which DCP metadata never needs; refusing to unpickle "
+            "it (it could run code). If you trust this checkpoint, pass allow_pickle=True (ckpt convert "
+            "--allow-pickle).")

@@ -1,0 +1,215 @@
+"""The interface every checkpoint reader of ``formats.foreign`` implements, and the key conventions they share.
+
+A ``Source`` is one opened checkpoint of any supported format (universal, DCP, ``torch.save``, safetensors) seen
+the same way: a table of logical tensors (key, dtype, global shape, the boxes they are stored as), the non-tensor
+values, and the containers that nest them, all under the flat keys of the universal format (``formats.keys``).
+Opening a source reads and validates its metadata only; ``read(key)`` reads one whole tensor, so converting or
+comparing goes tensor by tensor and never holds more than a tensor at a time.
+
+Who calls it: ``formats.foreign.convert`` (conversion and ``diff``), from one thread per output file; ``read`` is
+thread-safe in every implementation.
+
+Model weights. Formats that hold only a model's weights (safetensors, and a ``torch.save`` / DCP file whose top level
+is a bare ``{name: tensor}`` state dict, as ``pytorch_model.bin`` is) are keyed ``model/<name>``, the key ``ckpt.save``
+gives a module's parameters, so the same weight has the same key whatever format it came from. Writers do the
+reverse: a checkpoint holding only tensors under ``model/`` is written as a bare state dict (``is_bare_model``).
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+import torch
+
+from ckpt.errors import CorruptCheckpointError, UnsupportedStateError
+from formats import keys as K
+from formats.manifest import ContainerEntry, encode_value
+
+#: Top-level key under which model weights live in a universal checkpoint (``ckpt.save({"model": module})``).
+MODEL_PREFIX = "model/"
+
+Box = tuple[tuple[int, ...], tuple[int, ...]]
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One logical tensor of a source: dtype, global shape, and the boxes (offsets, sizes) it is stored as.
+
+    ``boxes`` tile the tensor exactly once; a tensor stored whole has one box covering it (none if it is empty).
+    """
+
+    key: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    boxes: tuple[Box, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+    @staticmethod
+    def whole(key: str, dtype: torch.dtype, shape: tuple[int, ...]) -> "TensorInfo":
+        shape = tuple(int(s) for s in shape)
+        boxes: tuple[Box, ...] = () if math.prod(shape) == 0 else ((tuple(0 for _ in shape), shape),)
+        return TensorInfo(key, dtype, shape, boxes)
+
+
+@dataclass
+class Source(ABC):
+    """An opened checkpoint. Subclasses fill the tables in their constructor and implement ``read``."""
+
+    path: str
+    tensors: dict[str, TensorInfo] = field(default_factory=dict)
+    values: dict[str, Any] = field(default_factory=dict)
+    containers: dict[str, ContainerEntry] = field(default_factory=dict)
+    #: Informational facts carried into a universal manifest's ``metadata`` (e.g. an HF ``config.json``).
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    #: Short name of the format: ``universal``, ``dcp``, ``torch``, ``safetensors``.
+    format: str = ""
+
+    @abstractmethod
+    def read(self, key: str) -> torch.Tensor:
+        """The whole tensor ``key`` as a CPU tensor of its dtype and shape (not necessarily contiguous)."""
+
+    def close(self) -> None:
+        """Release files and handles. Idempotent."""
+
+    def __enter__(self) -> "Source":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Nested objects <-> flat keys (the rules of formats.keys and docs/format.md, shared by every reader and writer).
+
+
+def read_as(source: Source, key: str, dtype: torch.dtype) -> torch.Tensor:
+    """``source.read(key)`` cast to ``dtype`` (what writers store), checked against the source's table."""
+    t = source.read(key)
+    info = source.tensors[key]
+    if tuple(t.shape) != info.shape or t.dtype != info.dtype:
+        raise CorruptCheckpointError(f"{source.path}: key {key!r} read as {t.dtype}{list(t.shape)}, its metadata says "
+                                     f"{info.dtype}{list(info.shape)}")
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def component(k: Any, where: str) -> tuple[str, bool]:
+    """The escaped key component of dict key ``k`` and whether it was an int."""
+    if isinstance(k, str):
+        return K.escape(k), False
+    if isinstance(k, int) and not isinstance(k, bool):
+        return str(k), True
+    raise UnsupportedStateError(f"{where}: dict keys must be str or int, found {type(k).__name__} {k!r}")
+
+
+def flatten_into(obj: Any, key: str, out: Source, where: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Flatten the nested ``obj`` found at ``key`` into ``out``'s tables; its tensors go into ``tensors``.
+
+    ``where`` names the file for messages. Values must be what the universal format stores (None, bool, int,
+    float, str); anything else raises ``UnsupportedStateError`` naming the file and the key.
+    """
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach()
+        if t.layout != torch.strided or t.is_quantized:
+            raise UnsupportedStateError(f"{where}: key {key!r} holds a {t.layout} tensor of dtype {t.dtype}; only "
+                                        "dense (strided) tensors can be converted")
+        out.tensors[key] = TensorInfo.whole(key, t.dtype, tuple(t.shape))
+        tensors[key] = t
+    elif isinstance(obj, Mapping):
+        int_keys = []
+        for k, v in obj.items():
+            comp, is_int = component(k, f"{where}: key {key!r}")
+            if is_int:
+                int_keys.append(comp)
+            flatten_into(v, K.join(key, comp), out, where, tensors)
+        out.containers[key] = ContainerEntry(key, "dict", 0, tuple(int_keys))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            flatten_into(v, K.join(key, str(i)), out, where, tensors)
+        out.containers[key] = ContainerEntry(key, "list" if isinstance(obj, list) else "tuple", len(obj))
+    else:
+        try:
+            encode_value(obj, key)
+        except UnsupportedStateError as e:
+            raise UnsupportedStateError(f"{where}: {e}") from None
+        out.values[key] = obj
+
+
+def add_parents(key: str, containers: dict[str, ContainerEntry]) -> None:
+    """Record the dict containers above ``key`` that are not recorded yet (``a/b/c`` -> ``""``, ``a``, ``a/b``)."""
+    parts = key.split("/") if key else []
+    for i in range(len(parts)):
+        parent = "/".join(parts[:i])
+        if parent not in containers:
+            containers[parent] = ContainerEntry(parent, "dict")
+
+
+def nest(leaves: Mapping[str, Any], containers: Mapping[str, ContainerEntry], where: str) -> Any:
+    """Rebuild the nested object of flat ``leaves`` (key -> tensor or value) and ``containers``.
+
+    Keys whose parents no container records are placed in dicts. Linear in the number of keys.
+    """
+    children: dict[str, list[str]] = {}
+    for key in [*leaves, *containers]:
+        if key == "":
+            continue
+        parent, _, comp = key.rpartition("/")
+        children.setdefault(parent, []).append(comp)
+    for key in list(children):  # parents nobody recorded: dicts
+        k = key
+        while k:
+            parent, _, comp = k.rpartition("/")
+            if comp not in children.setdefault(parent, []):
+                children[parent].append(comp)
+            k = parent
+
+    def build(key: str) -> Any:
+        if key in leaves:
+            return leaves[key]
+        c = containers.get(key)
+        kids = sorted(set(children.get(key, [])))
+        prefix = "" if key == "" else key + "/"
+        if c is None or c.type == "dict":
+            ints = set(c.int_keys) if c is not None else set()
+            return {(int(ch) if ch in ints else K.unescape(ch)): build(prefix + ch) for ch in kids}
+        if sorted(kids) != sorted(str(i) for i in range(c.length)):
+            raise UnsupportedStateError(f"{where}: {c.type} {key!r} of length {c.length} has items {kids}")
+        items = [build(prefix + str(i)) for i in range(c.length)]
+        return items if c.type == "list" else tuple(items)
+
+    return build("")
+
+
+def is_bare_model(keys: Iterable[str], values: Mapping[str, Any]) -> bool:
+    """Whether a checkpoint holds only tensors under ``model/`` (then it is written as a bare state dict)."""
+    keys = list(keys)
+    return bool(keys) and not values and all(k.startswith(MODEL_PREFIX) and "/" not in k[len(MODEL_PREFIX):]
+                                            for k in keys)
+
+
+def leaf_path(key: str, containers: Mapping[str, ContainerEntry]) -> tuple[Any, ...]:
+    """The nested path of ``key``: unescaped str components, ints for list/tuple items and int dict keys."""
+    path: list[Any] = []
+    parent = ""
+    for comp in key.split("/") if key else []:
+        c = containers.get(parent)
+        if c is not None and (c.type != "dict" or comp in c.int_keys):
+            path.append(int(comp))
+        else:
+            path.append(K.unescape(comp))
+        parent = K.join(parent, comp)
+    return tuple(path)

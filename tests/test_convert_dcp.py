@@ -1,0 +1,233 @@
+"""PyTorch DCP <-> universal conversion with checkpoints written by torch itself.
+
+Producers (gloo ranks, ``run_distributed``): the ``TinyNet`` of ``tests/test_distributed.py`` trained a few AdamW
+steps as FSDP2 over tensor parallelism on a (2, 2) mesh (4 ranks; ``_StridedShard`` placements), as FSDP2 on 2 ranks
+and as native TP on 2 ranks, each saved by ``torch.distributed.checkpoint.save`` with ``get_model_state_dict`` /
+``get_optimizer_state_dict``. Each is imported into the universal format here (compared bit-exactly with the
+unsharded state the producer gathered), exported back to DCP, and loaded by ``torch.distributed.checkpoint.load``
+under another mesh and world size (compared bit-exactly again).
+
+Bad input (single process, DCP checkpoints written with ``no_dist``): a missing data file, a ``.metadata`` whose
+pickle would run code, and a value that needs pickle beyond torch's weights_only loader.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import ckpt
+from formats.foreign import convert, diff, open_source
+from tests.distributed_utils import run_distributed
+from tests.test_distributed import LR, SAVED_STEP, build, compare, full_state, train
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def _state_dicts(model: Any, optim: Any) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    return {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optim), "step": 0}
+
+
+def _produce(rank: int, world_size: int, jobs: list[tuple[str, str]]) -> dict[str, Any]:
+    """Train each (kind, path) model and save it with DCP; return the unsharded references (rank 0)."""
+    import torch.distributed.checkpoint as dcp
+
+    refs = {}
+    for kind, path in jobs:
+        model, optim = build(kind, world_size, seed=0)
+        train(model, optim)
+        state = _state_dicts(model, optim)
+        state["step"] = SAVED_STEP
+        dcp.save(state, checkpoint_id=path)
+        ref, hyper = full_state(model, optim)
+        placements = {n: str(getattr(p, "placements", "plain")) for n, p in model.named_parameters()}
+        refs[path] = (ref, hyper, placements)
+    return refs if rank == 0 else {}
+
+
+def _consume(rank: int, world_size: int, jobs: list[tuple[str, str]],
+             refs: dict[str, tuple[dict[str, Any], dict[str, Any]]]) -> list[str]:
+    """Load each exported DCP checkpoint into a differently initialised ``kind`` model with DCP's own loader."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    problems: list[str] = []
+    for path, kind in jobs:
+        ref, ref_hyper = refs[path]
+        model, optim = build(kind, world_size, seed=1, lr=0.5)
+        before, _ = full_state(model, optim)
+        if all(torch.equal(before[k], ref[k]) for k in ref if k.startswith("model/")):
+            problems.append(f"{path} -> {kind}: target equals the reference before loading")
+        if os.path.exists(os.path.join(path, "manifest.json")):  # an imported universal checkpoint: ckpt.load
+            state = {"model": model, "optim": optim, "step": 0}
+            ckpt.load(state, path)
+        else:
+            state = _state_dicts(model, optim)
+            dcp.load(state, checkpoint_id=path)
+            set_model_state_dict(model, state["model"])
+            set_optimizer_state_dict(model, optim, state["optim"])
+        what = f"{os.path.basename(path)} -> {kind}({world_size})"
+        if state["step"] != SAVED_STEP:
+            problems.append(f"{what}: step {state['step']!r}")
+        got, hyper = full_state(model, optim)
+        problems += compare(got, ref, what)
+        if hyper != ref_hyper:
+            problems.append(f"{what}: hyperparameters {hyper} != {ref_hyper}")
+    return problems
+
+
+@pytest.fixture(scope="module")
+def produced(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("dcp")
+    paths = {"fsdp_tp": str(root / "dcp_fsdp_tp4"), "fsdp": str(root / "dcp_fsdp2"), "tp": str(root / "dcp_tp2")}
+    out = run_distributed(_produce, 4, [("fsdp_tp", paths["fsdp_tp"])], timeout_secs=150)[0]
+    out.update(run_distributed(_produce, 2, [("fsdp", paths["fsdp"]), ("tp", paths["tp"])], timeout_secs=150)[0])
+    return {"root": root, "paths": paths, "refs": {p: out[p] for p in paths.values()}}
+
+
+def _check_universal(path: str, ref: dict[str, Any], hyper: dict[str, Any]) -> list[str]:
+    problems = []
+    with ckpt.open(path) as r:
+        tensors = set(r.manifest.tensors)
+        if tensors != set(ref):
+            problems.append(f"{path}: keys {sorted(tensors ^ set(ref))} differ")
+        for k in sorted(tensors & set(ref)):
+            got = r.read(k)
+            if got.dtype != ref[k].dtype or not torch.equal(got, ref[k]):
+                problems.append(f"{path}: {k} differs from the model's full state")
+        if r.read("step") != SAVED_STEP:
+            problems.append(f"{path}: step {r.read('step')!r}")
+        pg = r.state()["optim"]["param_groups"][0]
+        for name, v in hyper["param_groups"][0].items():
+            if pg[name] != v:
+                problems.append(f"{path}: param_groups/0/{name} {pg[name]!r} != {v!r}")
+    return problems
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(300)
+def test_dcp_import_export_across_meshes(produced: dict[str, Any]) -> None:
+    root, paths, refs = produced["root"], produced["paths"], produced["refs"]
+    # The (2, 2) producer really used FSDP2 over TP with strided sharding.
+    placements = refs[paths["fsdp_tp"]][2]
+    assert "_StridedShard" in placements["up.weight"] and "Shard(dim=1)" in placements["down.weight"], placements
+    exported: dict[str, str] = {}
+    for kind, path in paths.items():
+        ref, hyper, _ = refs[path]
+        uni = str(root / f"universal_{kind}")
+        res = convert(path, uni)  # no pickle needed: DCP's values load with torch's weights_only loader
+        assert res.plan.src_format == "dcp" and res.plan.tensors == len(ref)
+        problems = _check_universal(uni, ref, hyper)
+        assert not problems, "\n".join(problems)
+        with ckpt.open(uni) as r:  # DCP's shards became the chunks
+            chunks = len(r.info("model/up.weight").chunks)
+            assert chunks == {"fsdp_tp": 4, "fsdp": 2, "tp": 2}[kind], (kind, chunks)
+        exported[kind] = str(root / f"export_{kind}")
+        convert(uni, exported[kind], dst_format="dcp")
+        with open_source(path) as a, open_source(exported[kind]) as b:
+            report = diff(a, b)
+            assert report.equal, report.differences
+    back = {exported[k]: refs[paths[k]][:2] for k in exported}
+    imported = str(root / "universal_fsdp_tp")
+    back[imported] = refs[paths["fsdp_tp"]][:2]
+    # (2, 2) FSDP+TP -> FSDP(2) and TP(2); FSDP(2) and TP(2) -> (2, 2) FSDP+TP; and the imported universal
+    # checkpoint of the (2, 2) run resumed by ckpt.load under FSDP(2).
+    results = run_distributed(_consume, 2, [(exported["fsdp_tp"], "fsdp"), (exported["fsdp_tp"], "tp"),
+                                            (imported, "fsdp")], back, timeout_secs=150)
+    results += run_distributed(_consume, 4, [(exported["fsdp"], "fsdp_tp"), (exported["tp"], "fsdp_tp")], back,
+                               timeout_secs=150)
+    problems = [p for ps in results for p in ps]
+    assert not problems, "\n".join(problems)
+    assert refs[paths["fsdp"]][1]["param_groups"][0]["lr"] == LR
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Single process: DCP written with no_dist, bad input
+
+
+def _dcp_save(state: dict[str, Any], path: Path) -> None:
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "torch.distributed is disabled ... single process"
+        dcp.save(state, checkpoint_id=str(path), no_dist=True)
+
+
+def test_bare_dcp_state_dict_round_trip(tmp_path: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    sd = {"emb.weight": torch.randn(6, 4), "head.bias": torch.randn(3).to(torch.bfloat16)}
+    _dcp_save(sd, tmp_path / "bare")
+    convert(str(tmp_path / "bare"), str(tmp_path / "u"))
+    with ckpt.open(tmp_path / "u") as r:  # a bare model state dict: weights under model/
+        assert set(r.keys()) == {"model/emb.weight", "model/head.bias"}
+        assert torch.equal(r.read("model/head.bias"), sd["head.bias"])
+    convert(str(tmp_path / "u"), str(tmp_path / "back"), dst_format="dcp")
+    target = {k: torch.zeros_like(v) for k, v in sd.items()}
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load(target, checkpoint_id=str(tmp_path / "back"), no_dist=True)  # bare again
+    for k, v in sd.items():
+        assert target[k].dtype == v.dtype and torch.equal(target[k], v), k
+
+
+def test_dcp_missing_data_file(tmp_path: Path) -> None:
+    _dcp_save({"a": torch.randn(4, 4), "b": torch.randn(8), "step": 3}, tmp_path / "c")
+    data = sorted(p for p in os.listdir(tmp_path / "c") if p.endswith(".distcp"))
+    assert data
+    os.remove(tmp_path / "c" / data[0])
+    with pytest.raises(ckpt.CorruptCheckpointError) as e:
+        open_source(str(tmp_path / "c"))
+    assert data[0] in str(e.value) and "missing" in str(e.value)
+    from tests.test_convert import _run
+
+    rc = _run("convert", str(tmp_path / "c"), str(tmp_path / "u"))
+    assert rc.returncode == 2 and data[0] in rc.stderr and not (tmp_path / "u").exists()
+
+
+class _Payload:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> Any:
+        return (os.makedirs, (self.marker,))
+
+
+def test_dcp_malicious_metadata_is_not_unpickled(tmp_path: Path) -> None:
+    _dcp_save({"a": torch.randn(4)}, tmp_path / "c")
+    marker = tmp_path / "PWNED"
+    (tmp_path / "c" / ".metadata").write_bytes(pickle.dumps(_Payload(str(marker))))
+    with pytest.raises(ckpt.UnsafeCheckpointError) as e:
+        open_source(str(tmp_path / "c"))
+    assert "makedirs" in str(e.value) and "allow_pickle" in str(e.value) and ".metadata" in str(e.value)
+    assert not marker.exists()
+
+
+def test_dcp_pickled_value_needs_opt_in(tmp_path: Path) -> None:
+    marker = tmp_path / "PWNED"
+    _dcp_save({"w": torch.randn(3), "extra": {"obj": _Payload(str(marker))}}, tmp_path / "c")
+    assert not marker.exists()
+    with pytest.raises(ckpt.UnsafeCheckpointError) as e:
+        open_source(str(tmp_path / "c"))
+    assert "'extra/obj'" in str(e.value) and "allow_pickle=True" in str(e.value)
+    assert not marker.exists()
+    from tests.test_convert import _run
+
+    rc = _run("convert", str(tmp_path / "c"), str(tmp_path / "u"))
+    assert rc.returncode == 2 and "--allow-pickle" in rc.stderr and not marker.exists()
+    # Opting in unpickles it (the payload runs: only for trusted checkpoints).
+    with open_source(str(tmp_path / "c"), allow_pickle=True) as src:
+        assert torch.equal(src.read("w"), src.read("w")) and marker.exists()
+    shutil.rmtree(marker)
