@@ -206,3 +206,21 @@ def is_contiguous_box(shape: tuple[int, ...], box: Box) -> bool:
 def box_flat_start(shape: tuple[int, ...], box: Box) -> int:
     """Flat row-major index (in a ``shape`` array) of the first element of ``box``."""
     return sum(o * s for o, s in zip(box.offsets, row_major_strides(shape)))
+
+
+def merge_rows(boxes: list[Box]) -> list[Box]:
+    """Merge boxes that continue each other along dim 0 (same extent in every other dim) into fewer, taller ones.
+
+    The union is unchanged; overlapping boxes are left as they are. Used by the offline reshard, where a rank's
+    logical boxes (one per attention head of a fused QKV, for example) are read and written whole, so fewer and
+    larger chunks mean fewer, longer I/Os.
+    """
+    out: list[Box] = []
+    for b in sorted(boxes, key=lambda x: (x.offsets[1:], x.sizes[1:], x.offsets[:1])):
+        last = out[-1] if out else None
+        if (last is not None and b.ndim > 0 and last.offsets[1:] == b.offsets[1:] and last.sizes[1:] == b.sizes[1:]
+                and last.offsets[0] + last.sizes[0] == b.offsets[0]):
+            out[-1] = Box(last.offsets, (last.sizes[0] + b.sizes[0],) + last.sizes[1:])
+        else:
+            out.append(b)
+    return out

@@ -30,7 +30,7 @@ from formats.manifest import DATA_DIR, MANIFEST_NAME, ChunkEntry, FileEntry, Man
 from formats.reader import ChunkReader, read_manifest
 from formats.storage import Storage
 from formats.writer import ChunkWrite, WriteOptions, write_file
-from resharding.box import Box
+from resharding.box import Box, merge_rows
 from resharding.layout import TensorLayout
 from resharding.planner import DEFAULT_MAX_CHUNK_BYTES, WriteAssignment, WriteCandidate, plan_global_writes, plan_reads
 from resharding.spec_bind import SpecBinding, local_layouts, replica_policies
@@ -94,7 +94,15 @@ def _candidates(binding: SpecBinding, manifest: Manifest, rank: int, where: str)
             itemsize = dtype_from_name(entry.dtype, entry.key).itemsize
             out.setdefault((p.logical_key, p.box), WriteCandidate(p.logical_key, entry.dtype, tuple(entry.shape),
                                                                   p.box, itemsize))
-    return list(out.values())
+    # Adjacent boxes of one key (a rank's attention heads, one piece each) become one chunk: fewer, longer I/Os.
+    by_key: dict[str, list[WriteCandidate]] = {}
+    for c in out.values():
+        by_key.setdefault(c.key, []).append(c)
+    merged = []
+    for key, cs in by_key.items():
+        c0 = cs[0]
+        merged += [WriteCandidate(key, c0.dtype, c0.shape, b, c0.itemsize) for b in merge_rows([c.box for c in cs])]
+    return merged
 
 
 def reshard(src: Storage, dst: Storage, target: "SpecBinding | Mapping[str, Any] | str", *,

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from ckpt.errors import CorruptCheckpointError, ShardMismatchError
-from resharding.box import Box, boxes_tile, flat_span
+from resharding.box import Box, boxes_tile, flat_span, merge_rows
 from resharding.layout import LocalPiece, dtensor_global_indices, pieces_from_indices
 from resharding.planner import MIN_SPLIT_BYTES, WriteCandidate, plan_global_writes, plan_reads
 
@@ -193,3 +193,16 @@ def test_overlapping_boxes_stay_an_error_without_the_flag():
     plans = [[WriteCandidate("k", "float32", (4,), Box((0,), (3,)), 4)], [WriteCandidate("k", "float32", (4,), Box((1,), (3,)), 4)]]
     with pytest.raises(ShardMismatchError, match="overlap"):
         plan_global_writes(plans)
+
+
+@given(st.integers(1, 3).flatmap(lambda n: st.lists(boxes(n), min_size=0, max_size=6)))
+def test_merge_rows_keeps_the_union(bs):
+    """Merging never changes which elements are covered, and never yields more boxes than it was given."""
+    merged = merge_rows(bs)
+    assert len(merged) <= len(bs)
+    assert set().union(*[_cells(b) for b in merged]) == set().union(*[_cells(b) for b in bs])
+
+
+def test_merge_rows_joins_consecutive_heads():
+    heads = [Box((h * 8, 0), (8, 32)) for h in (2, 0, 1, 3)] + [Box((40, 0), (8, 32))]
+    assert merge_rows(heads) == [Box((0, 0), (32, 32)), Box((40, 0), (8, 32))]
