@@ -37,6 +37,7 @@ from resharding.spec_bind import SpecBinding, local_layouts, replica_policies
 from resharding.spec_layout import AVERAGED, REPLICATED
 
 WRITER = {"library": "ckpt", "tool": "resharding.offline"}
+RESHARD_BLOCK_BYTES = 256 * 1024
 Progress = Callable[[int], None]
 
 
@@ -137,7 +138,9 @@ def reshard(src: Storage, dst: Storage, target: "SpecBinding | Mapping[str, Any]
     if on_plan is not None:
         on_plan(total)
     reader = ChunkReader(src, manifest)
-    opts = options or WriteOptions(num_files=1)
+    # Merged chunks hold several pieces of other layouts (a rank's heads); small checksum blocks keep a later load
+    # that reads one piece from reading (and verifying) much more than it needs.
+    opts = options or WriteOptions(num_files=1, block_bytes=RESHARD_BLOCK_BYTES)
     results: list[tuple[dict[str, int], list[tuple[str, ChunkEntry]]]] = []
     for rank, mine in enumerate(assignments):
         items = [_LazyItem(a, manifest, reader, where) for a in mine]
