@@ -24,7 +24,8 @@ from ckpt.errors import CheckpointExistsError, ShardMismatchError, SpecError
 from ckpt.options import SaveOptions
 from ckpt.state import FlatState, flatten, resolve
 from formats.dtypes import dtype_name
-from formats.manifest import DATA_DIR, MANIFEST_NAME, ChunkEntry, ContainerEntry, FileEntry, Manifest, TensorEntry, ValueEntry
+from formats.manifest import (DATA_DIR, MANIFEST_NAME, ChunkEntry, ContainerEntry, Manifest, TensorEntry, ValueEntry,
+                              files_and_chunks)
 from formats.storage import Storage, open_storage
 from formats.writer import ChunkWrite, WriteOptions, write_items
 from formats import checksum
@@ -278,13 +279,7 @@ def make_binding(spec: Any, dims: dict[str, Any] | None, layout: Any, where: str
 
 def _build_manifest(results: list[tuple[dict[str, int], list[tuple[str, ChunkEntry]]]], save_id: str,
                     world_size: int, coord: dict[str, Any]) -> Manifest:
-    files: dict[str, FileEntry] = {}
-    chunks: dict[str, list[ChunkEntry]] = {}
-    for rank, (sizes, entries) in enumerate(results):
-        for p, n in sizes.items():
-            files[p] = FileEntry(n, rank)
-        for key, c in entries:
-            chunks.setdefault(key, []).append(c)
+    files, chunks = files_and_chunks(results)
     meta = coord["meta"]
     tensors = {
         k: TensorEntry(k, d, shape, tuple(sorted(chunks.get(k, []), key=lambda c: c.offsets)), desc)

@@ -407,3 +407,17 @@ def _parse_container(key: str, e: dict[str, Any], where: str) -> ContainerEntry:
     if not isinstance(int_keys, list) or not all(isinstance(k, str) for k in int_keys):
         raise _fail(where, key, "'int_keys' must be a list of strings")
     return ContainerEntry(key, t, length, tuple(int_keys))
+
+
+def files_and_chunks(results: "list[tuple[dict[str, int], list[tuple[str, ChunkEntry]]]]"
+                     ) -> tuple[dict[str, FileEntry], dict[str, list[ChunkEntry]]]:
+    """Per-rank write results ``[(file sizes, [(key, chunk)])]`` (rank = position) -> the manifest's files and each
+    key's chunks. Shared by ``ckpt.save`` and the offline converters."""
+    files: dict[str, FileEntry] = {}
+    chunks: dict[str, list[ChunkEntry]] = {}
+    for rank, (sizes, entries) in enumerate(results):
+        for p, n in sizes.items():
+            files[p] = FileEntry(n, rank)
+        for key, c in entries:
+            chunks.setdefault(key, []).append(c)
+    return files, chunks

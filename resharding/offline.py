@@ -26,7 +26,8 @@ import torch
 
 from ckpt.errors import ShardMismatchError, SpecError
 from formats.dtypes import dtype_from_name, dtype_name
-from formats.manifest import DATA_DIR, MANIFEST_NAME, ChunkEntry, FileEntry, Manifest, TensorEntry, ValueEntry
+from formats.manifest import (DATA_DIR, MANIFEST_NAME, ChunkEntry, Manifest, TensorEntry, ValueEntry,
+                              files_and_chunks)
 from formats.reader import ChunkReader, read_manifest
 from formats.storage import Storage
 from formats.writer import ChunkWrite, WriteOptions, write_file
@@ -217,13 +218,7 @@ def commit(dst: Storage, save_id: str, world_size: int, src_manifest: Manifest |
            meta: Mapping[str, tuple[str, tuple[int, ...]]] | None = None,
            values: Mapping[str, Any] | None = None) -> Manifest:
     """Write the manifest (the commit) for data files already written at ``dst``."""
-    files: dict[str, FileEntry] = {}
-    chunks: dict[str, list[ChunkEntry]] = {}
-    for rank, (sizes, entries) in enumerate(results):
-        for p, nbytes in sizes.items():
-            files[p] = FileEntry(nbytes, rank)
-        for key, c in entries:
-            chunks.setdefault(key, []).append(c)
+    files, chunks = files_and_chunks(results)
     if src_manifest is not None:
         meta = {k: (e.dtype, tuple(e.shape)) for k, e in src_manifest.tensors.items()}
         vals = dict(src_manifest.values)

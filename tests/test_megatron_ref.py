@@ -38,6 +38,18 @@ LOSS_ATOL = 5e-6
 STATE_RTOL = 3e-4
 
 
+def random_logical_state(mc: M.ModelConfig, seed: int = 0) -> dict[str, Any]:
+    """Random weights and Adam moments (every element distinct in practice) and one shared step count."""
+    g = torch.Generator().manual_seed(seed)
+    out: dict[str, Any] = {}
+    for name, shape in M.logical_specs(mc):
+        out[f"model/{name}"] = torch.randn(shape, generator=g)
+        out[f"optim/state/{name}/exp_avg"] = torch.randn(shape, generator=g)
+        out[f"optim/state/{name}/exp_avg_sq"] = torch.rand(shape, generator=g)
+        out[f"optim/state/{name}/step"] = torch.tensor(7.0)
+    return out
+
+
 def _mqa(**kw: Any) -> M.ModelConfig:
     """4 query heads, 1 KV head, vocab 10: over TP=3 the heads split 2/1/1, the KV group is on every rank, and the
     padded vocabulary is 24 rows (8 per rank: 8 real, 2 real, none)."""
@@ -186,13 +198,7 @@ def test_model_matches_oracle_and_round_trips(mc: M.ModelConfig, kw: dict[str, A
     pc = M.ParallelConfig(**kw)
     _check_initial_states(mc, pc)
     # A logical state with non-trivial moments and steps: to_logical(to_local(x)) must give x back bit for bit.
-    g = torch.Generator().manual_seed(7)
-    logical: dict[str, Any] = {}
-    for name, shape in M.logical_specs(mc):
-        logical[f"model/{name}"] = torch.randn(shape, generator=g)
-        logical[f"optim/state/{name}/exp_avg"] = torch.randn(shape, generator=g)
-        logical[f"optim/state/{name}/exp_avg_sq"] = torch.rand(shape, generator=g)
-        logical[f"optim/state/{name}/step"] = torch.tensor(7.0)
+    logical: dict[str, Any] = random_logical_state(mc, seed=7)
     logical["optim/param_groups"] = M.OptimConfig(lr=3e-4).param_groups()
     logical["iteration"] = 7
     states = {r: M.to_local(logical, mc, pc, r) for r in range(pc.world)}

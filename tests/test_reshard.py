@@ -26,6 +26,7 @@ from formats.reader import read_manifest
 from formats.storage import open_storage
 from resharding.offline import export_rank, import_ranks, reshard
 from resharding.spec_bind import SpecBinding, parse_parallel, resolve_spec
+from tests.test_megatron_ref import random_logical_state
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -37,16 +38,7 @@ def spec_dims(mc: M.ModelConfig) -> dict[str, Any]:
     return {k: v for k, v in asdict(mc).items() if k in names}
 
 
-def logical_state(mc: M.ModelConfig, seed: int = 0) -> dict[str, Any]:
-    """Random weights and Adam moments (every element distinct in practice) and one shared step count."""
-    g = torch.Generator().manual_seed(seed)
-    out: dict[str, Any] = {}
-    for name, shape in M.logical_specs(mc):
-        out[f"model/{name}"] = torch.randn(shape, generator=g)
-        out[f"optim/state/{name}/exp_avg"] = torch.randn(shape, generator=g)
-        out[f"optim/state/{name}/exp_avg_sq"] = torch.rand(shape, generator=g)
-        out[f"optim/state/{name}/step"] = torch.tensor(7.0)
-    return out
+logical_state = random_logical_state
 
 
 def pc_of(layout: dict[str, Any]) -> M.ParallelConfig:
