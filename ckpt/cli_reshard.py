@@ -74,19 +74,18 @@ def cmd_reshard(args: argparse.Namespace) -> int:
     result = reshard(src, dst, binding, dry_run=args.dry_run, on_plan=start_bar, progress=advance)
     if bars and bars[0] is not None:
         bars[0].close()
-    plan = result
     doc = {"src": src.url, "dst": dst.url, "to": binding.parallel, "spec": binding.spec.name,
-           "ranks": result.ranks, "bytes": plan.bytes_written, "bytes_read": result.bytes_read,
+           "ranks": result.ranks, "bytes": result.bytes_written, "bytes_read": result.bytes_read,
            "seconds": round(result.elapsed_secs, 3), "dry_run": bool(args.dry_run)}
     if args.json:
         print(json.dumps(doc, indent=1))
     elif args.dry_run:
-        print(f"dry run: would write {plan.bytes_written / 2**20:.1f} MiB for {plan.ranks} ranks of "
+        print(f"dry run: would write {result.bytes_written / 2**20:.1f} MiB for {result.ranks} ranks of "
               f"{_layout_text(binding.parallel)} at {dst.url}")
     else:
-        rate = plan.bytes_written / max(result.elapsed_secs, 1e-9) / 2**20
-        print(f"OK: {dst.url}: {plan.ranks} ranks of {_layout_text(binding.parallel)} "
-              f"({plan.bytes_written / 2**20:.1f} MiB, {result.elapsed_secs:.2f} s, {rate:.0f} MiB/s)")
+        rate = result.bytes_written / max(result.elapsed_secs, 1e-9) / 2**20
+        print(f"OK: {dst.url}: {result.ranks} ranks of {_layout_text(binding.parallel)} "
+              f"({result.bytes_written / 2**20:.1f} MiB, {result.elapsed_secs:.2f} s, {rate:.0f} MiB/s)")
     return EXIT_OK
 
 

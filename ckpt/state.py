@@ -13,7 +13,6 @@ from typing import Any, Mapping
 
 import torch
 
-from ckpt.errors import UnsupportedStateError
 from ckpt.stateful import Adapter, Context, collect_modules, find_adapter
 from formats import keys as K
 from formats.manifest import ContainerEntry, encode_value
@@ -66,14 +65,6 @@ def resolve(state: Any) -> tuple[Any, list[Binding], Context]:
     return walk(state, 0), bindings, ctx
 
 
-def _component(k: Any, where: str) -> tuple[str, bool]:
-    if isinstance(k, str):
-        return K.escape(k), False
-    if isinstance(k, int) and not isinstance(k, bool):
-        return str(k), True
-    raise UnsupportedStateError(f"state key {where!r}: dict keys must be str or int, found {type(k).__name__} {k!r}")
-
-
 def flatten(plain: Any) -> FlatState:
     """Flat keys of a plain nested state. ``TypeError`` naming the key for values the format cannot store."""
     out = FlatState()
@@ -84,7 +75,7 @@ def flatten(plain: Any) -> FlatState:
         elif isinstance(o, dict):
             int_keys = []
             for k, v in o.items():
-                comp, is_int = _component(k, key)
+                comp, is_int = K.component(k, f"state key {key!r}")
                 if is_int:
                     int_keys.append(comp)
                 walk(v, K.join(key, comp))
@@ -115,7 +106,7 @@ def assign(state: Any, values: Mapping[str, Any], bindings: list[Binding] | None
             return o
         if isinstance(o, dict):
             for k in list(o.keys()):
-                comp, _ = _component(k, key)
+                comp, _ = K.component(k, f"state key {key!r}")
                 o[k] = walk(o[k], K.join(key, comp))
             return o
         if isinstance(o, list):

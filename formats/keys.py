@@ -7,7 +7,7 @@ List and tuple items use their decimal index as the component. The root containe
 
 from __future__ import annotations
 
-__all__ = ["escape", "unescape", "join", "split"]
+__all__ = ["escape", "unescape", "join", "split", "component"]
 
 
 def escape(component: str) -> str:
@@ -28,3 +28,14 @@ def join(parent: str, component: str) -> str:
 def split(key: str) -> list[str]:
     """Unescaped components of a flat key (``""`` -> ``[]``)."""
     return [] if key == "" else [unescape(c) for c in key.split("/")]
+
+
+def component(k: object, where: str) -> tuple[str, bool]:
+    """The escaped key component of dict key ``k``, and whether it was an int (``where`` names it in errors)."""
+    if isinstance(k, str):
+        return escape(k), False
+    if isinstance(k, int) and not isinstance(k, bool):
+        return str(k), True
+    from ckpt.errors import UnsupportedStateError  # noqa: PLC0415 - the leaf every layer may import
+
+    raise UnsupportedStateError(f"{where}: dict keys must be str or int, found {type(k).__name__} {k!r}")

@@ -157,37 +157,31 @@ def reshard(src: Storage, dst: Storage, target: "SpecBinding | Mapping[str, Any]
     return ConvertResult(dst.url, save_id, n, total, reader.bytes_read, time.perf_counter() - t0)
 
 
-class _LazyItem(ChunkWrite):
-    """A ``ChunkWrite`` whose data is read from the source only when the writer reaches it (then dropped)."""
+class _LazyItem:
+    """What ``write_file`` needs of a ``ChunkWrite`` (key, box, ``data``), with ``data`` read from the source only
+    when the writer reaches the item (``load``) and dropped right after (``drop``): one box in memory at a time."""
 
     def __init__(self, a: WriteAssignment, manifest: Manifest, reader: ChunkReader, where: str) -> None:
-        entry = manifest.tensors[a.key]
-        object.__setattr__(self, "key", a.key)
-        object.__setattr__(self, "offsets", a.box.offsets)
-        object.__setattr__(self, "sizes", a.box.sizes)
-        object.__setattr__(self, "_a", a)
-        object.__setattr__(self, "_entry", entry)
-        object.__setattr__(self, "_reader", reader)
-        object.__setattr__(self, "_where", where)
-        object.__setattr__(self, "_data", None)
+        self.key, self.offsets, self.sizes = a.key, a.box.offsets, a.box.sizes
+        self._box, self._entry, self._reader, self._where = a.box, manifest.tensors[a.key], reader, where
+        self._dtype = dtype_from_name(self._entry.dtype, a.key)
+        self._data: torch.Tensor | None = None
 
-    @property  # type: ignore[override]
+    @property
     def data(self) -> torch.Tensor:
-        d = self._data
-        assert d is not None, "data read before the writer asked for it"
-        return d
+        assert self._data is not None, "data read before the writer asked for it"
+        return self._data
 
     @property
     def nbytes(self) -> int:
-        return self._a.box.numel * dtype_from_name(self._entry.dtype, self.key).itemsize
+        return self._box.numel * self._dtype.itemsize
 
     def load(self) -> None:
-        out = torch.empty(self._a.box.sizes, dtype=dtype_from_name(self._entry.dtype, self.key))
-        read_box(self._reader, self._entry, self._a.box, out, f"{self._where}: ")
-        object.__setattr__(self, "_data", out)
+        self._data = torch.empty(self.sizes, dtype=self._dtype)
+        read_box(self._reader, self._entry, self._box, self._data, f"{self._where}: ")
 
     def drop(self) -> None:
-        object.__setattr__(self, "_data", None)
+        self._data = None
 
 
 class _Loader:

@@ -20,7 +20,8 @@ from ckpt.errors import ShardMismatchError, SpecError
 from resharding.box import Box
 from resharding.layout import LocalPiece, TensorLayout, tensor_layout
 from resharding.spec_apply import piece_view
-from resharding.spec_layout import REPLICATED, AVERAGED, RankLayout, logical_shapes, rank_layout
+from resharding.spec_layout import (REPLICATED, AVERAGED, RankLayout, check_against, logical_shapes,
+                                    rank_layout)
 from spec_lang import SHIPPED, Spec, load_spec, shipped_spec
 
 PARALLEL_KEYS = ("tp", "pp", "dp", "ep", "zero")
@@ -109,7 +110,7 @@ class SpecBinding:
         """``rank``'s layout (cached); with ``local_shapes``, also checked against the rank's real state."""
         layout = _rank_layout(self._key(), rank)
         if local_shapes is not None:
-            rank_layout(self.spec, self.dims, self.parallel, rank, local_shapes)  # raises on a mismatch
+            check_against(self.spec, layout, local_shapes)
         return layout
 
     def logical_shapes(self) -> dict[str, tuple[int, ...]]:

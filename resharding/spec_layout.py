@@ -152,7 +152,7 @@ def rank_layout(spec: Spec, dims: Mapping[str, Any] | Any, parallel: Grid | Mapp
         tensors += made
     layout = RankLayout(rank, coords, ctx.grid, tuple(tensors))
     if local_shapes is not None:
-        _check_against(spec, layout, local_shapes)
+        check_against(spec, layout, local_shapes)
     return layout
 
 
@@ -209,7 +209,8 @@ def _flat_tensor(ctx: LayoutContext, s: StateRule, buf: FlatBuffer, multi: bool)
     return LocalTensor(key, (buf.numel,), tuple(out), s.match, names)
 
 
-def _check_against(spec: Spec, layout: RankLayout, local_shapes: Mapping[str, tuple[int, ...]]) -> None:
+def check_against(spec: Spec, layout: RankLayout, local_shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """Raise one ``SpecError`` listing every difference between ``layout`` and a rank's real tensor shapes."""
     problems = []
     for t in layout.tensors:
         if t.key not in local_shapes:

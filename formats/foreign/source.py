@@ -107,15 +107,6 @@ def read_as(source: Source, key: str, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def component(k: Any, where: str) -> tuple[str, bool]:
-    """The escaped key component of dict key ``k`` and whether it was an int."""
-    if isinstance(k, str):
-        return K.escape(k), False
-    if isinstance(k, int) and not isinstance(k, bool):
-        return str(k), True
-    raise UnsupportedStateError(f"{where}: dict keys must be str or int, found {type(k).__name__} {k!r}")
-
-
 def flatten_into(obj: Any, key: str, out: Source, where: str, tensors: dict[str, torch.Tensor]) -> None:
     """Flatten the nested ``obj`` found at ``key`` into ``out``'s tables; its tensors go into ``tensors``.
 
@@ -132,7 +123,7 @@ def flatten_into(obj: Any, key: str, out: Source, where: str, tensors: dict[str,
     elif isinstance(obj, Mapping):
         int_keys = []
         for k, v in obj.items():
-            comp, is_int = component(k, f"{where}: key {key!r}")
+            comp, is_int = K.component(k, f"{where}: key {key!r}")
             if is_int:
                 int_keys.append(comp)
             flatten_into(v, K.join(key, comp), out, where, tensors)
