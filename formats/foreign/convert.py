@@ -20,8 +20,8 @@ from typing import Any, Callable
 import torch
 
 from ckpt.errors import CheckpointExistsError
-from formats.foreign.detect import (FORMATS, PLANNED_SOURCES, PLANNED_TARGETS, UnknownFormatError, _is_local,
-                                    _local, detect_format, not_implemented, torch_files)
+from formats.foreign.detect import (FORMATS, PLANNED_SOURCES, PLANNED_TARGETS, SOURCE_FORMATS, UnknownFormatError,
+                                    _is_local, _local, detect_format, not_implemented, torch_files)
 from formats.foreign.source import MODEL_PREFIX, Source
 
 Progress = Callable[[int], None]
@@ -49,8 +49,12 @@ def open_source(path: str, fmt: str = "auto", *, allow_pickle: bool = False,
         raise not_implemented(fmt, "reading")
     if fmt == "auto":
         fmt = detect_format(path, storage_options)
-    if fmt not in FORMATS:
-        raise UnknownFormatError(f"unknown format {fmt!r}; expected auto or one of {', '.join(FORMATS)}")
+    if fmt not in SOURCE_FORMATS:
+        raise UnknownFormatError(f"unknown format {fmt!r}; expected auto or one of {', '.join(SOURCE_FORMATS)}")
+    if fmt == "megatron":
+        raise UnknownFormatError(f"{path}: Megatron rank directories are read together with a spec that says how "
+                                 "the ranks cut each tensor: ckpt convert SRC DST --from megatron --spec SPEC "
+                                 "(Python: resharding.megatron_dirs)")
     if fmt == "universal":
         from formats.foreign.universal import UniversalSource
 
@@ -58,6 +62,10 @@ def open_source(path: str, fmt: str = "auto", *, allow_pickle: bool = False,
     if not _is_local(path):
         raise UnknownFormatError(f"{path}: {fmt} checkpoints are read from local paths only")
     local = _local(path)
+    if fmt == "deepspeed":
+        from formats.foreign.deepspeed import DeepSpeedSource
+
+        return DeepSpeedSource(local, allow_pickle=allow_pickle)
     if fmt == "dcp":
         from formats.foreign.dcp import DcpSource
 

@@ -10,8 +10,12 @@ Rules, checked on the path itself (nothing is unpickled or read beyond a file's 
 * ``torch``: a single ``.pt`` / ``.pth`` / ``.bin`` file (or a file starting with a zip or pickle header), or a
   directory holding exactly one such file.
 
-DeepSpeed and Megatron directories are recognised and reported as not implemented yet. Anything else raises
-``UnknownFormatError`` listing what was found.
+* ``deepspeed``: a DeepSpeed ``save_checkpoint`` directory: the root (``latest`` and ``global_step*/``) or one tag
+  directory (``*_model_states.pt`` / ``*_optim_states.pt``).
+* ``megatron``: Megatron-LM rank directories: ``mp_rank_*/`` (or a root with ``iter_*/`` and
+  ``latest_checkpointed_iteration.txt``). Reading them needs a spec (``ckpt convert --from megatron --spec``).
+
+Anything else raises ``UnknownFormatError`` listing what was found.
 """
 
 from __future__ import annotations
@@ -23,9 +27,12 @@ from ckpt.errors import (CheckpointError, CheckpointNotFoundError, FormatNotImpl
                          IncompleteCheckpointError, UnknownFormatError)
 from formats.storage import open_storage, split_scheme
 
+#: Formats read and written by ``formats.foreign`` alone.
 FORMATS = ("universal", "dcp", "torch", "safetensors")
+#: Every format ``detect_format`` can return (``megatron`` is read by ``resharding.megatron_dirs``, with a spec).
+SOURCE_FORMATS = (*FORMATS, "deepspeed", "megatron")
 #: Recognised names whose converters do not exist yet (``ckpt convert`` exits 2 with "not implemented yet").
-PLANNED_SOURCES = ("deepspeed", "megatron")
+PLANNED_SOURCES: tuple[str, ...] = ()
 PLANNED_TARGETS = ("deepspeed-universal",)
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -33,7 +40,8 @@ DCP_METADATA = ".metadata"
 MANIFEST = "manifest.json"
 
 _NEEDS = ("manifest.json (universal), .metadata (dcp), *.safetensors or model.safetensors.index.json "
-          "(safetensors), one .pt/.pth/.bin file (torch)")
+          "(safetensors), one .pt/.pth/.bin file (torch), latest + global_step*/ or *_model_states.pt (deepspeed), "
+          "mp_rank_*/ or iter_*/ (megatron)")
 
 
 def not_implemented(name: str, direction: str) -> FormatNotImplementedError:
@@ -64,9 +72,9 @@ def torch_files(directory: str) -> list[str]:
 
 
 def detect_format(path: str, storage_options: dict[str, Any] | None = None) -> str:
-    """The format of ``path``: one of ``FORMATS``. Raises ``UnknownFormatError`` listing what was found,
-    ``CheckpointNotFoundError`` if nothing exists there, ``IncompleteCheckpointError`` for a universal checkpoint
-    that never committed, and ``FormatNotImplementedError`` for DeepSpeed/Megatron directories."""
+    """The format of ``path``: one of ``SOURCE_FORMATS``. Raises ``UnknownFormatError`` listing what was found,
+    ``CheckpointNotFoundError`` if nothing exists there, and ``IncompleteCheckpointError`` for a universal
+    checkpoint that never committed."""
     path = str(path)
     if not _is_local(path):
         storage = open_storage(path, storage_options)
@@ -106,10 +114,9 @@ def detect_format(path: str, storage_options: dict[str, Any] | None = None) -> s
         raise UnknownFormatError(f"{path}: ambiguous, it holds files of several formats ({', '.join(found)}); "
                                  "pass --from to say which to read")
     tfiles = torch_files(local)
-    planned = _planned(local, names)
-    if planned is not None:
-        raise FormatNotImplementedError(f"{path}: looks like a {planned} checkpoint; reading {planned} checkpoints "
-                                        "is not implemented yet")
+    framework = _framework(names)
+    if framework is not None:
+        return framework
     if "data" in names and os.path.isdir(os.path.join(local, "data")) and not tfiles:
         raise IncompleteCheckpointError(f"{path}: data/ exists but {MANIFEST} does not: a universal checkpoint whose "
                                         "save never committed. Use an earlier checkpoint.")
@@ -122,12 +129,12 @@ def detect_format(path: str, storage_options: dict[str, Any] | None = None) -> s
                              f"expected one of: {_NEEDS}. Pass --from to say which it is.")
 
 
-def _planned(local: str, names: list[str]) -> str | None:
-    """'DeepSpeed' or 'Megatron' for directories laid out by those frameworks (not converted yet)."""
+def _framework(names: list[str]) -> str | None:
+    """``deepspeed`` or ``megatron`` for directories laid out by those frameworks (by names only)."""
     if any(n.endswith("_model_states.pt") or n.endswith("_optim_states.pt") for n in names) or (
             "latest" in names and any(n.startswith("global_step") for n in names)):
-        return "DeepSpeed"
+        return "deepspeed"
     if "latest_checkpointed_iteration.txt" in names or any(n.startswith("iter_") for n in names) or any(
             n.startswith("mp_rank_") for n in names):
-        return "Megatron"
+        return "megatron"
     return None

@@ -1,0 +1,110 @@
+"""Real DeepSpeed ZeRO checkpoints for tests and benchmarks, written by DeepSpeed itself on CPU (gloo).
+
+Who calls it: ``run_distributed(train_and_save, world_size, DsJob(...))`` from tests (each rank is a spawned
+process already in a gloo group, which ``deepspeed.init_distributed`` adopts), and ``benchmarks.convert``.
+
+The model is small and deterministic: an MLP with two parameter groups (weight decay on one, none on the other),
+an optional frozen parameter (``requires_grad=False``: no optimizer state, kept by DeepSpeed as a frozen
+fragment or in the module state), and a torch ``AdamW`` client optimizer that DeepSpeed wraps in its ZeRO
+optimizer (``zero_allow_untested_optimizer``), since the fused CPU Adam needs compiled ops (installed with
+``DS_BUILD_OPS=0`` there are none). ``bf16=True`` trains in bf16 with fp32 master weights (DeepSpeed writes
+``bf16_zero_pp_rank_*`` optimizer files).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+#: Client state saved with every checkpoint (DeepSpeed stores it at the top level of the model-states file).
+CLIENT_STATE = {"epoch": 3, "note": "client", "samples": [1, 2, 3]}
+
+
+@dataclass(frozen=True)
+class DsJob:
+    out: str
+    stage: int
+    bf16: bool = False
+    steps: int = 3
+    tag: str | None = None  # None: DeepSpeed's default ``global_step<N>``
+    frozen: bool = True
+    sizes: tuple[int, ...] = (16, 48, 40, 8)
+    lr_scheduler: bool = False
+    extra_config: dict[str, Any] = field(default_factory=dict)
+    #: Load this checkpoint directory first (``load_universal`` if ``universal``), then train ``steps`` more.
+    load_from: str | None = None
+    universal: bool = False
+    #: Give the module a ``universal_checkpoint_info`` (DeepSpeed then saves it, and ``ds_to_universal`` runs
+    #: without ``--inject_missing_state``).
+    uc_info: bool = False
+
+
+def build_model(sizes: tuple[int, ...], frozen: bool) -> torch.nn.Module:
+    torch.manual_seed(0)
+    layers: list[torch.nn.Module] = []
+    for i in range(len(sizes) - 1):
+        layers.append(torch.nn.Linear(sizes[i], sizes[i + 1]))
+        if i < len(sizes) - 2:
+            layers.append(torch.nn.GELU())
+    model = torch.nn.Sequential(*layers)
+    if frozen:
+        model[0].bias.requires_grad_(False)
+    return model
+
+
+def param_groups(model: torch.nn.Module) -> list[dict[str, Any]]:
+    """Two groups: weight matrices with weight decay, biases without (frozen parameters in neither)."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [{"params": [p for n, p in trainable if n.endswith("weight")], "weight_decay": 0.1},
+            {"params": [p for n, p in trainable if not n.endswith("weight")], "weight_decay": 0.0}]
+
+
+def ds_config(job: DsJob) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": job.stage}, "bf16": {"enabled": job.bf16},
+        "zero_allow_untested_optimizer": True, "gradient_clipping": 1.0, "steps_per_print": 10**9,
+        "checkpoint": {"load_universal": job.universal},
+    }
+    cfg.update(job.extra_config)
+    return cfg
+
+
+def batch(step: int, rank: int, width: int, bf16: bool) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    x = torch.randn(2, width, generator=g)
+    return x.bfloat16() if bf16 else x
+
+
+def train_and_save(rank: int, world_size: int, job: DsJob) -> dict[str, Any]:
+    """Train ``job.steps`` steps under ZeRO ``job.stage`` and save; returns this rank's losses."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world_size))
+    import deepspeed  # noqa: PLC0415 - imported in the rank process only
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    model = build_model(job.sizes, job.frozen)
+    if job.uc_info:
+        model.universal_checkpoint_info = {"universal_checkpoint_version": 0.2}
+    optim = torch.optim.AdamW(param_groups(model), lr=1e-2, betas=(0.9, 0.95))
+    sched = None
+    if job.lr_scheduler:
+        sched = torch.optim.lr_scheduler.StepLR(optim, step_size=2, gamma=0.5)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optim, lr_scheduler=sched, config=ds_config(job))
+    start = 0
+    if job.load_from is not None:
+        path, _ = engine.load_checkpoint(job.load_from, tag=job.tag)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed loaded nothing from {job.load_from}")
+        start = engine.global_steps
+    losses = []
+    for i in range(start, start + job.steps):
+        loss = engine(batch(i, rank, job.sizes[0], job.bf16)).float().pow(2).mean()
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    engine.save_checkpoint(job.out, tag=job.tag, client_state=dict(CLIENT_STATE))
+    return {"losses": losses, "global_steps": engine.global_steps}
