@@ -7,6 +7,8 @@ and as native TP on 2 ranks, each saved by ``torch.distributed.checkpoint.save``
 unsharded state the producer gathered), exported back to DCP, and loaded by ``torch.distributed.checkpoint.load``
 under another mesh and world size (compared bit-exactly again).
 
+A ``ShardedTensor`` checkpoint (FSDP1's sharded state dict on 2 ranks) is imported and exported the same way.
+
 Bad input (single process, DCP checkpoints written with ``no_dist``): a missing data file, a ``.metadata`` whose
 pickle would run code, and a value that needs pickle beyond torch's weights_only loader.
 """
@@ -147,6 +149,64 @@ def test_dcp_import_export_across_meshes(produced: dict[str, Any]) -> None:
     problems = [p for ps in results for p in ps]
     assert not problems, "\n".join(problems)
     assert refs[paths["fsdp"]][1]["param_groups"][0]["lr"] == LR
+
+
+def _produce_sharded_tensor(rank: int, world_size: int, path: str) -> dict[str, Any]:
+    """FSDP1 (``FullyShardedDataParallel``) whose sharded state dict is ``ShardedTensor``s, uneven across ranks
+    (7 rows over 2 ranks); trained two AdamW steps and saved with ``dcp.save``. Returns the full state (rank 0)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    torch.manual_seed(0)
+    model = FSDP(torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.GELU(), torch.nn.Linear(7, 3)),
+                 device_id=torch.device("cpu"), use_orig_params=True)
+    optim = torch.optim.AdamW(model.parameters(), lr=0.1)
+    for i in range(2):
+        g = torch.Generator().manual_seed(10 * i + rank)
+        model(torch.randn(4, 5, generator=g)).pow(2).sum().backward()
+        optim.step()
+        optim.zero_grad()
+    msd, osd = get_model_state_dict(model), get_optimizer_state_dict(model, optim)
+    kinds = {type(v).__name__ for v in msd.values()}
+    assert kinds == {"ShardedTensor"}, kinds
+    dcp.save({"model": msd, "optim": osd, "step": 2}, checkpoint_id=path)
+    full = StateDictOptions(full_state_dict=True)
+    fm, fo = get_model_state_dict(model, options=full), get_optimizer_state_dict(model, optim, options=full)
+    ref = {f"model/{k}": v.clone() for k, v in fm.items()}
+    for fqn, st in fo["state"].items():
+        ref.update({f"optim/state/{fqn}/{k}": v.clone() for k, v in st.items()})
+    return ref if rank == 0 else {}
+
+
+@pytest.mark.distributed
+def test_sharded_tensor_dcp_import_export(tmp_path: Path) -> None:
+    """ShardedTensor checkpoints (FSDP1's sharded state dict): import bit-exact, export, ``dcp.load`` unsharded."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    src = str(tmp_path / "dcp_fsdp1")
+    ref = run_distributed(_produce_sharded_tensor, 2, src, timeout_secs=150)[0]
+    with open_source(src) as s:
+        assert len(s.tensors["model/0.weight"].boxes) == 2  # the two ranks' shards (4 + 3 rows)
+    uni = str(tmp_path / "uni")
+    convert(src, uni)
+    with ckpt.open(uni) as r:
+        assert set(r.manifest.tensors) == set(ref)
+        for k, v in ref.items():
+            got = r.read(k)
+            assert got.dtype == v.dtype and torch.equal(got, v), k
+        assert r.read("step") == 2
+    back = str(tmp_path / "back")
+    convert(uni, back, dst_format="dcp")
+    target = {"model": {k[len("model/"):]: torch.zeros_like(v) for k, v in ref.items() if k.startswith("model/")}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load(target, checkpoint_id=back, no_dist=True)  # one process, unsharded
+    for k, v in target["model"].items():
+        assert torch.equal(v, ref[f"model/{k}"]), k
 
 
 # ---------------------------------------------------------------------------------------------------------------
