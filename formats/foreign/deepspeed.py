@@ -41,6 +41,7 @@ import torch
 
 from ckpt.errors import (CheckpointNotFoundError, CorruptCheckpointError, IncompleteCheckpointError,
                          UnsafeCheckpointError, UnsupportedStateError)
+from formats import keys as K
 from formats.foreign.source import MODEL_PREFIX, Source, TensorInfo, add_parents, flatten_into
 from formats.manifest import ContainerEntry
 
@@ -133,12 +134,16 @@ def resolve_tag_dir(path: str, tag: str | None = None) -> tuple[str, str]:
 
 @dataclass(frozen=True)
 class _Piece:
-    """Elements ``[start, start + numel)`` of a flat tensor (``file``'s ``path`` inside the loaded object)."""
+    """Elements ``[start, start + numel)`` of rank ``rank``'s flat tensor of parameter group ``group``."""
 
     rank: int
     group: int
     start: int
     numel: int
+
+
+def _model_key(name: str) -> str:
+    return MODEL_PREFIX + K.escape(name)
 
 
 class DeepSpeedSource(Source):
@@ -152,7 +157,7 @@ class DeepSpeedSource(Source):
         self._check_supported(names)
         self._optim_files = self._rank_files(names)
         self.dp = len(self._optim_files)
-        self._optim = [self._load(f)["optimizer_state_dict"] for f in self._optim_files]
+        self._optim = [self._field(self._load(f), "optimizer_state_dict", f) for f in self._optim_files]
         stage = self._optim[0].get("zero_stage")
         self.stage = int(stage) if stage is not None else 1
         if self.stage == 3:
@@ -187,7 +192,8 @@ class DeepSpeedSource(Source):
             if m:
                 by_rank[int(m.group(2))] = n
                 prefixes.add(m.group(1) or "")
-        first = self._load(os.path.join(self.tag_dir, by_rank[min(by_rank)]))["optimizer_state_dict"]
+        path = os.path.join(self.tag_dir, by_rank[min(by_rank)])
+        first = self._field(self._load(path), "optimizer_state_dict", path)
         count = first.get("partition_count")
         expected = max(count) if isinstance(count, (list, tuple)) else int(count or len(by_rank))
         expected = max(expected, max(by_rank) + 1)
@@ -225,11 +231,11 @@ class DeepSpeedSource(Source):
                                          f"{mfile} lists {len(group_names)} groups in param_shapes")
         pieces = self._pieces(group_names)
         for name, shape in self._shapes.items():
-            self._add(f"{MODEL_PREFIX}{name}", torch.float32, shape, ("flat", "fp32", pieces[name]))
+            self._add(_model_key(name), torch.float32, shape, ("flat", "fp32", pieces[name]))
         for g, gnames in enumerate(group_names):
             for skey, kind in opt_states[g].items():
                 for name in gnames:
-                    key = f"{OPTIM_STATE}/{name}/{skey}"
+                    key = K.join(K.join(OPTIM_STATE, K.escape(name)), K.escape(str(skey)))
                     if kind[0] == "flat":
                         self._add(key, kind[1], self._shapes[name], ("flat", skey, pieces[name]))
                     else:
@@ -322,7 +328,7 @@ class DeepSpeedSource(Source):
         buffers = set(main.get("buffer_names") or [])
         frozen_shapes = dict(main.get("frozen_param_shapes") or {})
         for name, t in module.items():
-            key = f"{MODEL_PREFIX}{name}"
+            key = _model_key(name)
             if key in self.tensors or not isinstance(t, torch.Tensor):
                 continue
             if name in buffers:
@@ -340,12 +346,12 @@ class DeepSpeedSource(Source):
                                                  "zero_pp_rank_*_model_states.pt")
                 shape = tuple(int(s) for s in shape)
                 dt = torch.float32 if frags[0].is_floating_point() else frags[0].dtype
-                self._add(f"{MODEL_PREFIX}{name}", dt, shape, ("frozen3", frags))
+                self._add(_model_key(name), dt, shape, ("frozen3", frags))
         for alias, target in (main.get("shared_params") or {}).items():
-            tkey = f"{MODEL_PREFIX}{target}"
-            if f"{MODEL_PREFIX}{alias}" not in self.tensors and tkey in self.tensors:
+            tkey, akey = _model_key(target), _model_key(alias)
+            if akey not in self.tensors and tkey in self.tensors:
                 info = self.tensors[tkey]
-                self._add(f"{MODEL_PREFIX}{alias}", info.dtype, info.shape, ("alias", tkey))
+                self._add(akey, info.dtype, info.shape, ("alias", tkey))
 
     def _param_groups(self, group_names: list[list[str]]) -> None:
         osd, f = self._optim[0], self._optim_files[0]
