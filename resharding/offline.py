@@ -70,7 +70,15 @@ def source_binding(manifest: Manifest, where: str) -> SpecBinding:
     return SpecBinding.from_json_dict(saved, where)
 
 
-def _candidates(binding: SpecBinding, manifest: Manifest, rank: int, where: str) -> list[WriteCandidate]:
+#: Per logical key: (dtype name, shape), as a manifest records them.
+Tables = Mapping[str, tuple[str, tuple[int, ...]]]
+
+
+def _tables(manifest: Manifest) -> Tables:
+    return {k: (e.dtype, tuple(e.shape)) for k, e in manifest.tensors.items()}
+
+
+def _candidates(binding: SpecBinding, tables: Tables, rank: int, where: str) -> list[WriteCandidate]:
     """What ``rank`` of ``binding`` would offer to write (dtype from the checkpoint); replicas once per rank."""
     rl = binding.rank_layout(rank)
     shapes = binding.logical_shapes()
@@ -86,16 +94,16 @@ def _candidates(binding: SpecBinding, manifest: Manifest, rank: int, where: str)
         for p in lt.pieces:
             if flat and not flat_keys[p.logical_key]:
                 continue  # ZeRO master partitions duplicate the model weights this rank holds whole
-            entry = manifest.tensors.get(p.logical_key)
+            entry = tables.get(p.logical_key)
             if entry is None:
                 raise ShardMismatchError(f"{where}: key {p.logical_key!r} (local {lt.key!r} on target rank {rank}) is "
                                          "not in the checkpoint; is it the spec and dims it was saved with?")
-            if tuple(entry.shape) != shapes[p.logical_key]:
-                raise ShardMismatchError(f"{where}: key {p.logical_key!r} has shape {list(entry.shape)} in the "
+            dtype, shape = entry
+            if shape != shapes[p.logical_key]:
+                raise ShardMismatchError(f"{where}: key {p.logical_key!r} has shape {list(shape)} in the "
                                          f"checkpoint, the spec gives {list(shapes[p.logical_key])}")
-            itemsize = dtype_from_name(entry.dtype, entry.key).itemsize
-            out.setdefault((p.logical_key, p.box), WriteCandidate(p.logical_key, entry.dtype, tuple(entry.shape),
-                                                                  p.box, itemsize))
+            itemsize = dtype_from_name(dtype, p.logical_key).itemsize
+            out.setdefault((p.logical_key, p.box), WriteCandidate(p.logical_key, dtype, shape, p.box, itemsize))
     # Adjacent boxes of one key (a rank's attention heads, one piece each) become one chunk: fewer, longer I/Os.
     by_key: dict[str, list[WriteCandidate]] = {}
     for c in out.values():
@@ -124,7 +132,8 @@ def reshard(src: Storage, dst: Storage, target: "SpecBinding | Mapping[str, Any]
     if not isinstance(target, SpecBinding):
         target = source_binding(manifest, where).with_parallel(target)
     n = target.world_size
-    plans = [_candidates(target, manifest, r, where) for r in range(n)]
+    tables = _tables(manifest)
+    plans = [_candidates(target, tables, r, where) for r in range(n)]
     described = {c.key for plan in plans for c in plan}
     for key, entry in manifest.tensors.items():  # keys outside the spec: carried over by rank 0
         if key not in described:
@@ -205,6 +214,21 @@ class _Loader:
             if self.progress is not None:
                 self.progress(self.prev.nbytes)
             self.prev = None
+
+
+def target_boxes(binding: SpecBinding, tables: Tables, where: str, *,
+                 max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES) -> dict[str, list[Box]]:
+    """The boxes ``reshard`` would write each key the spec describes as, for the layout of ``binding``.
+
+    They tile every described tensor exactly once (replicas cut differently written once, a rank's adjacent boxes
+    merged), so a writer that chunks a tensor by them writes what ``reshard`` would, without a source checkpoint.
+    """
+    plans = [_candidates(binding, tables, r, where) for r in range(binding.world_size)]
+    out: dict[str, list[Box]] = {}
+    for ranks in plan_global_writes(plans, max_chunk_bytes, overlapping_replicas=True):
+        for a in ranks:
+            out.setdefault(a.key, []).append(a.box)
+    return out
 
 
 def commit(dst: Storage, save_id: str, world_size: int, src_manifest: Manifest | None,

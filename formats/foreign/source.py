@@ -72,8 +72,12 @@ class Source(ABC):
     #: Informational facts carried into a universal manifest's ``metadata`` (e.g. an HF ``config.json``).
     metadata: dict[str, Any] = field(default_factory=dict)
 
-    #: Short name of the format: ``universal``, ``dcp``, ``torch``, ``safetensors``.
+    #: Short name of the format: ``universal``, ``dcp``, ``torch``, ``safetensors``, ``deepspeed``, ``megatron``.
     format: str = ""
+    #: The ``layout`` a universal copy's manifest records; None: one rank, no spec. A spec-described source (Megatron
+    #: rank directories) records its spec binding, as ``ckpt.save(spec=...)`` does, so ``ckpt.load(layout=...)``
+    #: and ``ckpt reshard`` need no ``--spec`` afterwards.
+    layout: dict[str, Any] | None = None
 
     @abstractmethod
     def read(self, key: str) -> torch.Tensor:

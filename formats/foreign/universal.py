@@ -170,9 +170,9 @@ def plan_files(source: Source, dtypes: dict[str, torch.dtype], workers: int, max
     return [f for f in files if f]
 
 
-def write_universal(source: Source, dst: "str | Storage", *, dtypes: dict[str, torch.dtype], workers: int = 1, overwrite: bool = False,
-                    progress: Progress | None = None, storage_options: dict[str, Any] | None = None,
-                    max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+def write_universal(source: Source, dst: "str | Storage", *, dtypes: dict[str, torch.dtype], workers: int = 1,
+                    overwrite: bool = False, progress: Progress | None = None,
+                    storage_options: dict[str, Any] | None = None, max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
                     options: WriteOptions | None = None) -> Manifest:
     """Write ``source`` as a universal checkpoint at ``dst``; return the committed manifest.
 
@@ -234,7 +234,7 @@ def _commit(storage: Storage, save_id: str, source: Source, dtypes: dict[str, to
         save_id=save_id, world_size=1, files=files, tensors=tensors,
         values={k: ValueEntry(k, v) for k, v in source.values.items()}, containers=containers,
         writer={**WRITER, "version": _version(), "torch": torch.__version__}, created_unix_secs=time.time(),
-        layout={"world_size": 1, "dtensor_mesh_shapes": []},
+        layout=source.layout or {"world_size": 1, "dtensor_mesh_shapes": []},
         metadata={**source.metadata, "converted_from": {"format": source.format, "path": source.path}},
     )
     storage.commit(MANIFEST_NAME, manifest.to_json())

@@ -1,0 +1,541 @@
+"""Megatron-LM / Megatron-DeepSpeed rank directories read as a ``Source`` of logical tensors, given a spec.
+
+A Megatron checkpoint is a directory of rank directories, ``mp_rank_{tp:02d}[_{pp:03d}][_{ep:03d}]/`` (the pp part
+only when ``pp > 1``, the ep part only when ``ep > 1``), each holding ``model_optim_rng.pt`` (written by the first
+data-parallel rank of that position) and, with a distributed (ZeRO) optimizer, ``distrib_optim_{dp:03d}.pt`` per
+data-parallel rank (docs/megatron-layout.md, "Files"). A Megatron-LM save root with
+``latest_checkpointed_iteration.txt`` and ``iter_XXXXXXX/`` is accepted too (the iteration the tracker names).
+
+The files say nothing of how their tensors cut the logical ones; a spec does (``spec_lang``). ``MegatronSource``
+binds the spec to the model dims (from ``dims=``, else the files' ``args``) and to the parallel layout (from
+``parallel=``, else the files' ``args``, else the directory names and files), rebuilds every rank's rank-local
+state (``model/...``, ``optim/...``, ``iteration``) from the files, checks it against the spec (every local key and
+shape), and offers the logical tensors of the spec through the ``formats.foreign.source.Source`` interface. So
+every ``formats.foreign`` writer (universal, DCP, torch, safetensors) and ``ckpt diff`` work on it unchanged.
+
+Memory: files are opened with ``torch.load(mmap=True, weights_only=True)``, so their tensors stay in the page cache
+until a piece of one is copied; ``read(key)`` allocates the one logical tensor it returns (plus, only when the
+spec's pieces overlap other than as identical replicas, a boolean mask of its size). Replicas are reconciled as
+``resharding.offline.import_ranks`` does (the same code): copies the spec calls replicated must be bit-identical
+(``ShardMismatchError`` naming the key, the ranks and their files), averaged ones are replaced by their mean.
+Copies that are one and the same file entry (data-parallel ranks sharing ``model_optim_rng.pt``) are read once.
+
+Writing (a universal checkpoint that records the spec, other formats, a target layout) is
+``resharding.megatron_import``.
+
+Nothing here unpickles code: ``argparse.Namespace`` (Megatron-LM's ``args``), numpy arrays in ``rng_state``, the
+few enums Megatron-LM puts in ``args`` and Transformer Engine's ``BytesIO`` extra state load as inert stand-ins; any
+other class raises ``UnsafeCheckpointError`` naming the file and the class, unless ``allow_pickle=True``.
+
+Who calls it: ``ckpt convert --from megatron`` (``ckpt.cli_convert``) and scripts; one process. ``read`` is
+thread-safe (converters read from one thread per output file).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import threading
+from typing import Any, Mapping
+
+import torch
+
+from ckpt.errors import (CheckpointNotFoundError, CorruptCheckpointError, FormatNotImplementedError,
+                         IncompleteCheckpointError, ShardMismatchError, SpecError, UnsafeCheckpointError)
+from formats import keys as K
+from formats.dtypes import dtype_name
+from formats.foreign.source import Source, TensorInfo, add_parents, flatten_into
+from formats.foreign.torch_file import _torch_load  # memory-mapped; the legacy format read whole
+from resharding.box import Box, boxes_tile
+from resharding.grid import DEFAULT_ORDER, Grid
+from resharding.layout import LocalPiece, TensorLayout
+from resharding.offline import _reconcile, target_boxes
+from resharding.spec_apply import piece_view
+from resharding.spec_bind import PARALLEL_KEYS, SpecBinding, parse_parallel, resolve_spec
+from resharding.spec_layout import AVERAGED, REPLICATED, Piece
+
+MODEL_FILE = "model_optim_rng.pt"
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+_RANK_DIR = re.compile(r"^mp_rank_(\d+)(?:_(\d+))?(?:_(\d+))?$")
+_OPTIM_FILE = re.compile(r"^distrib_optim_(\d+)\.pt$")
+_ITER_DIR = re.compile(r"^iter_(\d+)$")
+
+#: Megatron-LM ``args`` names -> spec dims (``tied`` is the negation of untie_embeddings_and_output_weights).
+_ARGS_DIMS = {"hidden_size": "hidden", "num_attention_heads": "heads", "num_query_groups": "kv_heads",
+              "kv_channels": "head_dim", "ffn_hidden_size": "ffn", "num_layers": "layers",
+              "make_vocab_size_divisible_by": "vocab_divisible_by", "num_experts": "experts"}
+_ARGS_PARALLEL = {"tensor_model_parallel_size": "tp", "pipeline_model_parallel_size": "pp",
+                  "data_parallel_size": "dp", "expert_model_parallel_size": "ep"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Safe loading: inert stand-ins for the classes Megatron files hold besides tensors and containers.
+
+
+class MegatronArgs:
+    """Stand-in for ``argparse.Namespace``: keeps the pickled attributes, runs nothing."""
+
+    def __setstate__(self, state: Any) -> None:
+        self.__dict__.update(state if isinstance(state, dict) else {"state": state})
+
+
+class _Inert:
+    """Stand-in for a numpy array or dtype in ``rng_state``, an enum in ``args``, or Transformer Engine's ``BytesIO``
+    extra state: keeps its arguments only."""
+
+    def __init__(self, *args: Any) -> None:
+        self.args = args
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+
+#: (stand-in, the global it replaces) for ``torch.serialization.safe_globals``.
+STAND_INS: list[Any] = [
+    (MegatronArgs, "argparse.Namespace"), _Inert,
+    *[(_Inert, name) for name in (
+        "numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct", "numpy.ndarray", "numpy.dtype",
+        "megatron.core.enums.ModelType", "megatron.core.transformer.enums.AttnBackend",
+        "megatron.core.transformer.enums.AttnMaskType", "_io.BytesIO")],
+]
+
+
+def load_megatron_file(path: str, allow_pickle: bool = False) -> Any:
+    """``torch.load`` one Megatron file, memory-mapped, with ``args``/``rng_state`` classes read as stand-ins."""
+    if not os.path.isfile(path):
+        raise IncompleteCheckpointError(f"{path}: missing; every rank's file must be present (is the directory "
+                                        "complete, and is the parallel layout right?)")
+    try:
+        if allow_pickle:
+            return _torch_load(path, weights_only=False)
+        with torch.serialization.safe_globals(STAND_INS):
+            return _torch_load(path, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if allow_pickle:
+            raise CorruptCheckpointError(f"{path}: cannot be unpickled: {e}") from e
+        text = str(e)
+        m = re.search(r"GLOBAL ([\w.]+)", text)
+        what = m.group(1) if m else next((ln.strip() for ln in text.splitlines() if "Unsupported" in ln), "?")[:300]
+        raise UnsafeCheckpointError(
+            f"{path}: refusing to load this Megatron file: it needs the class {what}, which is neither a tensor nor "
+            "one of the objects Megatron checkpoints hold (argparse.Namespace, numpy RNG state). Loading it could run "
+            "code stored in the file. If you trust its origin, pass --allow-pickle (allow_pickle=True).") from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError) as e:
+        raise CorruptCheckpointError(f"{path}: not a readable torch.save file ({type(e).__name__}: {e})") from e
+
+
+def _args_dict(args: Any) -> dict[str, Any]:
+    if isinstance(args, Mapping):
+        return dict(args)
+    return dict(vars(args)) if hasattr(args, "__dict__") else {}
+
+
+def _jsonable(obj: Any) -> Any:
+    """``obj`` as plain JSON values (for the manifest's informational metadata); the rest as its repr."""
+    if obj is None or isinstance(obj, (bool, int, str)):
+        return obj
+    if isinstance(obj, float):
+        return obj if obj == obj and abs(obj) != float("inf") else repr(obj)
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, MegatronArgs):
+        return _jsonable(vars(obj))
+    return repr(obj) if not isinstance(obj, _Inert) else "<opaque>"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The directory: which iteration, which rank directories, which layout.
+
+
+def resolve_checkpoint_dir(path: str) -> tuple[str, int | None]:
+    """The directory holding the ``mp_rank_*`` directories, and the iteration the tracker file names (if any).
+
+    ``path`` is that directory, or a Megatron-LM save root (``latest_checkpointed_iteration.txt`` + ``iter_*/``).
+    """
+    if not os.path.isdir(path):
+        raise CheckpointNotFoundError(f"{path}: no such directory (expected Megatron rank directories mp_rank_*/)")
+    names = os.listdir(path)
+    if any(_RANK_DIR.match(n) for n in names):
+        return path, None
+    if TRACKER_FILE in names:
+        with open(os.path.join(path, TRACKER_FILE), encoding="utf-8") as f:
+            text = f.read().strip()
+        if text == "release":
+            return _need_dir(os.path.join(path, "release")), None
+        if not text.isdigit():
+            raise CorruptCheckpointError(f"{path}/{TRACKER_FILE}: expected an iteration number or 'release', found "
+                                         f"{text[:50]!r}")
+        return _need_dir(os.path.join(path, f"iter_{int(text):07d}")), int(text)
+    iters = sorted(n for n in names if _ITER_DIR.match(n))
+    if len(iters) == 1:
+        return path + "/" + iters[0], int(_ITER_DIR.match(iters[0]).group(1))  # type: ignore[union-attr]
+    if iters:
+        raise CorruptCheckpointError(f"{path}: holds several iterations ({', '.join(iters[:10])}) and no "
+                                     f"{TRACKER_FILE}; pass the iter_* directory to convert")
+    one_rank = _RANK_DIR.match(os.path.basename(path.rstrip("/")))
+    hint = "; this is one rank's directory: pass its parent" if one_rank else ""
+    raise CheckpointNotFoundError(f"{path}: no Megatron rank directories (mp_rank_*/), {TRACKER_FILE} or iter_*/ "
+                                  f"here{hint}")
+
+
+def _need_dir(path: str) -> str:
+    if not os.path.isdir(path):
+        raise IncompleteCheckpointError(f"{path}: missing; {TRACKER_FILE} names it, so the save did not complete")
+    return path
+
+
+def rank_dir_name(tp: int, pp: int, ep: int, grid: Grid) -> str:
+    """Megatron's rank directory name: ``mp_rank_{tp:02d}``, then ``_{pp:03d}`` if ``pp > 1``, then ``_{ep:03d}``
+    if ``ep > 1``."""
+    return f"mp_rank_{tp:02d}" + (f"_{pp:03d}" if grid.pp > 1 else "") + (f"_{ep:03d}" if grid.ep > 1 else "")
+
+
+def _given(parallel: "str | Mapping[str, Any] | None") -> dict[str, Any]:
+    """Only the settings a caller named in ``parallel`` (validated by ``parse_parallel``)."""
+    if parallel is None:
+        return {}
+    full = parse_parallel(parallel)
+    names = (set(parallel) if isinstance(parallel, Mapping)
+             else {p.split("=")[0].strip() for p in parallel.split(",") if p.strip()})
+    return {k: full[k] for k in names}
+
+
+def _args_parallel(args: dict[str, Any]) -> dict[str, Any]:
+    """Parallel settings the files' ``args`` record: megatron_ref's ``args["parallel"]`` or Megatron-LM's names."""
+    if isinstance(args.get("parallel"), Mapping):
+        return {k: v for k, v in args["parallel"].items() if k in (*PARALLEL_KEYS, "order")}
+    out = {name: int(args[a]) for a, name in _ARGS_PARALLEL.items() if isinstance(args.get(a), int)}
+    if "use_distributed_optimizer" in args:
+        out["zero"] = 1 if args["use_distributed_optimizer"] else 0
+    return out
+
+
+def _args_dims(args: dict[str, Any], declared: set[str]) -> dict[str, Any]:
+    """Model dims the files' ``args`` record, limited to those the spec declares."""
+    if isinstance(args.get("model"), Mapping):
+        found = dict(args["model"])
+    else:
+        found = {name: args[a] for a, name in _ARGS_DIMS.items() if args.get(a) is not None}
+        if not args.get("group_query_attention", True):
+            found.pop("kv_heads", None)
+        if "untie_embeddings_and_output_weights" in args:
+            found["tied"] = not args["untie_embeddings_and_output_weights"]
+    return {k: v for k, v in found.items() if k in declared}
+
+
+class _Scan:
+    """What the directory holds: rank directory names by parsed numbers, and distrib_optim files per directory."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.dirs: dict[tuple[int, ...], str] = {}
+        for n in sorted(os.listdir(root)):
+            m = _RANK_DIR.match(n)
+            if m and os.path.isdir(os.path.join(root, n)):
+                self.dirs[tuple(int(g) for g in m.groups() if g is not None)] = n
+        if not self.dirs:
+            raise CheckpointNotFoundError(f"{root}: no Megatron rank directories (mp_rank_*/)")
+        widths = {len(k) for k in self.dirs}
+        if len(widths) > 1:
+            names = ", ".join(sorted(self.dirs.values())[:6])
+            raise CorruptCheckpointError(f"{root}: rank directories of mixed forms ({names}); remove the ones of "
+                                         "another save")
+        self.width = widths.pop()
+        self.optim: dict[str, list[int]] = {}
+        for name in self.dirs.values():
+            files = os.listdir(os.path.join(root, name))
+            if "distrib_optim.pt" in files:
+                raise FormatNotImplementedError(
+                    f"{root}/{name}/distrib_optim.pt: Megatron-LM's gathered distributed-optimizer file is not "
+                    "supported (its parameter-range format is not what the specs describe); only per-DP-rank "
+                    "distrib_optim_XXX.pt files are read")
+            self.optim[name] = sorted(int(m.group(1)) for f in files if (m := _OPTIM_FILE.match(f)))
+
+    def infer(self, known: Mapping[str, Any], model_empty: bool) -> dict[str, Any]:
+        """Parallel settings from the names (those in ``known`` win): tp, pp, ep from the directories, dp from the
+        distrib_optim files, zero from their presence (3 when the model files hold no weights)."""
+        out = dict(known)
+        cols = list(zip(*self.dirs))
+        out.setdefault("tp", max(cols[0]) + 1)
+        if self.width == 3:
+            out.setdefault("pp", max(cols[1]) + 1)
+            out.setdefault("ep", max(cols[2]) + 1)
+        elif self.width == 2:  # pp or ep: pp unless the known settings say pp == 1
+            axis = "ep" if out.get("pp", 0) == 1 or out.get("ep", 1) > 1 else "pp"
+            out.setdefault(axis, max(cols[1]) + 1)
+        out.setdefault("pp", 1)
+        out.setdefault("ep", 1)
+        ranks = sorted({d for v in self.optim.values() for d in v})
+        if "zero" not in out:
+            out["zero"] = 0 if not ranks else (3 if model_empty else 1)
+        out.setdefault("dp", len(ranks) if ranks else out["ep"])
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The source.
+
+
+class MegatronSource(Source):
+    """Megatron rank directories as a ``Source`` of the spec's logical tensors (see the module docstring).
+
+    ``spec``: a ``Spec``, a shipped name (``gpt``, ``llama``, ``mixtral``) or a YAML path. ``dims``: model dims;
+    those not given come from the files' ``args``. ``parallel``: the layout the files were written under
+    (``"tp=2,pp=2,dp=2,zero=1"`` or a mapping); settings not given come from ``args``, then from the directory.
+    ``binding`` is the resulting ``SpecBinding`` (what a universal export records).
+    """
+
+    def __init__(self, path: str, spec: Any, *, dims: Mapping[str, Any] | None = None,
+                 parallel: "str | Mapping[str, Any] | None" = None, allow_pickle: bool = False) -> None:
+        super().__init__(path=str(path), format="megatron")
+        self._lock = threading.Lock()
+        self._allow_pickle = allow_pickle
+        self._files: dict[str, Any] = {}
+        root, tracked = resolve_checkpoint_dir(self.path)
+        scan = _Scan(root)
+        first = os.path.join(root, next(iter(scan.dirs.values())), MODEL_FILE)
+        args = _args_dict(self._file(first).get("args"))
+        spec_obj = resolve_spec(spec)
+        declared = {d.name for d in spec_obj.dims}
+        given_dims = dict(dims or {})
+        found_dims = _args_dims(args, declared)
+        missing = sorted(d.name for d in spec_obj.dims
+                         if d.default is None and d.name not in given_dims and d.name not in found_dims)
+        if missing:
+            raise SpecError(f"{first}: spec '{spec_obj.name}' needs the model dims {missing}, which the files' args do "
+                            "not record; pass them (--dims '{\"vocab\": 50257}', dims={...})")
+        known = {**_args_parallel(args), **_given(parallel)}
+        model_empty = all(not self._file(os.path.join(root, d, MODEL_FILE)).get("model")
+                          for d in scan.dirs.values() if os.path.isfile(os.path.join(root, d, MODEL_FILE)))
+        parallel_all = parse_parallel(scan.infer(known, model_empty))
+        self.binding = SpecBinding(spec_obj, {**found_dims, **given_dims}, parallel_all)
+        self.root = root
+        self._grid = Grid.of(self.binding.parallel)
+        self.layout = {"world_size": self.binding.world_size, "dtensor_mesh_shapes": [],
+                       "spec": self.binding.to_json_dict()}
+        self._build(scan, tracked, args)
+
+    # -- opening ---------------------------------------------------------------------------------------------------
+
+    def _file(self, path: str) -> Any:
+        with self._lock:
+            if path not in self._files:
+                self._files[path] = load_megatron_file(path, self._allow_pickle)
+            return self._files[path]
+
+    def rank_files(self, rank: int) -> tuple[str, str | None]:
+        """(model file, distrib_optim file or None) of global ``rank``, relative to the checkpoint directory."""
+        c = self._grid.coords(rank)
+        d = rank_dir_name(c.tp, c.pp, c.ep, self._grid)
+        return f"{d}/{MODEL_FILE}", (f"{d}/distrib_optim_{c.dp:03d}.pt" if self._grid.zero >= 1 else None)
+
+    def _rank_state(self, rank: int) -> tuple[dict[str, tuple[str, tuple[Any, ...]]], dict[str, Any]]:
+        """Local tensor key -> (file, path inside it), and the nested non-tensor state of ``rank``."""
+        model_rel, optim_rel = self.rank_files(rank)
+        main = self._payload(model_rel)
+        nested: dict[str, Any] = {}
+        if "model" in main and main["model"] is not None:
+            nested["model"] = (model_rel, ("model",))
+        if optim_rel is None:
+            if "optimizer" in main:
+                nested["optim"] = (model_rel, ("optimizer",))
+        else:
+            nested["optim"] = (optim_rel, ("optimizer",))
+        tensors: dict[str, tuple[str, tuple[Any, ...]]] = {}
+        values: dict[str, Any] = {}
+        for top, (rel, path) in nested.items():
+            obj = self._payload(rel)[path[0]]
+            _walk(obj, top, rel, path, tensors, values, f"{self.root}/{rel}")
+        if "iteration" in main:
+            values["iteration"] = main["iteration"]
+        return tensors, values
+
+    def _payload(self, rel: str) -> Any:
+        obj = self._file(os.path.join(self.root, rel))
+        if not isinstance(obj, Mapping):
+            raise CorruptCheckpointError(f"{self.root}/{rel}: holds a {type(obj).__name__}, expected a dict")
+        return obj
+
+    def entry(self, rel: str, path: tuple[Any, ...]) -> torch.Tensor:
+        """The tensor at ``path`` in file ``rel``, as stored (memory-mapped: no data is read yet)."""
+        obj = self._payload(rel)
+        for p in path:
+            obj = obj[p]
+        return obj
+
+    def tensor_at(self, rel: str, path: tuple[Any, ...]) -> torch.Tensor:
+        """``entry``, contiguous (spec pieces are strided views of a contiguous local tensor; a tensor saved
+        non-contiguous is copied)."""
+        t = self.entry(rel, path)
+        return t if t.is_contiguous() else t.contiguous()
+
+    def _build(self, scan: _Scan, tracked: int | None, args: dict[str, Any]) -> None:
+        b, n = self.binding, self.binding.world_size
+        expected = {f for r in range(n) for f in self.rank_files(r) if f is not None}
+        missing = sorted(f for f in expected if not os.path.isfile(os.path.join(self.root, f)))
+        if missing:
+            raise IncompleteCheckpointError(
+                f"{self.root}: {len(missing)} rank file(s) of layout {_text(b.parallel)} missing: "
+                f"{', '.join(missing[:8])}{', ...' if len(missing) > 8 else ''}. Copy them in, or pass the layout the "
+                "files were written under (--source-layout).")
+        present = {f"{d}/{MODEL_FILE}" for d in scan.dirs.values()
+                   if os.path.isfile(os.path.join(self.root, d, MODEL_FILE))}
+        present |= {f"{d}/distrib_optim_{i:03d}.pt" for d, ids in scan.optim.items() for i in ids}
+        extra = sorted(present - expected)
+        if extra:
+            raise ShardMismatchError(f"{self.root}: file(s) that layout {_text(b.parallel)} does not account for: "
+                                     f"{', '.join(extra[:8])}; pass the layout the files were written under "
+                                     "(--source-layout tp=..,pp=..,dp=..,ep=..,zero=..)")
+        self._where: dict[int, str] = {}
+        self._holders: dict[str, list[tuple[int, str, tuple[Any, ...], Piece]]] = {}
+        iterations: dict[str, Any] = {}
+        for r in range(n):
+            tensors, values = self._rank_state(r)
+            files = [f for f in self.rank_files(r) if f is not None]
+            self._where[r] = " + ".join(files)
+            shapes = {k: tuple(self.entry(*loc).shape) for k, loc in tensors.items()}
+            try:
+                rl = b.rank_layout(r, shapes)
+            except SpecError as e:
+                raise SpecError(f"{self.root}: rank {r} ({self._where[r]}): {e}") from e
+            for f in files:
+                if "iteration" in self._payload(f):
+                    iterations[f] = self._payload(f)["iteration"]
+            if r == 0:
+                self._values0 = values
+            self._collect(r, rl, tensors)
+        its = set(iterations.values())
+        if len(its) > 1:
+            raise ShardMismatchError(f"{self.root}: the rank files record different iterations: "
+                                     + ", ".join(f"{f}: {v}" for f, v in sorted(iterations.items())[:8]))
+        if tracked is not None and its and its != {tracked}:
+            raise ShardMismatchError(f"{self.root}: {TRACKER_FILE} says iteration {tracked}, the files {its.pop()}")
+        self._tables(args)
+
+    def _collect(self, rank: int, rl: Any, tensors: Mapping[str, tuple[str, tuple[Any, ...]]]) -> None:
+        """Record the pieces ``rank`` holds, as ``bind_tensors(for_save=True)`` offers them: ZeRO master pieces
+        dropped where the rank also holds the key as an ordinary parameter, a box held twice (tied) offered once."""
+        kinds = {s.match: s.kind for s in self.binding.spec.state}
+        mine: dict[str, list[tuple[str, tuple[Any, ...], Piece, bool]]] = {}
+        for lt in rl:
+            flat = kinds.get(lt.rule) == "flat"
+            rel, path = tensors[lt.key]
+            for p in lt.pieces:
+                mine.setdefault(p.logical_key, []).append((rel, path, p, flat))
+        for key, items in mine.items():
+            if not all(flat for *_, flat in items):
+                items = [it for it in items if not it[3]]
+            seen: set[Box] = set()
+            for rel, path, p, _ in items:
+                if p.box not in seen:
+                    seen.add(p.box)
+                    self._holders.setdefault(key, []).append((rank, rel, path, p))
+
+    def _tables(self, args: dict[str, Any]) -> None:
+        shapes = self.binding.logical_shapes()
+        for key, holders in self._holders.items():
+            dtypes = {self.entry(rel, path).dtype for _, rel, path, _ in holders}
+            if len(dtypes) > 1:
+                raise ShardMismatchError(f"{self.root}: logical key {key!r} is held by local tensors of dtypes "
+                                         f"{sorted(str(d) for d in dtypes)}")
+            self.tensors[key] = TensorInfo.whole(key, dtypes.pop(), tuple(shapes[key]))
+        sink: dict[str, torch.Tensor] = {}
+        for key, value in self._values0.items():
+            flatten_into(value, key, self, f"{self.root}/{self.rank_files(0)[0]}", sink)
+        for key in [*self.tensors, *self.values]:
+            add_parents(key, self.containers)
+        self.metadata["megatron"] = {"args": _jsonable(args), "parallel": dict(self.binding.parallel),
+                                     "spec": self.binding.spec.name, "dims": dict(self.binding.dims)}
+
+    def retarget(self, binding: SpecBinding) -> None:
+        """Present the tensors cut as every rank of ``binding`` would save them (the boxes ``reshard`` writes), and
+        record ``binding`` as the layout: a universal copy is then that layout's checkpoint, written directly."""
+        tables = {k: (dtype_name(info.dtype), info.shape) for k, info in self.tensors.items()}
+        boxes = target_boxes(binding, tables, self.root)
+        for key, bs in boxes.items():
+            info = self.tensors[key]
+            self.tensors[key] = TensorInfo(key, info.dtype, info.shape,
+                                           tuple((tuple(b.offsets), tuple(b.sizes)) for b in bs))
+        self.layout = {"world_size": binding.world_size, "dtensor_mesh_shapes": [], "spec": binding.to_json_dict()}
+
+    # -- reading ---------------------------------------------------------------------------------------------------
+
+    def read(self, key: str) -> torch.Tensor:
+        """The logical tensor ``key``, gathered from the rank files (replicas checked or averaged)."""
+        info = self.tensors[key]
+        layouts: list[dict[str, TensorLayout]] = [{} for _ in range(self.binding.world_size)]
+        policies: dict[tuple[str, Box], str] = {}
+        sources: set[tuple[str, tuple[Any, ...], Box]] = set()
+        for rank, rel, path, p in self._holders[key]:
+            if (rel, path, p.box) in sources:
+                continue  # the same entry of the same file (data-parallel ranks sharing model_optim_rng.pt)
+            sources.add((rel, path, p.box))
+            view = piece_view(self.tensor_at(rel, path), p)
+            piece = LocalPiece(tuple(0 for _ in p.sizes), p.box, source=view)
+            lay = layouts[rank].get(key)
+            pieces = (*lay.pieces, piece) if lay is not None else (piece,)
+            layouts[rank][key] = TensorLayout(info.shape, view, pieces, None)
+            if p.policy in (REPLICATED, AVERAGED):
+                policies[(key, p.box)] = p.policy
+        try:
+            _reconcile(layouts, policies, self.root)
+        except ShardMismatchError as e:
+            ranks = sorted({int(r) for pair in re.findall(r"ranks (\d+) and (\d+)", str(e)) for r in pair})
+            files = "; ".join(f"rank {r}: {self._where[r]}" for r in ranks)
+            raise ShardMismatchError(f"{e}\nRank files: {files}") from e
+        return self._assemble(key, info, layouts)
+
+    def _assemble(self, key: str, info: TensorInfo, layouts: list[dict[str, TensorLayout]]) -> torch.Tensor:
+        out = torch.empty(info.shape, dtype=info.dtype)
+        placed = [(r, p) for r, lays in enumerate(layouts) if key in lays for p in lays[key].pieces]
+        distinct = {p.global_box: p for _, p in placed}  # identical boxes were reconciled above
+        if len(distinct) <= 256 and not boxes_tile(list(distinct), info.shape):
+            for box, p in distinct.items():
+                out[box.slices()] = p.local_view(p.source)  # type: ignore[arg-type]
+            return out
+        # Boxes that overlap without being equal (fragments of ZeRO buffers cut differently on each TP rank).
+        filled = torch.zeros(info.shape, dtype=torch.bool)
+        problems = []
+        for r, p in placed:
+            sl = p.global_box.slices()
+            src, dst, done = p.local_view(p.source), out[sl], filled[sl]  # type: ignore[arg-type]
+            if bool(done.any()) and not torch.equal(dst[done], src[done]):
+                problems.append(f"rank {r} ({self._where[r]}): box offsets={list(p.global_box.offsets)} "
+                                f"sizes={list(p.global_box.sizes)} differs from an overlapping copy")
+            dst.copy_(src)
+            done.fill_(True)
+        if problems:
+            raise ShardMismatchError(f"{self.root}: key {key!r}: replicas differ:\n  " + "\n  ".join(problems[:20]))
+        if not bool(filled.all()):
+            raise ShardMismatchError(f"{self.root}: key {key!r}: {int((~filled).sum())} of {filled.numel()} elements "
+                                     f"are held by no rank under {_text(self.binding.parallel)}")
+        return out
+
+    def close(self) -> None:
+        with self._lock:
+            self._files = {}
+
+
+def _walk(obj: Any, key: str, rel: str, path: tuple[Any, ...], tensors: dict[str, tuple[str, tuple[Any, ...]]],
+          values: dict[str, Any], where: str) -> None:
+    """Flatten a payload subtree into local keys: tensors -> (file, path), other leaves -> nested values.
+
+    Transformer Engine's ``*._extra_state`` entries (FP8 scaling history, a pickled ``BytesIO`` or None) are not
+    model state a spec describes; they are dropped."""
+    if key.endswith("_extra_state"):
+        return
+    if isinstance(obj, torch.Tensor):
+        tensors[key] = (rel, path)
+    elif isinstance(obj, Mapping) and obj:
+        for k, v in obj.items():
+            comp, _ = K.component(k, f"{where}: key {key!r}")
+            _walk(v, K.join(key, comp), rel, (*path, k), tensors, values, where)
+    elif not (isinstance(obj, Mapping) and not obj):
+        values[key] = obj
+
+
+def _text(parallel: Mapping[str, Any]) -> str:
+    return ",".join(f"{k}={v}" for k, v in parallel.items() if k != "order" or v != DEFAULT_ORDER)
