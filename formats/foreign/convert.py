@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 
 from ckpt.errors import CheckpointExistsError
-from formats.foreign.detect import (FORMATS, PLANNED_SOURCES, PLANNED_TARGETS, SOURCE_FORMATS, UnknownFormatError,
+from formats.foreign.detect import (PLANNED_SOURCES, PLANNED_TARGETS, SOURCE_FORMATS, TARGETS, UnknownFormatError,
                                     _is_local, _local, detect_format, not_implemented, torch_files)
 from formats.foreign.source import MODEL_PREFIX, Source
 
@@ -142,8 +142,8 @@ def plan_conversion(source: Source, dst: str, dst_format: str, *, dtype: "str | 
     """What converting ``source`` to ``dst_format`` at ``dst`` writes. Raises for targets that cannot hold it."""
     if dst_format in PLANNED_TARGETS:
         raise not_implemented(dst_format, "writing")
-    if dst_format not in FORMATS:
-        raise UnknownFormatError(f"unknown target format {dst_format!r}; expected one of {', '.join(FORMATS)}")
+    if dst_format not in TARGETS:
+        raise UnknownFormatError(f"unknown target format {dst_format!r}; expected one of {', '.join(TARGETS)}")
     if max_shard_bytes is not None and dst_format != "safetensors":
         raise ValueError(f"max_shard_bytes applies to safetensors targets only (the target is {dst_format})")
     dt = parse_dtype(dtype)
@@ -151,6 +151,7 @@ def plan_conversion(source: Source, dst: str, dst_format: str, *, dtype: "str | 
     skipped: list[str] = []
     outputs: list[str] = []
     written_keys = list(source.tensors)
+    bytes_out: int | None = None
     if dst_format == "safetensors":
         from formats.foreign.hf_safetensors import (DEFAULT_MAX_SHARD_BYTES, INDEX_NAME, model_names, plan_shards,
                                                     shard_names)
@@ -171,6 +172,15 @@ def plan_conversion(source: Source, dst: str, dst_format: str, *, dtype: "str | 
     elif dst_format == "dcp":
         outputs = [f"{dst}/ (one .distcp file per entry, then .metadata)"]
         exists = os.path.exists(os.path.join(dst, ".metadata"))
+    elif dst_format == "deepspeed-universal":
+        from formats.foreign.deepspeed_universal import destination_exists, plan_deepspeed_universal
+
+        ds_plan = plan_deepspeed_universal(source, dst)
+        written_keys = ds_plan.tensor_keys(source)
+        skipped = list(ds_plan.skipped)
+        outputs = ds_plan.outputs()
+        bytes_out = ds_plan.bytes_out(source, dtypes)
+        exists = destination_exists(ds_plan.dst)
     else:
         from formats.storage import open_storage
 
@@ -183,7 +193,8 @@ def plan_conversion(source: Source, dst: str, dst_format: str, *, dtype: "str | 
         dtype=None if dt is None else str(dt).replace("torch.", ""), tensors=len(written_keys),
         values=0 if dst_format == "safetensors" else len(source.values),
         bytes_in=sum(source.tensors[k].nbytes for k in written_keys),
-        bytes_out=sum(math.prod(source.tensors[k].shape) * dtypes[k].itemsize for k in written_keys),
+        bytes_out=bytes_out if bytes_out is not None else sum(
+            math.prod(source.tensors[k].shape) * dtypes[k].itemsize for k in written_keys),
         outputs=outputs, skipped=skipped, cast=sum(1 for k in written_keys if dtypes[k] != source.tensors[k].dtype),
         dst_exists=exists, max_shard_bytes=max_shard_bytes if dst_format == "safetensors" else None, dtypes=dtypes)
 
@@ -214,6 +225,10 @@ def run_conversion(source: Source, plan: ConvertPlan, *, workers: int = 1, overw
 
         written = write_torch(source, plan.dst, dtypes=dtypes, overwrite=overwrite,
                               progress=progress)
+    elif plan.dst_format == "deepspeed-universal":
+        from formats.foreign.deepspeed_universal import write_deepspeed_universal
+
+        written = write_deepspeed_universal(source, plan.dst, dtypes=dtypes, overwrite=overwrite, progress=progress)
     else:
         from formats.foreign.hf_safetensors import DEFAULT_MAX_SHARD_BYTES, write_safetensors
 

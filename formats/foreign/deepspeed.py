@@ -25,7 +25,7 @@ Nothing is unpickled beyond torch's ``weights_only`` loader: the three DeepSpeed
 scaler, the ZeRO stage enum, the fragment address) are read into inert stand-ins, and any other class is refused
 with ``UnsafeCheckpointError`` unless ``allow_pickle=True`` (which needs DeepSpeed installed to import it). Files
 are memory-mapped, so converting reads one tensor at a time. Tensor- and pipeline-parallel DeepSpeed checkpoints
-(``mp_rank_01``..., ``layer_*-model_states.pt``) are refused: they need a spec (``--from megatron``).
+(``mp_rank_01``..., ``layer_*-model_states.pt``) are refused (not supported yet).
 """
 
 from __future__ import annotations
@@ -177,8 +177,14 @@ class DeepSpeedSource(Source):
         if len(mp) > 1 or layer_files or any(n.startswith("expp_rank_") for n in names):
             raise UnsupportedStateError(
                 f"{self.tag_dir}: a tensor-, pipeline- or expert-parallel DeepSpeed checkpoint (model-parallel ranks "
-                f"{mp}, {len(layer_files)} layer files); only data-parallel ZeRO checkpoints are read directly. "
-                "Convert it with a spec (ckpt convert --from megatron --spec SPEC) or with ds_to_universal first.")
+                f"{mp}, {len(layer_files)} layer files): not supported yet, only data-parallel ZeRO checkpoints are. "
+                "DeepSpeed's ds_to_universal merges tensor-parallel slices by the patterns in "
+                "universal_checkpoint_info, if the run recorded them.")
+        if not any(_OPTIM_FILE.match(n) for n in names) and "zero" in names:
+            raise UnsupportedStateError(
+                f"{self.tag_dir}: a DeepSpeed universal checkpoint (zero/<param>/fp32.pt, as ds_to_universal and "
+                "ckpt convert --to deepspeed-universal write it); reading that layout is not supported: convert "
+                "the ZeRO checkpoint it was made from, or load it in DeepSpeed with load_universal")
         if not any(_OPTIM_FILE.match(n) for n in names):
             raise UnsupportedStateError(
                 f"{self.tag_dir}: no *_optim_states.pt files: not a ZeRO checkpoint (DeepSpeed without ZeRO keeps "

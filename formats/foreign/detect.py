@@ -33,7 +33,9 @@ FORMATS = ("universal", "dcp", "torch", "safetensors")
 SOURCE_FORMATS = (*FORMATS, "deepspeed", "megatron")
 #: Recognised names whose converters do not exist yet (``ckpt convert`` exits 2 with "not implemented yet").
 PLANNED_SOURCES: tuple[str, ...] = ()
-PLANNED_TARGETS = ("deepspeed-universal",)
+PLANNED_TARGETS: tuple[str, ...] = ()
+#: Formats ``ckpt convert --to`` writes (``deepspeed-universal``: ``formats.foreign.deepspeed_universal``).
+TARGETS = (*FORMATS, "deepspeed-universal")
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 DCP_METADATA = ".metadata"
