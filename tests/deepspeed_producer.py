@@ -100,11 +100,17 @@ def train_and_save(rank: int, world_size: int, job: DsJob) -> dict[str, Any]:
         if path is None:
             raise RuntimeError(f"DeepSpeed loaded nothing from {job.load_from}")
         start = engine.global_steps
+    losses = train_steps(engine, job, rank, start)
+    engine.save_checkpoint(job.out, tag=job.tag, client_state=dict(CLIENT_STATE))
+    return {"losses": losses, "global_steps": engine.global_steps}
+
+
+def train_steps(engine: Any, job: DsJob, rank: int, start: int) -> list[float]:
+    """``job.steps`` DeepSpeed steps on this rank's batches ``start``, ``start + 1``, ...; returns the losses."""
     losses = []
     for i in range(start, start + job.steps):
         loss = engine(batch(i, rank, job.sizes[0], job.bf16)).float().pow(2).mean()
         engine.backward(loss)
         engine.step()
         losses.append(loss.item())
-    engine.save_checkpoint(job.out, tag=job.tag, client_state=dict(CLIENT_STATE))
-    return {"losses": losses, "global_steps": engine.global_steps}
+    return losses

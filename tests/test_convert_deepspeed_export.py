@@ -31,7 +31,7 @@ from ckpt.errors import CheckpointError, CheckpointExistsError, UnsupportedState
 from formats.foreign import convert, open_source  # noqa: E402
 from formats.foreign.deepspeed_universal import MissingStateError  # noqa: E402
 from tests.deepspeed_producer import (CLIENT_STATE, DsJob, batch, build_model, ds_config,  # noqa: E402
-                                      param_groups, train_and_save)
+                                      param_groups, train_and_save, train_steps)
 from tests.distributed_utils import run_distributed  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,12 +82,7 @@ def load_universal_and_train(rank: int, world_size: int, jobs: list[DsJob]) -> l
         hyper = [{k: v for k, v in g.items() if k != "params"} for g in base.param_groups]
         sched_state = engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None
         start = engine.global_steps
-        losses = []
-        for i in range(start, start + job.steps):
-            loss = engine(batch(i, rank, job.sizes[0], job.bf16)).float().pow(2).mean()
-            engine.backward(loss)
-            engine.step()
-            losses.append(loss.item())
+        losses = train_steps(engine, job, rank, start)
         report: dict[str, Any] = {"losses": losses, "start": start, "optimizer": type(engine.optimizer).__name__}
         if rank == 0:
             report.update(state=state, steps=steps, hyper=hyper, sched=sched_state,
