@@ -35,6 +35,8 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m benchmarks.save_load
 	$(PY) -m benchmarks.training_stall
+	$(PY) -m benchmarks.reshard
+	$(PY) -m benchmarks.convert
 
 clean:
 	rm -rf $(VENV) build *.egg-info
