@@ -1,6 +1,6 @@
 """Child processes of ``benchmarks.convert``: the source checkpoints, and torch's own DCP -> safetensors routes.
 
-``python -m benchmarks._convert_setup deepspeed --dir D --stage 2 [--bf16] [--params-m 125] [--quick]`` trains a
+``python -m benchmarks._convert_setup deepspeed --dir D --stage 2 [--bf16] [--params-m 350] [--quick]`` trains a
 ``benchmarks.gpt`` decoder for ``--steps`` steps under DeepSpeed ZeRO on 2 gloo ranks (the approach of
 ``tests/deepspeed_producer.py``: a torch ``AdamW`` with two parameter groups that DeepSpeed wraps, untested
 optimizer allowed) and saves it with ``engine.save_checkpoint``. ``dcp --dir D`` builds a ``transformers`` Llama
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     ds = sub.add_parser("deepspeed", help="train and save a DeepSpeed ZeRO checkpoint")
     ds.add_argument("--stage", type=int, choices=(1, 2, 3), default=2)
     ds.add_argument("--bf16", action="store_true")
-    ds.add_argument("--params-m", type=float, default=125.0)
+    ds.add_argument("--params-m", type=float, default=350.0)
     ds.add_argument("--steps", type=int, default=2)
     d = sub.add_parser("dcp", help="save an FSDP2-sharded Llama with DCP")
     for p in (ds, d):

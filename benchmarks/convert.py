@@ -1,7 +1,7 @@
 """Conversions side by side: DeepSpeed ZeRO -> universal (``ckpt convert`` vs ``ds_to_universal``) and DCP ->
 safetensors (``ckpt convert`` vs torch's own routes), in one run.
 
-Run ``python -m benchmarks.convert [--params-m 125] [--stages 2,3] [--fp32] [--repeats 3] [--work-dir DIR]
+Run ``python -m benchmarks.convert [--params-m 350] [--stages 2,3] [--fp32] [--repeats 3] [--work-dir DIR]
 [--out docs/benchmarks] [--only deepspeed|dcp]`` (``--quick``: tiny models, 1 repeat). The sources are written by
 the frameworks themselves (``benchmarks._convert_setup``, in a child process) and cached under ``--work-dir``, so a
 rerun does not train again: a ``benchmarks.gpt`` decoder trained 2 steps under DeepSpeed ZeRO-2 and ZeRO-3 on 2
@@ -429,7 +429,7 @@ def plot(result: dict[str, Any], path: str) -> None:
 # -- main --------------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.convert", description=__doc__.split("\n")[0])
-    ap.add_argument("--params-m", type=float, default=125.0, help="GPT size for DeepSpeed, millions (default 125)")
+    ap.add_argument("--params-m", type=float, default=350.0, help="GPT size for DeepSpeed, millions (default 350)")
     ap.add_argument("--stages", default="2,3", help="ZeRO stages (default 2,3)")
     ap.add_argument("--fp32", action="store_true", help="DeepSpeed trains in fp32 (default: bf16)")
     ap.add_argument("--only", choices=("deepspeed", "dcp"), default=None, help="run one half only")
