@@ -135,6 +135,18 @@ def test_import_matches_ds_to_universal(produced: dict[Any, dict[str, Any]], cas
     assert report.equal, report.to_json()
 
 
+def test_ds_to_universal_output_reads_as_the_same_checkpoint(produced: dict[Any, dict[str, Any]]) -> None:
+    """DeepSpeed's universal checkpoints (how tensor-parallel runs come in) read to the keys and values the ZeRO
+    files give; ds_to_universal's ZeRO-3 path leaves frozen parameters out, so that is the only difference."""
+    for case, p in produced.items():
+        oracle_root = p["oracle"].parent  # holds latest_universal
+        with open_source(str(oracle_root)) as a, open_source(str(p["root"])) as b:
+            assert a.metadata["deepspeed"]["universal"] and a.format == b.format == "deepspeed"
+            report = diff(a, b)
+        only = [(d.key, d.kind) for d in report.differences]
+        assert only == ([] if case[0] < 3 else [("model/0.bias", "only_in_b")]), (_ids(case), only[:5])
+
+
 def test_imported_checkpoint_loads_into_a_torch_model(produced: dict[Any, dict[str, Any]], tmp_path: Path) -> None:
     """The universal layout is what ``ckpt.save`` writes for a module + optimizer, so ``ckpt.load`` restores it."""
     import ckpt

@@ -63,9 +63,9 @@ def open_source(path: str, fmt: str = "auto", *, allow_pickle: bool = False,
         raise UnknownFormatError(f"{path}: {fmt} checkpoints are read from local paths only")
     local = _local(path)
     if fmt == "deepspeed":
-        from formats.foreign.deepspeed import DeepSpeedSource
+        from formats.foreign.deepspeed import open_deepspeed
 
-        return DeepSpeedSource(local, allow_pickle=allow_pickle)
+        return open_deepspeed(local, allow_pickle=allow_pickle)
     if fmt == "dcp":
         from formats.foreign.dcp import DcpSource
 

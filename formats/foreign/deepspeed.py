@@ -25,7 +25,8 @@ Nothing is unpickled beyond torch's ``weights_only`` loader: the three DeepSpeed
 scaler, the ZeRO stage enum, the fragment address) are read into inert stand-ins, and any other class is refused
 with ``UnsafeCheckpointError`` unless ``allow_pickle=True`` (which needs DeepSpeed installed to import it). Files
 are memory-mapped, so converting reads one tensor at a time. Tensor- and pipeline-parallel DeepSpeed checkpoints
-(``mp_rank_01``..., ``layer_*-model_states.pt``) are refused (not supported yet).
+(``mp_rank_01``..., ``layer_*-model_states.pt``) are refused: ``ds_to_universal``'s output of them is read by
+``formats.foreign.deepspeed_uc`` (``open_deepspeed`` picks the reader).
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ STAND_INS: list[tuple[Any, str]] = [
     (_Opaque, "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler"),
     (_zero_stage, "deepspeed.runtime.zero.config.ZeroStageEnum"),
     (_Opaque, "deepspeed.utils.tensor_fragment.fragment_address"),  # a dataclass (numel, start)
+    (_Opaque, "deepspeed.checkpoint.universal_checkpoint.SubparamShape"),  # in ds_to_universal's fp32.pt
 ]
 
 
@@ -117,6 +119,8 @@ def resolve_tag_dir(path: str, tag: str | None = None) -> tuple[str, str]:
         return path, os.path.basename(path)
     if tag is None:
         latest = os.path.join(path, "latest")
+        if not os.path.isfile(latest) and os.path.isfile(os.path.join(path, "latest_universal")):
+            latest = os.path.join(path, "latest_universal")  # a universal checkpoint's root
         if not os.path.isfile(latest):
             tags = sorted(n for n in os.listdir(path) if os.path.isdir(os.path.join(path, n)))
             raise CheckpointNotFoundError(f"{path}: no 'latest' file and no *_model_states.pt; pass the tag directory "
@@ -144,6 +148,17 @@ class _Piece:
 
 def _model_key(name: str) -> str:
     return MODEL_PREFIX + K.escape(name)
+
+
+def open_deepspeed(path: str, allow_pickle: bool = False, tag: str | None = None) -> Source:
+    """A ZeRO checkpoint (``DeepSpeedSource``) or a universal one (``DeepSpeedUniversalSource``) at ``path``: the
+    root passed to ``save_checkpoint`` / ``ds_to_universal``'s parent, or a tag directory."""
+    from formats.foreign.deepspeed_uc import DeepSpeedUniversalSource, is_universal_tag_dir
+
+    tag_dir, tag = resolve_tag_dir(path, tag)
+    if is_universal_tag_dir(tag_dir) and not any(_OPTIM_FILE.match(n) for n in os.listdir(tag_dir)):
+        return DeepSpeedUniversalSource(tag_dir, tag, allow_pickle)
+    return DeepSpeedSource(tag_dir, allow_pickle)
 
 
 class DeepSpeedSource(Source):
@@ -177,14 +192,9 @@ class DeepSpeedSource(Source):
         if len(mp) > 1 or layer_files or any(n.startswith("expp_rank_") for n in names):
             raise UnsupportedStateError(
                 f"{self.tag_dir}: a tensor-, pipeline- or expert-parallel DeepSpeed checkpoint (model-parallel ranks "
-                f"{mp}, {len(layer_files)} layer files): not supported yet, only data-parallel ZeRO checkpoints are. "
-                "DeepSpeed's ds_to_universal merges tensor-parallel slices by the patterns in "
-                "universal_checkpoint_info, if the run recorded them.")
-        if not any(_OPTIM_FILE.match(n) for n in names) and "zero" in names:
-            raise UnsupportedStateError(
-                f"{self.tag_dir}: a DeepSpeed universal checkpoint (zero/<param>/fp32.pt, as ds_to_universal and "
-                "ckpt convert --to deepspeed-universal write it); reading that layout is not supported: convert "
-                "the ZeRO checkpoint it was made from, or load it in DeepSpeed with load_universal")
+                f"{mp}, {len(layer_files)} layer files): only data-parallel ZeRO checkpoints are read directly. Run "
+                "DeepSpeed's ds_to_universal on it (it merges tensor-parallel slices by the patterns the run recorded "
+                "in universal_checkpoint_info), then convert its output (--from deepspeed reads that layout).")
         if not any(_OPTIM_FILE.match(n) for n in names):
             raise UnsupportedStateError(
                 f"{self.tag_dir}: no *_optim_states.pt files: not a ZeRO checkpoint (DeepSpeed without ZeRO keeps "

@@ -134,7 +134,7 @@ def detect_format(path: str, storage_options: dict[str, Any] | None = None) -> s
 def _framework(names: list[str]) -> str | None:
     """``deepspeed`` or ``megatron`` for directories laid out by those frameworks (by names only)."""
     if any(n.endswith("_model_states.pt") or n.endswith("_optim_states.pt") for n in names) or (
-            "latest" in names and any(n.startswith("global_step") for n in names)):
+            ("latest" in names or "latest_universal" in names) and any(n.startswith("global_step") for n in names)):
         return "deepspeed"
     if "latest_checkpointed_iteration.txt" in names or any(n.startswith("iter_") for n in names) or any(
             n.startswith("mp_rank_") for n in names):

@@ -1,0 +1,158 @@
+"""DeepSpeed *universal* checkpoints read as a ``Source``: ``DeepSpeedUniversalSource``.
+
+What ``ds_to_universal`` (and ``ckpt convert --to deepspeed-universal``) writes in a tag directory: ``zero/<name>/
+fp32.pt``, ``exp_avg.pt``, ``exp_avg_sq.pt`` (``{"param": tensor, ...}`` dicts, or bare tensors, flattened under
+ZeRO-3), ``step.pt`` (ZeRO-1/2), ``zero/optimizer_state.pt`` (the parameter groups; under ZeRO-3 also the
+per-group steps) and the model-states files copied from the source (``param_shapes``, counters, client state).
+``ds_to_universal`` merges tensor-parallel slices (by the patterns the run recorded in
+``universal_checkpoint_info``), so its output is how tensor-parallel DeepSpeed runs, whose ZeRO files
+``DeepSpeedSource`` refuses, come into this format.
+
+The keys are those of ``DeepSpeedSource`` (``model/<name>``, ``optim/state/<name>/...``, ``optim/param_groups``,
+``client_state/...``, ``deepspeed/...``), so both read the same run to the same checkpoint (tested with
+``ckpt diff``). Files are loaded as ``DeepSpeedSource`` loads them: memory-mapped, DeepSpeed's classes as inert
+stand-ins, nothing else unpickled.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Mapping
+
+import torch
+
+from ckpt.errors import CorruptCheckpointError, IncompleteCheckpointError
+from formats import keys as K
+from formats.foreign.deepspeed import (CLIENT_PREFIX, DS_PREFIX, ENGINE_KEYS, OPTIM_STATE, _COUNTERS, _model_key,
+                                       _Opaque, load_ds_file)
+from formats.foreign.source import Source, TensorInfo, add_parents, flatten_into
+
+ZERO_DIR = "zero"
+_MODEL_FILES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+STATES = ("exp_avg", "exp_avg_sq")
+
+
+def is_universal_tag_dir(path: str) -> bool:
+    return os.path.isdir(os.path.join(path, ZERO_DIR)) and any(
+        os.path.isfile(os.path.join(path, f)) for f in _MODEL_FILES)
+
+
+class DeepSpeedUniversalSource(Source):
+    """A DeepSpeed universal checkpoint's tag directory (``zero/<name>/*.pt`` + model states)."""
+
+    def __init__(self, tag_dir: str, tag: str, allow_pickle: bool = False) -> None:
+        super().__init__(path=str(tag_dir), format="deepspeed")
+        self.tag = tag
+        self._allow = allow_pickle
+        self._reads: dict[str, torch.Tensor] = {}
+        mfile = next((os.path.join(tag_dir, f) for f in _MODEL_FILES if os.path.isfile(os.path.join(tag_dir, f))))
+        main = self._load(mfile)
+        shapes = main.get("param_shapes")
+        if not isinstance(shapes, (list, tuple)):
+            raise CorruptCheckpointError(f"{mfile}: param_shapes is {type(shapes).__name__}, expected a list of dicts")
+        groups = [list(g) for g in shapes]
+        shape_of = {n: tuple(int(s) for s in shp) for g in shapes for n, shp in g.items()}
+        zero = os.path.join(tag_dir, ZERO_DIR)
+        opt = self._load(os.path.join(zero, "optimizer_state.pt"))
+        group_steps = self._group_steps(opt)
+        for g, names in enumerate(groups):
+            for name in names:
+                pdir = os.path.join(zero, name)
+                self._put(_model_key(name), self._param(pdir, "fp32", shape_of[name], name))
+                for state in STATES:
+                    if os.path.isfile(os.path.join(pdir, f"{state}.pt")):
+                        self._put(self._state_key(name, state), self._param(pdir, state, shape_of[name], name))
+                step = os.path.join(pdir, "step.pt")
+                if os.path.isfile(step):
+                    self._put(self._state_key(name, "step"), self._tensor(self._load(step), step))
+                elif g < len(group_steps):
+                    self._put(self._state_key(name, "step"), group_steps[g])
+        module = main.get("module") or {}
+        for name in sorted(os.listdir(zero)):  # frozen parameters and buffers: fp32.pt only
+            if name in shape_of or not os.path.isdir(os.path.join(zero, name)):
+                continue
+            ref = module.get(name)
+            shape = tuple(ref.shape) if isinstance(ref, torch.Tensor) and ref.numel() else None
+            self._put(_model_key(name), self._param(os.path.join(zero, name), "fp32", shape, name))
+        self._param_groups(opt, groups, os.path.join(zero, "optimizer_state.pt"))
+        self._values(main, opt, mfile)
+        self.metadata["deepspeed"] = {"tag": tag, "universal": True}
+
+    # -- files ----------------------------------------------------------------------------------------------------
+    def _load(self, path: str) -> Any:
+        return load_ds_file(path, self._allow)
+
+    def _tensor(self, obj: Any, where: str) -> torch.Tensor:
+        t = obj.get("param") if isinstance(obj, Mapping) else obj
+        if not isinstance(t, torch.Tensor):
+            raise CorruptCheckpointError(f"{where}: expected a tensor or a dict with 'param', found "
+                                         f"{type(obj).__name__}")
+        return t
+
+    def _param(self, pdir: str, state: str, shape: tuple[int, ...] | None, name: str) -> torch.Tensor:
+        path = os.path.join(pdir, f"{state}.pt")
+        if not os.path.isfile(path):
+            raise IncompleteCheckpointError(f"{path}: missing (parameter {name!r}); the universal checkpoint is "
+                                            "incomplete")
+        t = self._tensor(self._load(path), path)
+        if shape is not None and tuple(t.shape) != shape:
+            if t.numel() != math.prod(shape):
+                raise CorruptCheckpointError(f"{path}: holds {t.numel()} elements {list(t.shape)}; parameter "
+                                             f"{name!r} has shape {list(shape)}")
+            t = t.reshape(shape)  # ZeRO-3's universal files are flat
+        return t
+
+    @staticmethod
+    def _group_steps(opt: Mapping[str, Any]) -> list[torch.Tensor]:
+        inner = opt.get("optimizer_state_dict")
+        state = inner.get("state") if isinstance(inner, Mapping) else None
+        if not isinstance(state, Mapping):
+            return []
+        return [state[g]["step"] for g in sorted(state) if isinstance(state[g], Mapping) and "step" in state[g]]
+
+    def _state_key(self, name: str, state: str) -> str:
+        return K.join(K.join(OPTIM_STATE, K.escape(name)), state)
+
+    def _put(self, key: str, t: torch.Tensor) -> None:
+        self.tensors[key] = TensorInfo.whole(key, t.dtype, tuple(t.shape))
+        self._reads[key] = t
+        add_parents(key, self.containers)
+
+    # -- values ---------------------------------------------------------------------------------------------------
+    def _param_groups(self, opt: Mapping[str, Any], groups: list[list[str]], where: str) -> None:
+        pgs = opt.get("param_groups")
+        if pgs is None and isinstance(opt.get("optimizer_state_dict"), Mapping):
+            pgs = opt["optimizer_state_dict"].get("param_groups")
+        if not isinstance(pgs, (list, tuple)):
+            raise CorruptCheckpointError(f"{where}: no param_groups")
+        plain = [{**{k: v for k, v in pg.items() if k != "params"}, "params": list(groups[g]) if g < len(groups)
+                  else []} for g, pg in enumerate(pgs)]
+        flatten_into(plain, "optim/param_groups", self, where, {})
+
+    def _values(self, main: Mapping[str, Any], opt: Mapping[str, Any], mfile: str) -> None:
+        client = {k: v for k, v in main.items() if k not in ENGINE_KEYS}
+        sink: dict[str, torch.Tensor] = {}
+        if client:
+            flatten_into(client, CLIENT_PREFIX, self, mfile, sink)
+        ds: dict[str, Any] = {k: main[k] for k in _COUNTERS if k in main}
+        stage = opt.get("zero_stage")
+        ds.update(tag=self.tag, zero_stage=int(stage) if stage is not None else None)
+        scaler = opt.get("loss_scaler")
+        if isinstance(scaler, _Opaque):
+            ds["loss_scaler"] = {k: v for k, v in vars(scaler).items()
+                                 if v is None or isinstance(v, (bool, int, float, str))}
+        for k in ("dynamic_loss_scale", "overflow", "clip_grad"):
+            if isinstance(opt.get(k), (bool, int, float)):
+                ds[k] = opt[k]
+        for k in ("lr_scheduler", "ds_config", "universal_checkpoint_info", "checkpoint_parallel_dimensions"):
+            if main.get(k) is not None:
+                ds[k] = main[k]
+        flatten_into(ds, DS_PREFIX, self, mfile, sink)
+        self._reads.update(sink)
+
+    def read(self, key: str) -> torch.Tensor:
+        return self._reads[key]
+
+    def close(self) -> None:
+        self._reads = {}
