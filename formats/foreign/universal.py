@@ -154,7 +154,8 @@ def plan_files(source: Source, dtypes: dict[str, torch.dtype], workers: int, max
     per_key: list[list[_LazyChunk]] = []
     for key, info in source.tensors.items():
         es = dtypes[key].itemsize
-        items = [_LazyChunk(key, b, math.prod(b[1]) * es) for box in info.boxes for b in split_rows(box, es, max_chunk_bytes)]
+        items = [_LazyChunk(key, b, math.prod(b[1]) * es)
+                 for box in info.boxes for b in split_rows(box, es, max_chunk_bytes)]
         if items:
             per_key.append(items)
     total = sum(i.nbytes for items in per_key for i in items)
@@ -172,8 +173,8 @@ def plan_files(source: Source, dtypes: dict[str, torch.dtype], workers: int, max
 
 def write_universal(source: Source, dst: "str | Storage", *, dtypes: dict[str, torch.dtype], workers: int = 1,
                     overwrite: bool = False, progress: Progress | None = None,
-                    storage_options: dict[str, Any] | None = None, max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
-                    options: WriteOptions | None = None) -> Manifest:
+                    storage_options: dict[str, Any] | None = None, max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+                    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES, options: WriteOptions | None = None) -> Manifest:
     """Write ``source`` as a universal checkpoint at ``dst``; return the committed manifest.
 
     ``dtypes`` gives each tensor's stored dtype (tensors read from the source are cast to it).
