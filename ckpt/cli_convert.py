@@ -9,6 +9,7 @@ checkpoints are equal, 1 when they differ (every difference listed), 2 on bad us
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from typing import Any
@@ -103,6 +104,21 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _dims(args: argparse.Namespace, cmd: str) -> "dict[str, Any] | None | int":
+    """``--dims`` parsed (None when absent), or ``EXIT_USAGE`` after printing why it is not a JSON object."""
+    if args.dims is None:
+        return None
+    try:
+        dims = json.loads(args.dims)
+    except json.JSONDecodeError as e:
+        dims = e
+    if not isinstance(dims, dict):
+        print(f"ckpt {cmd}: --dims must be a JSON object such as '{{\"vocab\": 50257}}' (got {args.dims!r})",
+              file=sys.stderr)
+        return EXIT_USAGE
+    return dims
+
+
 def _convert_megatron(args: argparse.Namespace, opts: dict[str, Any] | None) -> int:
     """``--from megatron``: the rank directories read through a spec (``resharding.megatron_dirs``), written to any
     format; with ``--target``, resharded to that layout (universal only)."""
@@ -119,16 +135,9 @@ def _convert_megatron(args: argparse.Namespace, opts: dict[str, Any] | None) -> 
         print(f"ckpt convert: --target writes a universal checkpoint; it cannot be combined with --to {args.to}",
               file=sys.stderr)
         return EXIT_USAGE
-    dims = None
-    if args.dims is not None:
-        try:
-            dims = json.loads(args.dims)
-        except json.JSONDecodeError as e:
-            dims = e
-        if not isinstance(dims, dict):
-            print(f"ckpt convert: --dims must be a JSON object such as '{{\"vocab\": 50257}}' (got {args.dims!r})",
-                  file=sys.stderr)
-            return EXIT_USAGE
+    dims = _dims(args, "convert")
+    if isinstance(dims, int):
+        return dims
     with MegatronSource(args.src, args.spec, dims=dims, parallel=args.source_layout,
                         allow_pickle=args.allow_pickle) as source:
         target = None if args.target is None else target_binding(source, args.target).parallel
@@ -183,16 +192,42 @@ def _print_plan(args: argparse.Namespace, plan: Any) -> None:
         print("  the destination already holds a checkpoint: the conversion needs --overwrite")
 
 
+def _open_side(path: str, fmt: str, args: argparse.Namespace, dims: "dict[str, Any] | None",
+               opts: dict[str, Any] | None) -> Any:
+    """One side of ``ckpt diff``: Megatron rank directories through ``--spec``, anything else by ``open_source``."""
+    from formats.foreign import open_source
+
+    if fmt == "megatron":
+        from resharding.megatron_dirs import MegatronSource
+
+        return MegatronSource(path, args.spec, dims=dims, parallel=args.source_layout, allow_pickle=args.allow_pickle)
+    return open_source(path, fmt, allow_pickle=args.allow_pickle, storage_options=opts)
+
+
 def cmd_diff(args: argparse.Namespace) -> int:
     from ckpt.cli import _storage_options
-    from formats.foreign import diff, open_source
+    from formats.foreign import detect_format, diff
+    from formats.storage import split_scheme
 
     if args.atol < 0 or args.rtol < 0:
         print(f"ckpt diff: --atol and --rtol must be >= 0 (got {args.atol}, {args.rtol})", file=sys.stderr)
         return EXIT_USAGE
     opts = _storage_options(args)
-    with open_source(args.a, args.a_format, allow_pickle=args.allow_pickle, storage_options=opts) as a, \
-            open_source(args.b, args.b_format, allow_pickle=args.allow_pickle, storage_options=opts) as b:
+    dims = _dims(args, "diff")
+    if isinstance(dims, int):
+        return dims
+    sides = []
+    for path, fmt in ((args.a, args.a_format), (args.b, args.b_format)):
+        if fmt == "auto" and split_scheme(path)[0] == "file" and detect_format(path, opts) == "megatron":
+            fmt = "megatron"
+        if fmt == "megatron" and args.spec is None:
+            print(f"ckpt diff: {path} holds Megatron rank directories, which are read through a spec: pass --spec "
+                  "gpt|llama|mixtral or a YAML path (and --dims JSON, --source-layout LAYOUT where the files' args "
+                  "do not say)", file=sys.stderr)
+            return EXIT_USAGE
+        sides.append((path, fmt))
+    with contextlib.ExitStack() as stack:
+        a, b = (stack.enter_context(_open_side(path, fmt, args, dims, opts)) for path, fmt in sides)
         common = set(a.tensors) & set(b.tensors)
         bar = _bar(args, sum(a.tensors[k].nbytes + b.tensors[k].nbytes for k in common), "diff")
         try:
@@ -272,6 +307,9 @@ def add_parsers(sub: Any, storage_option: Any) -> None:
     sp.add_argument("--a-format", choices=SOURCE_CHOICES, default="auto", help="format of A (default auto)")
     sp.add_argument("--b-format", choices=SOURCE_CHOICES, default="auto", help="format of B (default auto)")
     sp.add_argument("--allow-pickle", action="store_true", help="as for convert: trusted files only")
+    sp.add_argument("--spec", metavar="SPEC", help="for a Megatron side: as for convert (a shipped spec or a YAML path)")
+    sp.add_argument("--dims", metavar="JSON", help="for a Megatron side: as for convert")
+    sp.add_argument("--source-layout", metavar="LAYOUT", help="for a Megatron side: as for convert")
     sp.add_argument("--no-progress", action="store_true", help="no progress bar")
     sp.add_argument("--json", action="store_true", help="print one JSON document for scripts")
     storage_option(sp)

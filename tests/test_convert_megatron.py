@@ -169,6 +169,11 @@ def test_cli_convert_target_and_resume(produced: Any, tmp_path: Path, capsys: py
     with open_source(str(tmp_path / "t4")) as a, open_source(str(tmp_path / "r4")) as b:
         assert diff(a, b).equal
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r4", "t", "t4", "u"]  # no intermediate copy anywhere
+    # ckpt diff reads Megatron directories through --spec too: equal to their import; without --spec, exit 2.
+    assert cli(["diff", src, str(tmp_path / "u"), "--spec", "gpt", "--no-progress"]) == 0
+    assert cli(["diff", str(tmp_path / "t4"), src, "--spec", "gpt", "--json"]) == 0
+    capsys.readouterr()
+    assert cli(["diff", src, str(tmp_path / "u")]) == 2 and "--spec" in capsys.readouterr().err
     one = M.ParallelConfig()
     model = M.build_model(mc, one, logical=M.logical_init(M.gpt_tiny(seed=99)))
     opt = M.build_optimizer(model)
