@@ -37,6 +37,8 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.training_stall
 	$(PY) -m benchmarks.reshard
 	$(PY) -m benchmarks.convert
+	$(PY) -m benchmarks.flush_floor
+	$(PY) -m benchmarks.e2e_every10
 
 clean:
 	rm -rf $(VENV) build *.egg-info
