@@ -146,6 +146,29 @@ class _Piece:
     numel: int
 
 
+def add_engine_values(source: Source, main: Mapping[str, Any], optim: Mapping[str, Any], where: str,
+                      sink: dict[str, torch.Tensor], **facts: Any) -> None:
+    """Flatten into ``source`` the client state (``client_state/...``) and DeepSpeed's own facts (``deepspeed/...``:
+    counters, loss scaler, LR scheduler, config) of a model-states file ``main`` and an optimizer state ``optim``;
+    ``facts`` override (tag, ZeRO stage, DP size). Tensors among them go to ``sink``."""
+    client = {k: v for k, v in main.items() if k not in ENGINE_KEYS}
+    if client:
+        flatten_into(client, CLIENT_PREFIX, source, where, sink)
+    ds: dict[str, Any] = {k: main[k] for k in _COUNTERS if k in main}
+    ds.update(facts)
+    scaler = optim.get("loss_scaler")
+    if isinstance(scaler, _Opaque):
+        ds["loss_scaler"] = {k: v for k, v in vars(scaler).items()
+                             if v is None or isinstance(v, (bool, int, float, str))}
+    for k in ("dynamic_loss_scale", "overflow", "clip_grad"):
+        if isinstance(optim.get(k), (bool, int, float)):
+            ds[k] = optim[k]
+    for k in ("lr_scheduler", "ds_config", "universal_checkpoint_info", "checkpoint_parallel_dimensions"):
+        if main.get(k) is not None:
+            ds[k] = main[k]
+    flatten_into(ds, DS_PREFIX, source, where, sink)
+
+
 def _model_key(name: str) -> str:
     return MODEL_PREFIX + K.escape(name)
 
@@ -382,23 +405,8 @@ class DeepSpeedSource(Source):
         self.containers.setdefault("optim", ContainerEntry("optim", "dict"))
 
     def _metadata(self, main: Mapping[str, Any], mfile: str) -> None:
-        client = {k: v for k, v in main.items() if k not in ENGINE_KEYS}
-        if client:
-            flatten_into(client, CLIENT_PREFIX, self, mfile, _WholeTensors(self._reads))
-        ds: dict[str, Any] = {k: main.get(k) for k in _COUNTERS if k in main}
-        ds.update(tag=self.tag, zero_stage=self.stage, dp_world_size=self.dp)
-        osd = self._optim[0]
-        scaler = osd.get("loss_scaler")
-        if isinstance(scaler, _Opaque):
-            ds["loss_scaler"] = {k: v for k, v in vars(scaler).items()
-                                 if v is None or isinstance(v, (bool, int, float, str))}
-        for k in ("dynamic_loss_scale", "overflow", "clip_grad"):
-            if isinstance(osd.get(k), (bool, int, float)):
-                ds[k] = osd[k]
-        for k in ("lr_scheduler", "ds_config", "universal_checkpoint_info", "checkpoint_parallel_dimensions"):
-            if main.get(k) is not None:
-                ds[k] = main[k]
-        flatten_into(ds, DS_PREFIX, self, mfile, _WholeTensors(self._reads))
+        add_engine_values(self, main, self._optim[0], mfile, _WholeTensors(self._reads),
+                          tag=self.tag, zero_stage=self.stage, dp_world_size=self.dp)
         self.metadata["deepspeed"] = {"tag": self.tag, "zero_stage": self.stage, "dp_world_size": self.dp}
 
     # -- reading ------------------------------------------------------------------------------------------------

@@ -24,8 +24,7 @@ import torch
 
 from ckpt.errors import CorruptCheckpointError, IncompleteCheckpointError
 from formats import keys as K
-from formats.foreign.deepspeed import (CLIENT_PREFIX, DS_PREFIX, ENGINE_KEYS, OPTIM_STATE, _COUNTERS, _model_key,
-                                       _Opaque, load_ds_file)
+from formats.foreign.deepspeed import OPTIM_STATE, _model_key, add_engine_values, load_ds_file
 from formats.foreign.source import Source, TensorInfo, add_parents, flatten_into
 
 ZERO_DIR = "zero"
@@ -131,24 +130,9 @@ class DeepSpeedUniversalSource(Source):
         flatten_into(plain, "optim/param_groups", self, where, {})
 
     def _values(self, main: Mapping[str, Any], opt: Mapping[str, Any], mfile: str) -> None:
-        client = {k: v for k, v in main.items() if k not in ENGINE_KEYS}
         sink: dict[str, torch.Tensor] = {}
-        if client:
-            flatten_into(client, CLIENT_PREFIX, self, mfile, sink)
-        ds: dict[str, Any] = {k: main[k] for k in _COUNTERS if k in main}
         stage = opt.get("zero_stage")
-        ds.update(tag=self.tag, zero_stage=int(stage) if stage is not None else None)
-        scaler = opt.get("loss_scaler")
-        if isinstance(scaler, _Opaque):
-            ds["loss_scaler"] = {k: v for k, v in vars(scaler).items()
-                                 if v is None or isinstance(v, (bool, int, float, str))}
-        for k in ("dynamic_loss_scale", "overflow", "clip_grad"):
-            if isinstance(opt.get(k), (bool, int, float)):
-                ds[k] = opt[k]
-        for k in ("lr_scheduler", "ds_config", "universal_checkpoint_info", "checkpoint_parallel_dimensions"):
-            if main.get(k) is not None:
-                ds[k] = main[k]
-        flatten_into(ds, DS_PREFIX, self, mfile, sink)
+        add_engine_values(self, main, opt, mfile, sink, tag=self.tag, zero_stage=None if stage is None else int(stage))
         self._reads.update(sink)
 
     def read(self, key: str) -> torch.Tensor:
