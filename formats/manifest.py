@@ -204,7 +204,7 @@ def _int_list(v: Any, where: str, key: str, what: str) -> tuple[int, ...]:
 
 def _parse(data: bytes, where: str) -> Manifest:
     try:
-        doc = json.loads(data.decode("utf-8"), parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
+        doc = json.loads(data.decode("utf-8"), parse_constant=reject_constant, object_pairs_hook=unique_keys)
     except (UnicodeDecodeError, json.JSONDecodeError, ValueError, RecursionError) as e:
         # RecursionError: absurdly deep nesting ("[[[[..."), which no manifest has.
         raise _fail(where, None, f"manifest is not valid JSON ({type(e).__name__}: {e}); the checkpoint is damaged") from e
@@ -265,7 +265,7 @@ def _parse(data: bytes, where: str) -> Manifest:
     )
 
 
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """A JSON object whose keys are unique: a repeated key (two entries for one tensor) would silently drop one."""
     d = dict(pairs)
     if len(d) != len(pairs):
@@ -275,7 +275,8 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return d
 
 
-def _reject_constant(name: str) -> Any:
+def reject_constant(name: str) -> Any:
+    """``json.loads(parse_constant=...)``: NaN and Infinity are not JSON."""
     raise ValueError(f"non-standard JSON constant {name}")
 
 

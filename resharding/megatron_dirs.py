@@ -23,9 +23,9 @@ Copies that are one and the same file entry (data-parallel ranks sharing ``model
 Writing (a universal checkpoint that records the spec, other formats, a target layout) is
 ``resharding.megatron_import``.
 
-Nothing here unpickles code: ``argparse.Namespace`` (Megatron-LM's ``args``), numpy arrays in ``rng_state``, the
-few enums Megatron-LM puts in ``args`` and Transformer Engine's ``BytesIO`` extra state load as inert stand-ins; any
-other class raises ``UnsafeCheckpointError`` naming the file and the class, unless ``allow_pickle=True``.
+Nothing unpickles code: the files are loaded by ``resharding.megatron_files`` (inert stand-ins for the few classes
+Megatron files hold; any other class raises ``UnsafeCheckpointError`` unless ``allow_pickle=True``), which also
+finds the iteration, the rank directories and the layout.
 
 Who calls it: ``ckpt convert --from megatron`` (``ckpt.cli_convert``) and scripts; one process. ``read`` is
 thread-safe (converters read from one thread per output file).
@@ -34,246 +34,26 @@ thread-safe (converters read from one thread per output file).
 from __future__ import annotations
 
 import os
-import pickle
 import re
 import threading
 from typing import Any, Mapping
 
 import torch
 
-from ckpt.errors import (CheckpointNotFoundError, CorruptCheckpointError, FormatNotImplementedError,
-                         IncompleteCheckpointError, ShardMismatchError, SpecError, UnsafeCheckpointError)
+from ckpt.errors import CorruptCheckpointError, IncompleteCheckpointError, ShardMismatchError, SpecError
 from formats import keys as K
 from formats.dtypes import dtype_name
 from formats.foreign.source import Source, TensorInfo, add_parents, flatten_into
-from formats.foreign.torch_file import _torch_load  # memory-mapped; the legacy format read whole
 from resharding.box import Box, boxes_tile
 from resharding.grid import DEFAULT_ORDER, Grid
 from resharding.layout import LocalPiece, TensorLayout
+from resharding.megatron_files import (MODEL_FILE, TRACKER_FILE, DirScan, args_dict, args_dims, args_parallel,
+                                       given_parallel, jsonable, load_megatron_file, rank_dir_name,
+                                       resolve_checkpoint_dir)
 from resharding.offline import _reconcile, target_boxes
 from resharding.spec_apply import piece_view
-from resharding.spec_bind import PARALLEL_KEYS, SpecBinding, parse_parallel, resolve_spec
+from resharding.spec_bind import SpecBinding, parse_parallel, resolve_spec
 from resharding.spec_layout import AVERAGED, REPLICATED, Piece
-
-MODEL_FILE = "model_optim_rng.pt"
-TRACKER_FILE = "latest_checkpointed_iteration.txt"
-_RANK_DIR = re.compile(r"^mp_rank_(\d+)(?:_(\d+))?(?:_(\d+))?$")
-_OPTIM_FILE = re.compile(r"^distrib_optim_(\d+)\.pt$")
-_ITER_DIR = re.compile(r"^iter_(\d+)$")
-
-#: Megatron-LM ``args`` names -> spec dims (``tied`` is the negation of untie_embeddings_and_output_weights).
-_ARGS_DIMS = {"hidden_size": "hidden", "num_attention_heads": "heads", "num_query_groups": "kv_heads",
-              "kv_channels": "head_dim", "ffn_hidden_size": "ffn", "num_layers": "layers",
-              "make_vocab_size_divisible_by": "vocab_divisible_by", "num_experts": "experts"}
-_ARGS_PARALLEL = {"tensor_model_parallel_size": "tp", "pipeline_model_parallel_size": "pp",
-                  "data_parallel_size": "dp", "expert_model_parallel_size": "ep"}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Safe loading: inert stand-ins for the classes Megatron files hold besides tensors and containers.
-
-
-class MegatronArgs:
-    """Stand-in for ``argparse.Namespace``: keeps the pickled attributes, runs nothing."""
-
-    def __setstate__(self, state: Any) -> None:
-        self.__dict__.update(state if isinstance(state, dict) else {"state": state})
-
-
-class _Inert:
-    """Stand-in for a numpy array or dtype in ``rng_state``, an enum in ``args``, or Transformer Engine's ``BytesIO``
-    extra state: keeps its arguments only."""
-
-    def __init__(self, *args: Any) -> None:
-        self.args = args
-
-    def __setstate__(self, state: Any) -> None:
-        self.state = state
-
-
-#: (stand-in, the global it replaces) for ``torch.serialization.safe_globals``.
-STAND_INS: list[Any] = [
-    (MegatronArgs, "argparse.Namespace"), _Inert,
-    *[(_Inert, name) for name in (
-        "numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct", "numpy.ndarray", "numpy.dtype",
-        "megatron.core.enums.ModelType", "megatron.core.transformer.enums.AttnBackend",
-        "megatron.core.transformer.enums.AttnMaskType", "_io.BytesIO")],
-]
-
-
-def load_megatron_file(path: str, allow_pickle: bool = False) -> Any:
-    """``torch.load`` one Megatron file, memory-mapped, with ``args``/``rng_state`` classes read as stand-ins."""
-    if not os.path.isfile(path):
-        raise IncompleteCheckpointError(f"{path}: missing; every rank's file must be present (is the directory "
-                                        "complete, and is the parallel layout right?)")
-    try:
-        if allow_pickle:
-            return _torch_load(path, weights_only=False)
-        with torch.serialization.safe_globals(STAND_INS):
-            return _torch_load(path, weights_only=True)
-    except pickle.UnpicklingError as e:
-        if allow_pickle:
-            raise CorruptCheckpointError(f"{path}: cannot be unpickled: {e}") from e
-        text = str(e)
-        m = re.search(r"GLOBAL ([\w.]+)", text)
-        what = m.group(1) if m else next((ln.strip() for ln in text.splitlines() if "Unsupported" in ln), "?")[:300]
-        raise UnsafeCheckpointError(
-            f"{path}: refusing to load this Megatron file: it needs the class {what}, which is neither a tensor nor "
-            "one of the objects Megatron checkpoints hold (argparse.Namespace, numpy RNG state). Loading it could run "
-            "code stored in the file. If you trust its origin, pass --allow-pickle (allow_pickle=True).") from None
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError) as e:
-        raise CorruptCheckpointError(f"{path}: not a readable torch.save file ({type(e).__name__}: {e})") from e
-
-
-def _args_dict(args: Any) -> dict[str, Any]:
-    if isinstance(args, Mapping):
-        return dict(args)
-    return dict(vars(args)) if hasattr(args, "__dict__") else {}
-
-
-def _jsonable(obj: Any) -> Any:
-    """``obj`` as plain JSON values (for the manifest's informational metadata); the rest as its repr."""
-    if obj is None or isinstance(obj, (bool, int, str)):
-        return obj
-    if isinstance(obj, float):
-        return obj if obj == obj and abs(obj) != float("inf") else repr(obj)
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, MegatronArgs):
-        return _jsonable(vars(obj))
-    return repr(obj) if not isinstance(obj, _Inert) else "<opaque>"
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The directory: which iteration, which rank directories, which layout.
-
-
-def resolve_checkpoint_dir(path: str) -> tuple[str, int | None]:
-    """The directory holding the ``mp_rank_*`` directories, and the iteration the tracker file names (if any).
-
-    ``path`` is that directory, or a Megatron-LM save root (``latest_checkpointed_iteration.txt`` + ``iter_*/``).
-    """
-    if not os.path.isdir(path):
-        raise CheckpointNotFoundError(f"{path}: no such directory (expected Megatron rank directories mp_rank_*/)")
-    names = os.listdir(path)
-    if any(_RANK_DIR.match(n) for n in names):
-        return path, None
-    if TRACKER_FILE in names:
-        with open(os.path.join(path, TRACKER_FILE), encoding="utf-8") as f:
-            text = f.read().strip()
-        if text == "release":
-            return _need_dir(os.path.join(path, "release")), None
-        if not text.isdigit():
-            raise CorruptCheckpointError(f"{path}/{TRACKER_FILE}: expected an iteration number or 'release', found "
-                                         f"{text[:50]!r}")
-        return _need_dir(os.path.join(path, f"iter_{int(text):07d}")), int(text)
-    iters = sorted(n for n in names if _ITER_DIR.match(n))
-    if len(iters) == 1:
-        return path + "/" + iters[0], int(_ITER_DIR.match(iters[0]).group(1))  # type: ignore[union-attr]
-    if iters:
-        raise CorruptCheckpointError(f"{path}: holds several iterations ({', '.join(iters[:10])}) and no "
-                                     f"{TRACKER_FILE}; pass the iter_* directory to convert")
-    one_rank = _RANK_DIR.match(os.path.basename(path.rstrip("/")))
-    hint = "; this is one rank's directory: pass its parent" if one_rank else ""
-    raise CheckpointNotFoundError(f"{path}: no Megatron rank directories (mp_rank_*/), {TRACKER_FILE} or iter_*/ "
-                                  f"here{hint}")
-
-
-def _need_dir(path: str) -> str:
-    if not os.path.isdir(path):
-        raise IncompleteCheckpointError(f"{path}: missing; {TRACKER_FILE} names it, so the save did not complete")
-    return path
-
-
-def rank_dir_name(tp: int, pp: int, ep: int, grid: Grid) -> str:
-    """Megatron's rank directory name: ``mp_rank_{tp:02d}``, then ``_{pp:03d}`` if ``pp > 1``, then ``_{ep:03d}``
-    if ``ep > 1``."""
-    return f"mp_rank_{tp:02d}" + (f"_{pp:03d}" if grid.pp > 1 else "") + (f"_{ep:03d}" if grid.ep > 1 else "")
-
-
-def _given(parallel: "str | Mapping[str, Any] | None") -> dict[str, Any]:
-    """Only the settings a caller named in ``parallel`` (validated by ``parse_parallel``)."""
-    if parallel is None:
-        return {}
-    full = parse_parallel(parallel)
-    names = (set(parallel) if isinstance(parallel, Mapping)
-             else {p.split("=")[0].strip() for p in parallel.split(",") if p.strip()})
-    return {k: full[k] for k in names}
-
-
-def _args_parallel(args: dict[str, Any]) -> dict[str, Any]:
-    """Parallel settings the files' ``args`` record: megatron_ref's ``args["parallel"]`` or Megatron-LM's names."""
-    if isinstance(args.get("parallel"), Mapping):
-        return {k: v for k, v in args["parallel"].items() if k in (*PARALLEL_KEYS, "order")}
-    out = {name: int(args[a]) for a, name in _ARGS_PARALLEL.items() if isinstance(args.get(a), int)}
-    if "use_distributed_optimizer" in args:
-        out["zero"] = 1 if args["use_distributed_optimizer"] else 0
-    return out
-
-
-def _args_dims(args: dict[str, Any], declared: set[str]) -> dict[str, Any]:
-    """Model dims the files' ``args`` record, limited to those the spec declares."""
-    if isinstance(args.get("model"), Mapping):
-        found = dict(args["model"])
-    else:
-        found = {name: args[a] for a, name in _ARGS_DIMS.items() if args.get(a) is not None}
-        if not args.get("group_query_attention", True):
-            found.pop("kv_heads", None)
-        if "untie_embeddings_and_output_weights" in args:
-            found["tied"] = not args["untie_embeddings_and_output_weights"]
-    return {k: v for k, v in found.items() if k in declared}
-
-
-class _Scan:
-    """What the directory holds: rank directory names by parsed numbers, and distrib_optim files per directory."""
-
-    def __init__(self, root: str) -> None:
-        self.root = root
-        self.dirs: dict[tuple[int, ...], str] = {}
-        for n in sorted(os.listdir(root)):
-            m = _RANK_DIR.match(n)
-            if m and os.path.isdir(os.path.join(root, n)):
-                self.dirs[tuple(int(g) for g in m.groups() if g is not None)] = n
-        if not self.dirs:
-            raise CheckpointNotFoundError(f"{root}: no Megatron rank directories (mp_rank_*/)")
-        widths = {len(k) for k in self.dirs}
-        if len(widths) > 1:
-            names = ", ".join(sorted(self.dirs.values())[:6])
-            raise CorruptCheckpointError(f"{root}: rank directories of mixed forms ({names}); remove the ones of "
-                                         "another save")
-        self.width = widths.pop()
-        self.optim: dict[str, list[int]] = {}
-        for name in self.dirs.values():
-            files = os.listdir(os.path.join(root, name))
-            if "distrib_optim.pt" in files:
-                raise FormatNotImplementedError(
-                    f"{root}/{name}/distrib_optim.pt: Megatron-LM's gathered distributed-optimizer file is not "
-                    "supported (its parameter-range format is not what the specs describe); only per-DP-rank "
-                    "distrib_optim_XXX.pt files are read")
-            self.optim[name] = sorted(int(m.group(1)) for f in files if (m := _OPTIM_FILE.match(f)))
-
-    def infer(self, known: Mapping[str, Any], model_empty: bool) -> dict[str, Any]:
-        """Parallel settings from the names (those in ``known`` win): tp, pp, ep from the directories, dp from the
-        distrib_optim files, zero from their presence (3 when the model files hold no weights)."""
-        out = dict(known)
-        cols = list(zip(*self.dirs))
-        out.setdefault("tp", max(cols[0]) + 1)
-        if self.width == 3:
-            out.setdefault("pp", max(cols[1]) + 1)
-            out.setdefault("ep", max(cols[2]) + 1)
-        elif self.width == 2:  # pp or ep: pp unless the known settings say pp == 1
-            axis = "ep" if out.get("pp", 0) == 1 or out.get("ep", 1) > 1 else "pp"
-            out.setdefault(axis, max(cols[1]) + 1)
-        out.setdefault("pp", 1)
-        out.setdefault("ep", 1)
-        ranks = sorted({d for v in self.optim.values() for d in v})
-        if "zero" not in out:
-            out["zero"] = 0 if not ranks else (3 if model_empty else 1)
-        out.setdefault("dp", len(ranks) if ranks else out["ep"])
-        return out
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # The source.
@@ -295,19 +75,19 @@ class MegatronSource(Source):
         self._allow_pickle = allow_pickle
         self._files: dict[str, Any] = {}
         root, tracked = resolve_checkpoint_dir(self.path)
-        scan = _Scan(root)
+        scan = DirScan(root)
         first = os.path.join(root, next(iter(scan.dirs.values())), MODEL_FILE)
-        args = _args_dict(self._file(first).get("args"))
+        args = args_dict(self._file(first).get("args"))
         spec_obj = resolve_spec(spec)
         declared = {d.name for d in spec_obj.dims}
         given_dims = dict(dims or {})
-        found_dims = _args_dims(args, declared)
+        found_dims = args_dims(args, declared)
         missing = sorted(d.name for d in spec_obj.dims
                          if d.default is None and d.name not in given_dims and d.name not in found_dims)
         if missing:
             raise SpecError(f"{first}: spec '{spec_obj.name}' needs the model dims {missing}, which the files' args do "
                             "not record; pass them (--dims '{\"vocab\": 50257}', dims={...})")
-        known = {**_args_parallel(args), **_given(parallel)}
+        known = {**args_parallel(args), **given_parallel(parallel)}
         model_empty = all(not self._file(os.path.join(root, d, MODEL_FILE)).get("model")
                           for d in scan.dirs.values() if os.path.isfile(os.path.join(root, d, MODEL_FILE)))
         parallel_all = parse_parallel(scan.infer(known, model_empty))
@@ -372,7 +152,7 @@ class MegatronSource(Source):
         t = self.entry(rel, path)
         return t if t.is_contiguous() else t.contiguous()
 
-    def _build(self, scan: _Scan, tracked: int | None, args: dict[str, Any]) -> None:
+    def _build(self, scan: DirScan, tracked: int | None, args: dict[str, Any]) -> None:
         b, n = self.binding, self.binding.world_size
         expected = {f for r in range(n) for f in self.rank_files(r) if f is not None}
         missing = sorted(f for f in expected if not os.path.isfile(os.path.join(self.root, f)))
@@ -447,7 +227,7 @@ class MegatronSource(Source):
             flatten_into(value, key, self, f"{self.root}/{self.rank_files(0)[0]}", sink)
         for key in [*self.tensors, *self.values]:
             add_parents(key, self.containers)
-        self.metadata["megatron"] = {"args": _jsonable(args), "parallel": dict(self.binding.parallel),
+        self.metadata["megatron"] = {"args": jsonable(args), "parallel": dict(self.binding.parallel),
                                      "spec": self.binding.spec.name, "dims": dict(self.binding.dims)}
 
     def retarget(self, binding: SpecBinding) -> None:

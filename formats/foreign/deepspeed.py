@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import math
 import os
-import pickle
 import re
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -41,9 +40,10 @@ from typing import Any, Mapping
 import torch
 
 from ckpt.errors import (CheckpointNotFoundError, CorruptCheckpointError, IncompleteCheckpointError,
-                         UnsafeCheckpointError, UnsupportedStateError)
+                         UnsupportedStateError)
 from formats import keys as K
 from formats.foreign.source import MODEL_PREFIX, Source, TensorInfo, add_parents, flatten_into
+from formats.foreign.torch_file import load_restricted
 from formats.manifest import ContainerEntry
 
 #: Keys DeepSpeed itself writes at the top of a model-states file; every other key is client state.
@@ -90,23 +90,8 @@ def load_ds_file(path: str, allow_pickle: bool) -> Any:
     if not os.path.isfile(path):
         raise IncompleteCheckpointError(f"{path}: missing; the DeepSpeed checkpoint is incomplete (every rank's "
                                         "file must be present)")
-    try:
-        if allow_pickle:
-            return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-        with torch.serialization.safe_globals(STAND_INS):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as e:
-        if allow_pickle:
-            raise CorruptCheckpointError(f"{path}: cannot be unpickled: {e}") from e
-        lines = str(e).strip().splitlines()
-        hint = next((ln.strip() for ln in lines if "GLOBAL" in ln or "Unsupported" in ln or "unrecognized" in ln),
-                    lines[0] if lines else "")
-        raise UnsafeCheckpointError(
-            f"{path}: refusing to load this DeepSpeed file: it needs a class beyond the DeepSpeed objects ZeRO "
-            f"checkpoints hold ({hint[:300]}). Loading it could run code stored in the file. If you trust its "
-            "origin, pass --allow-pickle (allow_pickle=True; needs the classes importable).") from None
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError) as e:
-        raise CorruptCheckpointError(f"{path}: not a readable torch.save file ({type(e).__name__}: {e})") from e
+    return load_restricted(path, allow_pickle=allow_pickle, what="DeepSpeed file", stand_ins=STAND_INS,
+                           holds=" (and the DeepSpeed loss scaler, ZeRO stage and fragment address)")
 
 
 def resolve_tag_dir(path: str, tag: str | None = None) -> tuple[str, str]:
@@ -195,7 +180,9 @@ class DeepSpeedSource(Source):
         self._check_supported(names)
         self._optim_files = self._rank_files(names)
         self.dp = len(self._optim_files)
-        self._optim = [self._field(self._load(f), "optimizer_state_dict", f) for f in self._optim_files]
+        loaded = self._first_optim  # rank 0's, read while counting the ranks
+        self._optim = [loaded[1] if f == loaded[0] else self._field(self._load(f), "optimizer_state_dict", f)
+                       for f in self._optim_files]
         stage = self._optim[0].get("zero_stage")
         self.stage = int(stage) if stage is not None else 1
         if self.stage == 3:
@@ -233,6 +220,7 @@ class DeepSpeedSource(Source):
                 prefixes.add(m.group(1) or "")
         path = os.path.join(self.tag_dir, by_rank[min(by_rank)])
         first = self._field(self._load(path), "optimizer_state_dict", path)
+        self._first_optim = (path, first)
         count = first.get("partition_count")
         expected = max(count) if isinstance(count, (list, tuple)) else int(count or len(by_rank))
         expected = max(expected, max(by_rank) + 1)

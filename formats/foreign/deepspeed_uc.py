@@ -25,10 +25,11 @@ import torch
 from ckpt.errors import CorruptCheckpointError, IncompleteCheckpointError
 from formats import keys as K
 from formats.foreign.deepspeed import OPTIM_STATE, _model_key, add_engine_values, load_ds_file
+from formats.foreign.deepspeed_universal_plan import (MODEL_STATES_FILE, OPTIMIZER_STATE_FILE,
+                                                       ZERO3_MODEL_STATES_FILE, ZERO_DIR)
 from formats.foreign.source import Source, TensorInfo, add_parents, flatten_into
 
-ZERO_DIR = "zero"
-_MODEL_FILES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+_MODEL_FILES = (MODEL_STATES_FILE, ZERO3_MODEL_STATES_FILE)
 STATES = ("exp_avg", "exp_avg_sq")
 
 
@@ -53,7 +54,7 @@ class DeepSpeedUniversalSource(Source):
         groups = [list(g) for g in shapes]
         shape_of = {n: tuple(int(s) for s in shp) for g in shapes for n, shp in g.items()}
         zero = os.path.join(tag_dir, ZERO_DIR)
-        opt = self._load(os.path.join(zero, "optimizer_state.pt"))
+        opt = self._load(os.path.join(zero, OPTIMIZER_STATE_FILE))
         group_steps = self._group_steps(opt)
         for g, names in enumerate(groups):
             for name in names:
@@ -74,7 +75,7 @@ class DeepSpeedUniversalSource(Source):
             ref = module.get(name)
             shape = tuple(ref.shape) if isinstance(ref, torch.Tensor) and ref.numel() else None
             self._put(_model_key(name), self._param(os.path.join(zero, name), "fp32", shape, name))
-        self._param_groups(opt, groups, os.path.join(zero, "optimizer_state.pt"))
+        self._param_groups(opt, groups, os.path.join(zero, OPTIMIZER_STATE_FILE))
         self._values(main, opt, mfile)
         self.metadata["deepspeed"] = {"tag": tag, "universal": True}
 

@@ -33,7 +33,7 @@ import torch
 from ckpt.errors import CheckpointExistsError, CorruptCheckpointError, UnsafeCheckpointError, UnsupportedStateError
 from formats import keys as K
 from formats.foreign.source import MODEL_PREFIX, Source, TensorInfo, add_parents, read_as
-from formats.manifest import MAX_NDIM
+from formats.manifest import MAX_NDIM, reject_constant, unique_keys
 from formats.storage.base import check_relpath
 from formats.tensor_bytes import as_bytes, writable_bytes
 
@@ -62,19 +62,6 @@ class _Stored:
     nbytes: int
 
 
-def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    d = dict(pairs)
-    if len(d) != len(pairs):
-        seen: set[str] = set()
-        dup = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
-        raise ValueError(f"name {dup!r} appears twice")
-    return d
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"non-standard JSON constant {name}")
-
-
 def read_header(path: str) -> tuple[dict[str, tuple[torch.dtype, tuple[int, ...], int, int]], dict[str, str]]:
     """Parse and validate the header of the safetensors file ``path``.
 
@@ -98,7 +85,7 @@ def read_header(path: str) -> tuple[dict[str, tuple[torch.dtype, tuple[int, ...]
     except FileNotFoundError as e:
         raise CorruptCheckpointError(f"{path}: safetensors file is missing") from e
     try:
-        doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique, parse_constant=_reject_constant)
+        doc = json.loads(raw.decode("utf-8"), object_pairs_hook=unique_keys, parse_constant=reject_constant)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise CorruptCheckpointError(f"{path}: the safetensors header is not valid JSON ({e})") from e
     if not isinstance(doc, dict):
@@ -201,7 +188,8 @@ class SafetensorsSource(Source):
     def _read_index(self, index: str) -> dict[str, str]:
         try:
             with open(index, "rb") as f:
-                doc = json.loads(f.read().decode("utf-8"), object_pairs_hook=_unique, parse_constant=_reject_constant)
+                doc = json.loads(f.read().decode("utf-8"), object_pairs_hook=unique_keys,
+                                 parse_constant=reject_constant)
         except (UnicodeDecodeError, ValueError) as e:
             raise CorruptCheckpointError(f"{index}: not valid JSON ({e})") from e
         wm = doc.get("weight_map") if isinstance(doc, dict) else None

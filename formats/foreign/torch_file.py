@@ -18,8 +18,9 @@ from __future__ import annotations
 import mmap
 import os
 import pickle
+import re
 import uuid
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -51,27 +52,44 @@ class TorchSource(Source):
     def _load(path: str, allow_pickle: bool) -> Any:
         if not os.path.isfile(path):
             raise CorruptCheckpointError(f"{path}: not a file")
-        try:
-            return _torch_load(path, weights_only=not allow_pickle)
-        except pickle.UnpicklingError as e:
-            if allow_pickle:
-                raise CorruptCheckpointError(f"{path}: cannot be unpickled: {e}") from e
-            # torch's restricted unpickler stops at the first import it does not allow, before calling anything.
-            first = str(e).strip().splitlines()
-            hint = next((ln.strip() for ln in first if "GLOBAL" in ln or "Unsupported" in ln), first[0] if first else "")
-            raise UnsafeCheckpointError(
-                f"{path}: refusing to load this torch.save file: it needs pickle beyond torch's weights_only loader "
-                f"({hint[:300]}). Loading it could run code stored in the file. If you trust its origin, pass "
-                "--allow-pickle (allow_pickle=True)."
-            ) from None
-        except (RuntimeError, EOFError, OSError, ValueError) as e:
-            raise CorruptCheckpointError(f"{path}: not a readable torch.save file ({type(e).__name__}: {e})") from e
+        return load_restricted(path, allow_pickle=allow_pickle, what="torch.save file")
 
     def read(self, key: str) -> torch.Tensor:
         return self._tensors[key]
 
     def close(self) -> None:
         self._tensors = {}
+
+
+def load_restricted(path: str, *, allow_pickle: bool, what: str, holds: str = "",
+                    stand_ins: Sequence[Any] = ()) -> Any:
+    """``torch.load`` a file someone else wrote, memory-mapped, without running code stored in it.
+
+    torch's ``weights_only`` loader builds tensors and plain containers only; ``stand_ins`` (``(stand-in,
+    "module.Name")`` pairs for ``torch.serialization.safe_globals``) let it read the few framework classes a format
+    is known to hold (``holds`` names them in messages) as inert objects. Any other import stops it before anything is called:
+    ``UnsafeCheckpointError`` naming the file and the import, and the opt-in. ``allow_pickle=True`` loads with full
+    pickle (trusted files only). Unreadable files raise ``CorruptCheckpointError``.
+    """
+    try:
+        if allow_pickle:
+            return _torch_load(path, weights_only=False)
+        with torch.serialization.safe_globals(list(stand_ins)):
+            return _torch_load(path, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if allow_pickle:
+            raise CorruptCheckpointError(f"{path}: cannot be unpickled: {e}") from e
+        text = str(e)
+        m = re.search(r"GLOBAL ([\w.]+)", text)
+        lines = [ln.strip() for ln in text.strip().splitlines()]
+        need = m.group(1) if m else next((ln for ln in lines if "Unsupported" in ln or "unrecognized" in ln),
+                                          lines[0] if lines else "?")[:300]
+        raise UnsafeCheckpointError(
+            f"{path}: refusing to load this {what}: it needs {need}, beyond tensors and plain containers{holds}. "
+            "Loading it could run code stored in the file. If you trust its origin, pass --allow-pickle "
+            "(allow_pickle=True).") from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError) as e:
+        raise CorruptCheckpointError(f"{path}: not a readable torch.save file ({type(e).__name__}: {e})") from e
 
 
 def _torch_load(path: str, weights_only: bool) -> Any:
