@@ -104,6 +104,14 @@ class SnapshotHandle:
             return self._cond.wait_for(lambda: not self._pending, timeout_secs)
 
 
+def _piece_view(layout: TensorLayout, index: int) -> torch.Tensor:
+    """The local elements of one piece; the local tensor itself when the piece is all of it (no new view)."""
+    piece = layout.pieces[index]
+    if piece.source is None and piece.global_box.sizes == tuple(layout.local.shape) and not any(piece.local_offsets):
+        return layout.local
+    return piece.local_view(layout.local)
+
+
 def _storage_ptr(t: torch.Tensor) -> int:
     local = t.to_local() if is_dtensor(t) else t
     return local.untyped_storage().data_ptr()
@@ -211,6 +219,13 @@ class Checkpointer:
     def _slot_view(slot: Slot, r: _Region) -> torch.Tensor:
         return slot.buffer[r.offset : r.offset + r.nbytes].view(r.dtype).view(r.sizes)
 
+    def _slot_views(self, slot: Slot, lay: _Layout) -> list[torch.Tensor]:
+        """Every region's view of ``slot``, made once per slot and layout (slots are reused round-robin)."""
+        cached = slot.views.get("checkpointer")
+        if cached is None or cached[0] is not lay:
+            cached = slot.views["checkpointer"] = (lay, [self._slot_view(slot, r) for r in lay.regions])
+        return cached[1]
+
     def _install_hooks(self, optimizers: list[torch.optim.Optimizer]) -> None:
         for o in optimizers:  # keyed weakly by the optimizer itself: a recycled id() must not skip a hook
             if o not in self._hooks:
@@ -263,13 +278,13 @@ class Checkpointer:
         slot, m.backpressure_wait_secs = self.pool.acquire(lay.total_bytes, tiers_due)
         eager, lazy = [], []
         lazy_index: dict[int, int] = {}  # region position -> index of its lazy copy (absent: copied eagerly)
-        for i, r in enumerate(lay.regions):
-            src = layouts[r.key].pieces[r.piece_index].local_view(layouts[r.key].local)
+        for i, (r, dst) in enumerate(zip(lay.regions, self._slot_views(slot, lay))):
+            src = _piece_view(layouts[r.key], r.piece_index)
             if _storage_ptr(flat.tensors[r.key]) in lazy_ptrs:
                 lazy_index[i] = len(lazy)
-                lazy.append((src, self._slot_view(slot, r)))
+                lazy.append((src, dst))
             else:
-                eager.append((src, self._slot_view(slot, r)))
+                eager.append((src, dst))
         te = time.perf_counter()
         copy_all(eager)
         m.eager_copy_secs = time.perf_counter() - te

@@ -63,6 +63,9 @@ class Slot:
     pending: set[str] = field(default_factory=set)
     #: Per-snapshot data attached by the Checkpointer (regions, values, metrics).
     info: dict[str, Any] = field(default_factory=dict)
+    #: Views of ``buffer`` a user keeps across snapshots (the Checkpointer: one per region of its layout), keyed
+    #: by what they were made for; dropped whenever ``buffer`` is replaced.
+    views: dict[Any, Any] = field(default_factory=dict)
 
     @property
     def capacity_bytes(self) -> int:
@@ -121,6 +124,7 @@ class HostBufferPool:
                 self.allocator.free(old, f"{self.name}-{slot.index}")
                 self.allocated_bytes -= int(old.numel())
             slot.buffer = self.allocator.allocate(nbytes, f"{self.name}-{slot.index}")
+            slot.views = {}
             self.allocated_bytes += nbytes
         return slot, waited
 
@@ -156,6 +160,7 @@ class HostBufferPool:
                 if slot.buffer.numel():
                     self.allocator.free(slot.buffer, f"{self.name}-{slot.index}")
                 slot.buffer = torch.empty(0, dtype=torch.uint8)
+                slot.views = {}
                 slot.state = FREE
             self._latest = None
             self.allocated_bytes = 0

@@ -2,9 +2,10 @@
 
 The core never special-cases framework types; it asks this registry. Built in:
 
-* ``torch.nn.Module`` -> ``get_model_state_dict`` (FQN keys; DTensors stay DTensors under FSDP2/TP);
-* ``torch.optim.Optimizer`` -> ``get_optimizer_state_dict(model, optim)`` with the module of the same state
-  that owns its parameters, so optimizer state is keyed by parameter FQN (PyTorch's canonical form) and can be
+* ``torch.nn.Module`` -> ``get_model_state_dict`` (FQN keys; DTensors stay DTensors under FSDP2/TP), its key
+  mapping cached (``ckpt.state_dicts``);
+* ``torch.optim.Optimizer`` -> ``get_optimizer_state_dict(model, optim)``, likewise cached, with the module of the
+  same state that owns its parameters, so optimizer state is keyed by parameter FQN (PyTorch's canonical form) and can be
   resharded; without such a module it falls back to ``optim.state_dict()``;
 * anything else with ``state_dict``/``load_state_dict`` (the ``Stateful`` protocol).
 
@@ -68,9 +69,9 @@ def _owner(optim: torch.optim.Optimizer, ctx: Context) -> torch.nn.Module | None
 
 
 def _module_to(m: torch.nn.Module, ctx: Context) -> Any:
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    from ckpt.state_dicts import model_state_dict
 
-    return get_model_state_dict(m)
+    return model_state_dict(m)
 
 
 def _module_from(m: torch.nn.Module, sd: Any, ctx: Context) -> None:
@@ -80,10 +81,10 @@ def _module_from(m: torch.nn.Module, sd: Any, ctx: Context) -> None:
 
 
 def _optim_to(o: torch.optim.Optimizer, ctx: Context) -> Any:
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    from ckpt.state_dicts import optimizer_state_dict
 
     model = _owner(o, ctx)
-    return o.state_dict() if model is None else get_optimizer_state_dict(model, o)
+    return o.state_dict() if model is None else optimizer_state_dict(model, o)
 
 
 def _optim_from(o: torch.optim.Optimizer, sd: Any, ctx: Context) -> None:

@@ -8,6 +8,7 @@ global rows; those are decomposed into boxes (runs of consecutive indices), neve
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass, field
 from typing import Any
@@ -123,11 +124,17 @@ def pieces_from_indices(global_shape: tuple[int, ...], index: list[list[int] | N
     return pieces
 
 
+@functools.lru_cache(maxsize=4096)
+def _whole_piece(shape: tuple[int, ...]) -> LocalPiece:
+    """The one piece of a plain tensor of ``shape`` (immutable, so shared by every tensor of that shape)."""
+    return LocalPiece(tuple(0 for _ in shape), Box.whole(shape))
+
+
 def tensor_layout(t: torch.Tensor) -> TensorLayout:
     """The layout of ``t`` on this rank (called on every rank by save and load)."""
     if not is_dtensor(t):
         shape = tuple(t.shape)
-        return TensorLayout(shape, t, (LocalPiece(tuple(0 for _ in shape), Box.whole(shape)),), None)
+        return TensorLayout(shape, t, (_whole_piece(shape),), None)
     mesh = t.device_mesh
     placements = tuple(t.placements)
     shape = tuple(t.shape)
