@@ -30,7 +30,7 @@ from ckpt.policies import retention_from
 from ckpt.pool import ALIGN_BYTES, HostBufferPool, SegmentAllocator, Slot
 from ckpt.rng import RNGState
 from ckpt.saving import SavePlan, plan_save, write_and_commit
-from ckpt.staging import Copier, StagingHandle, copy_all
+from ckpt.staging import BACKGROUND_PRIORITIES, Copier, StagingHandle, copy_all
 from ckpt.state import assign, flatten, resolve, walk_objects
 from ckpt.tiers import FlushJob, FlushResult, StorageTier
 from formats.writer import ChunkWrite, WriteOptions
@@ -127,12 +127,16 @@ class Checkpointer:
                  storage_options: dict[str, Any] | None = None, disk_storage_options: dict[str, Any] | None = None,
                  save_options: SaveOptions | None = None,
                  save_rng: bool = True, lazy: bool = True, metrics: bool = True,
-                 allocator: SegmentAllocator | None = None) -> None:
+                 allocator: SegmentAllocator | None = None, background_priority: str = "normal") -> None:
         for name, v in (("memory_every", memory_every), ("disk_every", disk_every), ("remote_every", remote_every)):
             if v < 0:
                 raise ValueError(f"Checkpointer({name}={v}): expected >= 0 (0 disables that tier)")
         if remote_every and not remote:
             raise ValueError("Checkpointer(remote_every>0) needs remote='scheme://...'")
+        if background_priority not in BACKGROUND_PRIORITIES:
+            raise ValueError(f"Checkpointer(background_priority={background_priority!r}): expected one of "
+                             f"{list(BACKGROUND_PRIORITIES)}")
+        self.background_priority = background_priority
         self.root = str(root)
         self.memory_every = memory_every
         self.save_rng = save_rng
@@ -141,15 +145,15 @@ class Checkpointer:
         self.dw = DistWrapper(process_group)
         self.process_group = process_group
         self.pool = HostBufferPool(memory_slots, allocator)
-        self.copier = Copier()
+        self.copier = Copier(background_priority)
         self.tiers: list[StorageTier] = []
         if disk_every:
             self.tiers.append(StorageTier("disk", self.root, disk_every, retention_from(keep_last, keep_every),
-                                          self._new_group(), disk_storage_options))
+                                          self._new_group(), disk_storage_options, background_priority))
         if remote and remote_every:
             self.tiers.append(StorageTier("remote", remote, remote_every,
                                           retention_from(remote_keep_last or keep_last, keep_every), self._new_group(),
-                                          storage_options))
+                                          storage_options, background_priority))
         self._layout: _Layout | None = None
         self._current: StagingHandle | None = None
         self._current_metrics: SnapshotMetrics | None = None

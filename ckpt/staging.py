@@ -12,6 +12,7 @@ the same copies and sets a ``threading.Event``. ``StagingHandle.wait()`` is the 
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -78,6 +79,31 @@ class StagingHandle:
             self._progress.notify_all()
 
 
+#: ``Checkpointer(background_priority=...)``: how the threads that copy and flush snapshots are scheduled.
+BACKGROUND_PRIORITIES = ("normal", "idle")
+
+
+def set_background_priority(priority: str) -> bool:
+    """Schedule the calling thread (and threads it starts later, which inherit it) as ``priority``.
+
+    ``"idle"`` is Linux's ``SCHED_IDLE``: the thread runs only on cores no normal thread wants, and a waking
+    normal thread preempts it at once. Unprivileged threads cannot switch back, so it is only ever applied to
+    threads that do nothing else. Returns False where the platform has no such policy (nothing changes).
+    """
+    if priority not in BACKGROUND_PRIORITIES:
+        raise ValueError(f"background_priority={priority!r}: expected one of {list(BACKGROUND_PRIORITIES)}")
+    if priority == "normal":
+        return True
+    policy = getattr(os, "SCHED_IDLE", None)
+    if policy is None or not hasattr(os, "sched_setscheduler"):
+        return False
+    try:
+        os.sched_setscheduler(0, policy, os.sched_param(0))
+    except OSError:
+        return False
+    return True
+
+
 #: Copies are issued in batches of about this many bytes, one ``torch._foreach_copy_`` call each.
 COPY_BATCH_BYTES = 64 * 1024 * 1024
 
@@ -117,7 +143,8 @@ def copy_all(copies: list[Copy], progress: Callable[[int], None] | None = None) 
 class Copier:
     """Runs lazy copies in the background. Owned by a Checkpointer; one per process."""
 
-    def __init__(self) -> None:
+    def __init__(self, priority: str = "normal") -> None:
+        self.priority = priority
         self._queue: queue.Queue[tuple[StagingHandle, list[Copy]] | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._stream: Any = None
@@ -157,6 +184,8 @@ class Copier:
             self._thread.start()
 
     def _run(self) -> None:
+        # Before the first copy: torch's OpenMP workers for this thread are created then and inherit the policy.
+        set_background_priority(self.priority)
         while True:
             job = self._queue.get()
             if job is None:

@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 from ckpt.dist import DistWrapper
 from ckpt.policies import RetentionPolicy
+from ckpt.staging import set_background_priority
 from formats.manifest import MANIFEST_NAME
 from formats.storage import Storage, open_storage
 
@@ -55,8 +56,9 @@ class StorageTier:
     """One persistent tier. ``name`` is ``"disk"`` or ``"remote"``; ``group`` is its own gloo group (or None)."""
 
     def __init__(self, name: str, url: str, every: int, retention: RetentionPolicy, group: Any = None,
-                 storage_options: dict[str, Any] | None = None) -> None:
+                 storage_options: dict[str, Any] | None = None, priority: str = "normal") -> None:
         self.name = name
+        self.priority = priority
         self.url = url
         self.every = every
         self.retention = retention
@@ -96,6 +98,7 @@ class StorageTier:
         self._queue.put(job)
 
     def _run(self) -> None:
+        set_background_priority(self.priority)  # writer threads it starts inherit it
         while True:
             job = self._queue.get()
             if job is None:

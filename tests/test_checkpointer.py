@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import random
 import threading
 from pathlib import Path
@@ -26,6 +27,7 @@ import torch.nn as nn
 import ckpt
 import ckpt.checkpointer  # imported now: it binds ``copy_all`` at import, before ``copier_gate`` patches staging's
 import ckpt.staging
+import formats.writer
 from ckpt.errors import StorageError
 from formats.storage import Storage, register_scheme
 from formats.storage.local import LocalStorage
@@ -571,6 +573,42 @@ def test_pool_is_allocated_once_and_reused(tmp_path: Path) -> None:
                 allocated = cp.pool.allocated_bytes
         assert len(buffers) == 2, "slots were reallocated instead of reused"
         assert cp.pool.allocated_bytes == allocated
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux-only; elsewhere the option is a no-op")
+@pytest.mark.parametrize("priority", ["idle", "normal"])
+def test_background_priority_schedules_copy_and_flush_threads(tmp_path: Path, priority: str) -> None:
+    model, opt, sched = build()
+    g = torch.Generator().manual_seed(12)
+    policies: dict[str, int] = {}
+    record = ckpt.staging.copy_all
+
+    def copy_and_record(*args: Any, **kwargs: Any) -> None:
+        policies["copy"] = os.sched_getscheduler(0)
+        record(*args, **kwargs)
+
+    write_file = formats.writer.write_file
+
+    def write_and_record(*args: Any, **kwargs: Any) -> Any:
+        policies[threading.current_thread().name] = os.sched_getscheduler(0)
+        return write_file(*args, **kwargs)
+
+    ckpt.staging.copy_all, formats.writer.write_file = copy_and_record, write_and_record
+    try:
+        with ckpt.Checkpointer(tmp_path, disk_every=1, background_priority=priority) as cp:
+            train_step(model, opt, sched, g)
+            ref = reference(model, opt, sched)
+            cp.save(1, state_of(model, opt, sched, 1))
+            cp.wait()
+    finally:
+        ckpt.staging.copy_all, formats.writer.write_file = record, write_file
+    expected = os.SCHED_IDLE if priority == "idle" else os.SCHED_OTHER
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER, "the training thread must keep its policy"
+    assert "copy" in policies and any(n.startswith("ckpt-write") or n.startswith("ckpt-flush") for n in policies)
+    assert set(policies.values()) == {expected}, policies  # the copier, and the writers the flush thread started
+    assert_matches(step_path(tmp_path, 1), ref, "step 1")
+    with pytest.raises(ValueError, match="background_priority"):
+        ckpt.Checkpointer(tmp_path, background_priority="low")
 
 
 # -- 5. retention ---------------------------------------------------------------------------------------------
