@@ -95,7 +95,7 @@ def _layout_text(parallel: dict[str, Any]) -> str:
 
 def cmd_spec_check(args: argparse.Namespace) -> int:
     from spec_lang import check
-    from resharding.spec_bind import SpecBinding, resolve_spec
+    from resharding.spec_bind import resolve_spec
 
     spec = resolve_spec(args.spec)
     doc: dict[str, Any] = {"spec": spec.name, "file": spec.file, "valid": True}
