@@ -309,7 +309,6 @@ def ours_phase_targets() -> dict[str, tuple[Any, str]]:
         "  raise pending errors": (C.Checkpointer, "_raise_pending"),
         "  resolve: get_model/optimizer_state_dict": (C, "resolve"),
         "  flatten": (C, "flatten"),
-        "  tensor_layout (all tensors)": (C, "tensor_layout"),
         "  plan / cached layout": (C.Checkpointer, "_layout_for"),
         "  pool.acquire (back-pressure)": (P.HostBufferPool, "acquire"),
         "  eager copies": (C, "copy_all"),
