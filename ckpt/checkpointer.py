@@ -27,11 +27,13 @@ from ckpt.errors import CheckpointError, CheckpointNotFoundError
 from ckpt.loading import load as load_checkpoint
 from ckpt.options import SaveOptions
 from ckpt.policies import retention_from
-from ckpt.pool import ALIGN_BYTES, HostBufferPool, SegmentAllocator, Slot
+from ckpt import snapshot_layout
+from ckpt.pool import HostBufferPool, SegmentAllocator, Slot
 from ckpt.rng import RNGState
-from ckpt.saving import SavePlan, plan_save, write_and_commit
+from ckpt.saving import write_and_commit
 from ckpt.staging import BACKGROUND_PRIORITIES, Copier, StagingHandle, copy_all
 from ckpt.state import assign, flatten, resolve, walk_objects
+from ckpt.snapshot_layout import SnapshotLayout
 from ckpt.tiers import FlushJob, FlushResult, StorageTier
 from formats.writer import ChunkWrite, WriteOptions
 from resharding.layout import TensorLayout, is_dtensor, tensor_layout
@@ -59,26 +61,6 @@ class SnapshotMetrics:
     tiers: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-@dataclass
-class _Region:
-    key: str
-    piece_index: int
-    offset: int
-    nbytes: int
-    dtype: torch.dtype
-    sizes: tuple[int, ...]
-
-
-@dataclass
-class _Layout:
-    """A cached plan for one state structure: the write plan and where each local piece sits in a slot."""
-
-    signature: tuple[Any, ...]
-    plan: SavePlan
-    regions: list[_Region]
-    total_bytes: int
-
-
 class SnapshotHandle:
     """Returned by ``Checkpointer.save``: ``done()`` once staged and flushed to every due tier; ``wait()`` blocks."""
 
@@ -102,14 +84,6 @@ class SnapshotHandle:
     def wait(self, timeout_secs: float | None = None) -> bool:
         with self._cond:
             return self._cond.wait_for(lambda: not self._pending, timeout_secs)
-
-
-def _piece_view(layout: TensorLayout, index: int) -> torch.Tensor:
-    """The local elements of one piece; the local tensor itself when the piece is all of it (no new view)."""
-    piece = layout.pieces[index]
-    if piece.source is None and piece.global_box.sizes == tuple(layout.local.shape) and not any(piece.local_offsets):
-        return layout.local
-    return piece.local_view(layout.local)
 
 
 def _storage_ptr(t: torch.Tensor) -> int:
@@ -154,7 +128,7 @@ class Checkpointer:
             self.tiers.append(StorageTier("remote", remote, remote_every,
                                           retention_from(remote_keep_last or keep_last, keep_every), self._new_group(),
                                           storage_options, background_priority))
-        self._layout: _Layout | None = None
+        self._layout: SnapshotLayout | None = None
         self._current: StagingHandle | None = None
         self._current_metrics: SnapshotMetrics | None = None
         self._hooks: weakref.WeakKeyDictionary[torch.optim.Optimizer, Any] = weakref.WeakKeyDictionary()
@@ -203,32 +177,15 @@ class Checkpointer:
             return {**state, RNG_KEY: RNGState(self.dw.rank)}
         return state
 
-    def _layout_for(self, flat: Any, layouts: dict[str, TensorLayout]) -> _Layout:
-        sig = tuple((k, str(t.dtype), layouts[k].global_shape, layouts[k].pieces) for k, t in flat.tensors.items())
+    def _layout_for(self, flat: Any, layouts: dict[str, TensorLayout]) -> SnapshotLayout:
+        """The cached layout while every rank's state structure is unchanged; else a new plan (collective)."""
+        sig = snapshot_layout.signature(flat, layouts)
         same = self._layout is not None and self._layout.signature == sig
         if all(self.dw.all_gather(same)):
             assert self._layout is not None
             return self._layout
-        plan = plan_save(self.dw, flat, self.save_options.max_chunk_bytes, step="ckpt.Checkpointer: planning")
-        regions, offset = [], 0
-        for key, t in flat.tensors.items():
-            for i, piece in enumerate(layouts[key].pieces):
-                n = piece.global_box.numel * t.element_size()
-                regions.append(_Region(key, i, offset, n, t.dtype, piece.global_box.sizes))
-                offset += -(-n // ALIGN_BYTES) * ALIGN_BYTES
-        self._layout = _Layout(sig, plan, regions, offset)
+        self._layout = snapshot_layout.build(self.dw, flat, layouts, sig, self.save_options.max_chunk_bytes)
         return self._layout
-
-    @staticmethod
-    def _slot_view(slot: Slot, r: _Region) -> torch.Tensor:
-        return slot.buffer[r.offset : r.offset + r.nbytes].view(r.dtype).view(r.sizes)
-
-    def _slot_views(self, slot: Slot, lay: _Layout) -> list[torch.Tensor]:
-        """Every region's view of ``slot``, made once per slot and layout (slots are reused round-robin)."""
-        cached = slot.views.get("checkpointer")
-        if cached is None or cached[0] is not lay:
-            cached = slot.views["checkpointer"] = (lay, [self._slot_view(slot, r) for r in lay.regions])
-        return cached[1]
 
     def _install_hooks(self, optimizers: list[torch.optim.Optimizer]) -> None:
         for o in optimizers:  # keyed weakly by the optimizer itself: a recycled id() must not skip a hook
@@ -282,8 +239,8 @@ class Checkpointer:
         slot, m.backpressure_wait_secs = self.pool.acquire(lay.total_bytes, tiers_due)
         eager, lazy = [], []
         lazy_index: dict[int, int] = {}  # region position -> index of its lazy copy (absent: copied eagerly)
-        for i, (r, dst) in enumerate(zip(lay.regions, self._slot_views(slot, lay))):
-            src = _piece_view(layouts[r.key], r.piece_index)
+        for i, (r, dst) in enumerate(zip(lay.regions, snapshot_layout.slot_views(slot, lay))):
+            src = layouts[r.key].pieces[r.piece_index].local_view(layouts[r.key].local)
             if _storage_ptr(flat.tensors[r.key]) in lazy_ptrs:
                 lazy_index[i] = len(lazy)
                 lazy.append((src, dst))
@@ -324,15 +281,15 @@ class Checkpointer:
         self.pool.mark_staged(slot, h.step)
         handle._complete("memory")
 
-    def _flush(self, tier: StorageTier, slot: Slot, lay: _Layout, storage: Any, dw: DistWrapper, step: int,
+    def _flush(self, tier: StorageTier, slot: Slot, lay: SnapshotLayout, storage: Any, dw: DistWrapper, step: int,
                staging: StagingHandle, lazy_index: dict[int, int]) -> int:
         """Write one snapshot to ``tier`` from its slot (tier thread), streaming chunks as they are staged."""
         plan = lay.plan
-        regions = {(r.key, lay_piece_box(lay, r)): (i, r) for i, r in enumerate(lay.regions)}
+        regions = {(r.key, lay.piece_box(r)): (i, r) for i, r in enumerate(lay.regions)}
         items, waits = [], {}
         for a in plan.assignments:
             i, r = regions[(a.key, a.source)]
-            view = self._slot_view(slot, r)[a.box.relative_to(a.source).slices()]
+            view = snapshot_layout.slot_view(slot, r)[a.box.relative_to(a.source).slices()]
             item = ChunkWrite(a.key, a.box.offsets, a.box.sizes, view)
             items.append(item)
             if i in lazy_index:
@@ -471,16 +428,15 @@ class Checkpointer:
         plain, bindings, ctx = resolve(state)
         flat = flatten(plain)
         layouts = {k: tensor_layout(t) for k, t in flat.tensors.items()}
-        lay: _Layout = slot.info["layout"]
-        sig = tuple((k, str(t.dtype), layouts[k].global_shape, layouts[k].pieces) for k, t in flat.tensors.items())
-        if sig != lay.signature:
+        lay: SnapshotLayout = slot.info["layout"]
+        if snapshot_layout.signature(flat, layouts) != lay.signature:
             return False
         if dry_run:
             return True
         with torch.no_grad():
             for r in lay.regions:
                 dst = layouts[r.key].pieces[r.piece_index].local_view(layouts[r.key].local)
-                dst.copy_(self._slot_view(slot, r))
+                dst.copy_(snapshot_layout.slot_view(slot, r))
         assign(state, slot.info["values"], bindings)
         for b in bindings:
             b.apply(ctx)
@@ -505,6 +461,3 @@ class Checkpointer:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-
-def lay_piece_box(lay: _Layout, r: _Region) -> Any:
-    return lay.plan.layouts[r.key].pieces[r.piece_index].global_box

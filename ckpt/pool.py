@@ -120,11 +120,11 @@ class HostBufferPool:
         waited = time.perf_counter() - t0
         if slot.capacity_bytes < nbytes:
             old = slot.buffer
+            slot.views = {}  # before the free: views must not keep a released segment alive
             if old.numel():
                 self.allocator.free(old, f"{self.name}-{slot.index}")
                 self.allocated_bytes -= int(old.numel())
             slot.buffer = self.allocator.allocate(nbytes, f"{self.name}-{slot.index}")
-            slot.views = {}
             self.allocated_bytes += nbytes
         return slot, waited
 
@@ -157,10 +157,10 @@ class HostBufferPool:
     def close(self) -> None:
         with self._cond:
             for slot in self.slots:
+                slot.views = {}
                 if slot.buffer.numel():
                     self.allocator.free(slot.buffer, f"{self.name}-{slot.index}")
                 slot.buffer = torch.empty(0, dtype=torch.uint8)
-                slot.views = {}
                 slot.state = FREE
             self._latest = None
             self.allocated_bytes = 0

@@ -41,8 +41,12 @@ class LocalPiece:
         return tuple(slice(o, o + s) for o, s in zip(self.local_offsets, self.global_box.sizes))
 
     def local_view(self, local: torch.Tensor) -> torch.Tensor:
-        """The local elements of this piece: a view of ``source`` (if set) or of the layout's ``local``."""
-        return (self.source if self.source is not None else local)[self.local_slices()]
+        """The local elements of this piece: a view of ``source`` (if set) or of the layout's ``local``; the tensor
+        itself when the piece is all of it (a plain tensor's one piece: no new view per save)."""
+        t = self.source if self.source is not None else local
+        if self.global_box.sizes == tuple(t.shape) and not any(self.local_offsets):
+            return t
+        return t[self.local_slices()]
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ import torch
 
 from ckpt.errors import CheckpointExistsError, CheckpointNotFoundError, CorruptCheckpointError, UnsafeCheckpointError
 from formats import keys as K
-from formats.foreign.pickle_guard import check_globals
+from formats.foreign.pickle_guard import check_globals, refused_import
 from formats.foreign.source import Box, Source, TensorInfo, flatten_into, is_bare_model, leaf_path, nest, read_as
 from formats.manifest import ContainerEntry
 from formats.storage.base import check_relpath
@@ -265,10 +265,7 @@ def _BytesPlanner(weights_only: bool) -> Any:  # noqa: N802
             except pickle.UnpicklingError as e:
                 if not weights_only:
                     raise
-                lines = str(e).strip().splitlines()
-                reason = next((ln.strip() for ln in lines if "GLOBAL" in ln or "Unsupported" in ln),
-                              lines[0] if lines else "")
-                self.refused.append((fqn, reason))
+                self.refused.append((fqn, refused_import(e)))
                 self.loaded[fqn] = None
 
     return BytesPlanner()

@@ -11,7 +11,9 @@ unpickling what passes cannot run user code. Callers that trust the file skip th
 
 from __future__ import annotations
 
+import pickle
 import pickletools
+import re
 from typing import Any
 
 import torch
@@ -88,3 +90,13 @@ def _check(module: Any, attr: Any, pos: int, where: str) -> None:
             f"{where}: the pickle imports {what} (byte {pos}), which DCP metadata never needs; refusing to unpickle "
             "it (it could run code). If you trust this checkpoint, pass allow_pickle=True (ckpt convert "
             "--allow-pickle).")
+
+
+def refused_import(e: pickle.UnpicklingError) -> str:
+    """What torch's ``weights_only`` loader refused, from its error: the import (``GLOBAL x.y``) or its reason."""
+    text = str(e)
+    m = re.search(r"GLOBAL ([\w.]+)", text)
+    if m:
+        return m.group(1)
+    lines = [ln.strip() for ln in text.strip().splitlines()]
+    return next((ln for ln in lines if "Unsupported" in ln or "unrecognized" in ln), lines[0] if lines else "?")[:300]

@@ -18,13 +18,13 @@ from __future__ import annotations
 import mmap
 import os
 import pickle
-import re
 import uuid
 from typing import Any, Callable, Sequence
 
 import torch
 
 from ckpt.errors import CheckpointExistsError, CorruptCheckpointError, UnsafeCheckpointError
+from formats.foreign.pickle_guard import refused_import
 from formats.foreign.source import Source, flatten_into, is_bare_model, leaf_path, nest, read_as
 
 Progress = Callable[[int], None]
@@ -79,13 +79,8 @@ def load_restricted(path: str, *, allow_pickle: bool, what: str, holds: str = ""
     except pickle.UnpicklingError as e:
         if allow_pickle:
             raise CorruptCheckpointError(f"{path}: cannot be unpickled: {e}") from e
-        text = str(e)
-        m = re.search(r"GLOBAL ([\w.]+)", text)
-        lines = [ln.strip() for ln in text.strip().splitlines()]
-        need = m.group(1) if m else next((ln for ln in lines if "Unsupported" in ln or "unrecognized" in ln),
-                                          lines[0] if lines else "?")[:300]
         raise UnsafeCheckpointError(
-            f"{path}: refusing to load this {what}: it needs {need}, beyond tensors and plain containers{holds}. "
+            f"{path}: refusing to load this {what}: it needs {refused_import(e)}, beyond tensors and plain containers{holds}. "
             "Loading it could run code stored in the file. If you trust its origin, pass --allow-pickle "
             "(allow_pickle=True).") from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError) as e:
