@@ -17,6 +17,11 @@ work. Our host pool and DCP's cached stager are allocated once for the whole ben
 run); what the first save costs is reported apart. A last probe times what kinds of background work (a copy of
 the state, a GIL-holding loop, buffered and O_DIRECT writes) cost a training iteration, without any library.
 
+``--allocator cached`` (the default) makes glibc ``malloc`` keep freed memory, as a GPU job's caching allocator
+does: as it comes, each CPU iteration hands its temporaries back to the kernel and faults them in again (25 000 to
+100 000 minor faults per iteration of the 100 M GPT on the 2-core VM), which scattered iteration times by +-100 ms
+and buried stalls of a few milliseconds. ``--allocator glibc`` measures that setting.
+
 Stall of one save = time of the iteration that saved (``save`` is called after ``optimizer.step()``) + waits it
 causes before the next update in iterations that do not save themselves (our lazy-copy wait, DCP's staging
 wait) - the reference. Waits for a previous save (our back-pressure, DCP's previous future) happen inside the
@@ -46,7 +51,7 @@ from benchmarks._stall_methods import (ASYNC_REFS, BASE, GOAL_DISK_EVERY, ORDER,
 from benchmarks.gpt import GPT, GPTConfig, synthetic_batch, train_step
 
 INTERVALS = (1, 5, 10)
-ITERS = {1: 4, 5: 9, 10: 14}  # timed iterations per run: saves at 2, 2 + k, ..., then iterations without
+SAVES = {1: 8, 5: 6, 10: 6}  # timed saves per run by interval (medians over them); --iters or --saves override
 REF_ITERS = 3
 PROBE_ROUNDS = 3
 GOAL_STALL_RATIO = 0.1
@@ -69,6 +74,7 @@ def run_one(method: Method, model: GPT, optim: torch.optim.Optimizer, cfg: GPTCo
     def iteration(step: int, may_save: bool) -> dict[str, Any]:
         busy = method.busy()
         gc0 = gc_timer.secs
+        f0 = rep.minor_faults()
         t0 = time.perf_counter()
         loss = train_step(model, optim, synthetic_batch(cfg, batch_size, step))
         t1 = time.perf_counter()
@@ -77,7 +83,8 @@ def run_one(method: Method, model: GPT, optim: torch.optim.Optimizer, cfg: GPTCo
             method.save(step)
         t2 = time.perf_counter()
         return {"step": step, "iter_secs": t2 - t0, "train_secs": t1 - t0, "save_call_secs": t2 - t1,
-                "saved": saved, "background_busy": busy, "gc_secs": gc_timer.secs - gc0, "loss": loss}
+                "saved": saved, "background_busy": busy, "gc_secs": gc_timer.secs - gc0, "loss": loss,
+                "minor_faults": rep.minor_faults() - f0}
 
     method.setup(model, optim, workdir)
     try:
@@ -157,6 +164,9 @@ def summarize(run: dict[str, Any]) -> dict[str, Any]:
         "drain_secs": run["drain_secs"],
         "gc_secs_saving_iters": [it["gc_secs"] for it in run["iters"] if it["saved"]],
         "gc_secs_timed": sum(it["gc_secs"] for it in run["iters"]),
+        "median_minor_faults_clean": rep.median([it.get("minor_faults", 0) for it in samples]),
+        "median_minor_faults_saving": rep.median([it.get("minor_faults", 0) for it in run["iters"] if it["saved"]])
+        if stalls else None,
     }
     if run["method"].startswith("ours"):
         ms = list(run["details"].values())
@@ -248,6 +258,11 @@ def _where_md(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _faults(s: dict[str, Any]) -> str:
+    clean, saving = s.get("median_minor_faults_clean"), s.get("median_minor_faults_saving")
+    return "—" if clean is None else f"{clean:.0f}, " + ("—" if saving is None else f"{saving:.0f}")
+
+
 def _bold(n: str) -> str:
     return f"**{n}**" if n.startswith("ours") else n
 
@@ -272,13 +287,13 @@ def render_markdown(result: dict[str, Any]) -> str:
         if n in S[k] and n != BASE and ASYNC_REFS[0] in S[k] else ("—", "—"))] for n in names if n != BASE]
     detail_head = ["every", "method", "reference ms (min-max, samples)", "saves", "stall ms (median, max)",
                    "wait before next update ms", "iterations beside background work: count, median − reference ms",
-                   "drain s", "e2e (wall)", "e2e caused"]
+                   "drain s", "e2e (wall)", "e2e caused", "minor page faults per iteration: clean, saving"]
     detail = [[k, _bold(n), f"{_ms(s['reference_secs'])} ({_ms(s['reference_spread_secs'][0])}-"
                             f"{_ms(s['reference_spread_secs'][1])}, {s['reference_samples']})", s["saves"],
                f"{_ms(s['median_stall_secs'])}, {_ms(s['max_stall_secs'])}", _ms(s["median_post_wait_secs"]),
                f"{s['busy_iters']}, {_ms(s['busy_interference_secs'])}", rep.fmt(s["drain_secs"], 2),
                _pct(s["e2e_overhead"]),
-               _pct(s["e2e_overhead_caused"])]
+               _pct(s["e2e_overhead_caused"]), _faults(s)]
               for k in ks for n in names if (s := S[k].get(n)) is not None]
     split_head = ["every", "method", "request ms", "back-pressure ms", "eager copy ms", "lazy wait ms",
                   "GC pauses in saving iterations ms (median, max)",
@@ -311,7 +326,8 @@ def render_markdown(result: dict[str, Any]) -> str:
 
 Generated by `{result['command']}` (git {result['git']}) in {result['elapsed_secs'] / 60:.1f} minutes.
 
-Machine: {rep.describe_machine_md(m)} torch threads: {result['torch_threads']} (training). Load average (1, 5, 15
+Machine: {rep.describe_machine_md(m)} torch threads: {result['torch_threads']} (training).
+Allocator: {result.get('allocator', {}).get('note', 'glibc `malloc` as it comes.')} Load average (1, 5, 15
 min) at the start and at the end: {result['load_average_start_end'][0]} and {result['load_average_start_end'][1]}
 on {m['usable_cores']} cores (this benchmark alone accounts for about 2; more means other work shared the machine,
 which the per-run references below absorb only partly).
@@ -431,9 +447,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.training_stall", description=__doc__.split("\n")[0])
     ap.add_argument("--params-m", type=float, default=100.0, help="model size in millions of parameters (100)")
     ap.add_argument("--iters", type=int, default=None,
-                    help=f"timed iterations per run at every interval (default by interval: {ITERS})")
+                    help="timed iterations per run at every interval (default: enough for --saves)")
     ap.add_argument("--saves", type=int, default=None,
-                    help="timed saves per run (sets --iters by interval; default by interval: 4, 2, 2)")
+                    help=f"timed saves per run (sets --iters by interval; default by interval: {SAVES})")
     ap.add_argument("--intervals", default=",".join(map(str, INTERVALS)),
                     help="checkpoint intervals to run, comma-separated (default 1,5,10)")
     ap.add_argument("--batch-size", type=int, default=1, help="sequences per iteration (default 1)")
@@ -442,6 +458,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--out", default="docs/benchmarks", help="where training_stall.{json,md,png} go")
     ap.add_argument("--dir", default=None, help="scratch directory on the disk to measure (default: /tmp)")
     ap.add_argument("--quick", action="store_true", help="smoke run: about 10 M parameters")
+    ap.add_argument("--allocator", choices=rep.ALLOCATORS, default="cached",
+                    help="cached (default): glibc malloc keeps freed memory, as a GPU caching allocator does; glibc: "
+                         "as it comes, so every iteration faults its temporaries in again (see benchmarks/_report.py)")
     args = ap.parse_args(argv)
     if args.quick:
         args.params_m = 10.0
@@ -458,13 +477,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import torch.distributed as dist
 
     t_start = time.perf_counter()
+    allocator = rep.set_allocator(args.allocator)
     torch.set_num_threads(args.threads)
     if not dist.is_initialized():
         dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{_free_port()}")
     def iters_for(k: int) -> int:  # at least a save and one iteration after it
-        if args.saves is not None:
-            return min(k // 2, 2) + (args.saves - 1) * k + 2
-        return max(args.iters or ITERS.get(k, 14), min(k // 2, 2) + 2)
+        if args.iters is not None and args.saves is None:
+            return max(args.iters, min(k // 2, 2) + 2)
+        return min(k // 2, 2) + ((args.saves or SAVES.get(k, 6)) - 1) * k + 2
 
     iters = {k: iters_for(k) for k in intervals}
     base_dir = tempfile.mkdtemp(prefix="ckpt-stall-", dir=args.dir)
@@ -508,6 +528,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = {
         "benchmark": "training_stall", "command": rep.command_line(), "git": rep.git_revision(os.getcwd()),
         "unix_time": time.time(), "machine": rep.machine_info(args.dir or tempfile.gettempdir()),
+        "allocator": {"mode": args.allocator, "note": allocator},
         "torch_threads": torch.get_num_threads(), "load_average_start_end": [load_start, rep.load_average()],
         "model": asdict(cfg), "num_params": sum(p.numel() for p in model.parameters()), "batch_size": args.batch_size,
         "state_bytes": nbytes, "iters_per_interval": iters, "reference_iters": REF_ITERS, "first_save": first,
