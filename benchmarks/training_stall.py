@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import random
 import shutil
 import socket
 import sys
@@ -45,12 +46,14 @@ from typing import Any
 import torch
 
 from benchmarks import _report as rep
-from benchmarks._stall_methods import (ASYNC_REFS, BASE, GOAL_DISK_EVERY, ORDER, OURS_DISK, OURS_GOAL, OURS_MEM,
-                                       SHARED, Method, Ours, first_save_costs, interference_probe, leak_probe,
-                                       methods_for, ours_phase_targets)
+from benchmarks._stall_methods import (ASYNC_REFS, BASE, DCP, DCP_ASYNC, DCP_CLONE, DCP_PROC, GOAL_DISK_EVERY, ORDER,
+                                       OURS_DISK, OURS_GOAL, OURS_MEM, SHARED, TORCH, Method, Ours, first_save_costs,
+                                       interference_probe, leak_probe, methods_for, ours_phase_targets)
 from benchmarks.gpt import GPT, GPTConfig, synthetic_batch, train_step
 
 INTERVALS = (1, 5, 10)
+METHOD_ALIASES = {"base": BASE, "ours-mem": OURS_MEM, "ours-disk": OURS_DISK, "ours-goal": OURS_GOAL,
+                  "torch": TORCH, "dcp": DCP, "dcp-async": DCP_ASYNC, "dcp-clone": DCP_CLONE, "dcp-proc": DCP_PROC}
 SAVES = {1: 8, 5: 6, 10: 6}  # timed saves per run by interval (medians over them); --iters or --saves override
 REF_ITERS = 3
 PROBE_ROUNDS = 3
@@ -201,17 +204,36 @@ def goals(summary: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, Any]]
     out = []
     for k in summary:
         for ours in (OURS_MEM, OURS_DISK, OURS_GOAL):
-            for ref in ASYNC_REFS if ours in summary[k] else ():
+            for ref in [r for r in ASYNC_REFS if r in summary[k]] if ours in summary[k] else ():
                 r = _ratio(summary[k][ours]["median_stall_secs"], summary[k][ref]["median_stall_secs"])
                 out.append({"goal": f"every {k}: {ours} stall <= {GOAL_STALL_RATIO:g} x {ref}", "value": r,
-                            "met": None if r is None else r <= GOAL_STALL_RATIO, "unit": "x"})
+                            "met": None if r is None else r <= GOAL_STALL_RATIO, "unit": "x",
+                            "interval_90": ratio_interval(summary[k][ours]["stall_secs"],
+                                                          summary[k][ref]["stall_secs"])})
     k = str(GOAL_DISK_EVERY)
-    for ours in (OURS_DISK, OURS_GOAL) if k in summary else ():
+    for ours in [n for n in (OURS_DISK, OURS_GOAL) if n in summary[k]] if k in summary else ():
         for field, what in (("e2e_overhead", "wall"), ("e2e_overhead_caused", "caused by checkpointing")):
             e = summary[k][ours][field]
             out.append({"goal": f"{ours}, disk every {k}: end-to-end overhead ({what}) <= {GOAL_E2E:.0%}",
                         "value": e, "met": e <= GOAL_E2E, "unit": "%"})
     return out
+
+
+def ratio_interval(ours: list[float], ref: list[float], resamples: int = 2000,
+                   seed: int = 0) -> list[float] | None:
+    """90% percentile-bootstrap interval of median(ours) ÷ median(ref), resampling each method's stalls apart
+    (a stall below 0 counts as 0); ``None`` with fewer than 3 stalls on either side."""
+    if len(ours) < 3 or len(ref) < 3:
+        return None
+    rng = random.Random(seed)
+    ratios = []
+    for _ in range(resamples):
+        a = rep.median([rng.choice(ours) for _ in ours])
+        b = rep.median([rng.choice(ref) for _ in ref])
+        ratios.append(max(a, 0.0) / b if b > 0 else float("inf"))
+    ratios.sort()
+    cut = int(0.05 * resamples)
+    return [ratios[cut], ratios[resamples - 1 - cut]]
 
 
 def _ms(x: float | None) -> str:
@@ -277,7 +299,7 @@ def render_markdown(result: dict[str, Any]) -> str:
     ratio_head = ["stall ÷ DCP async_save stall"] + [f"every {k}: ÷ {r}" for k in ks
                                                      for r in ("as-is", "clone first", "process+shm")]
     ratio_rows = [[_bold(n)] + [_x(_ratio(S[k][n]["median_stall_secs"], S[k][r]["median_stall_secs"]))
-                                if n in S[k] else "—" for k in ks for r in ASYNC_REFS]
+                                if n in S[k] and r in S[k] else "—" for k in ks for r in ASYNC_REFS]
                   for n in names if n not in ASYNC_REFS and n != BASE]
     saves = [s["saves"] for k in ks for s in S[k].values() if s["saves"]]
     blocked_head = ["training thread blocked"] + [f"every {k}: {c}" for k in ks for c in ("ms", "÷ as-is")]
@@ -318,7 +340,9 @@ def render_markdown(result: dict[str, Any]) -> str:
     verdict = {True: "met", False: "not met", None: "undefined: DCP's stall is not above 0 in this run"}
     goal_lines = "\n".join(
         f"- {g['goal']}: **{verdict[g['met']]}** ("
-        + ("—" if g["value"] is None else _pct(g["value"]) if g["unit"] == "%" else _x(g["value"])) + ")"
+        + ("—" if g["value"] is None else _pct(g["value"]) if g["unit"] == "%" else _x(g["value"]))
+        + (f"; 90% bootstrap interval over saves {_x(iv[0])} to {_x(iv[1])}" if (iv := g.get("interval_90")) else "")
+        + ")"
         for g in result["goals"])
     m, c, f = result["machine"], result["model"], result["first_save"]
     every = ", ".join(ks[:-1]) + (" and " if len(ks) > 1 else "") + ks[-1]
@@ -458,6 +482,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--out", default="docs/benchmarks", help="where training_stall.{json,md,png} go")
     ap.add_argument("--dir", default=None, help="scratch directory on the disk to measure (default: /tmp)")
     ap.add_argument("--quick", action="store_true", help="smoke run: about 10 M parameters")
+    ap.add_argument("--methods", default=None,
+                    help="comma-separated subset of " + ", ".join(METHOD_ALIASES) + " (default: all)")
     ap.add_argument("--allocator", choices=rep.ALLOCATORS, default="cached",
                     help="cached (default): glibc malloc keeps freed memory, as a GPU caching allocator does; glibc: "
                          "as it comes, so every iteration faults its temporaries in again (see benchmarks/_report.py)")
@@ -470,6 +496,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         intervals = tuple(int(x) for x in args.intervals.split(","))
     except ValueError:
         intervals = ()
+    chosen = set(METHOD_ALIASES.values())
+    if args.methods is not None:
+        wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
+        unknown = [m for m in wanted if m not in METHOD_ALIASES]
+        if not wanted or unknown:
+            ap.error(f"--methods {args.methods!r}: unknown {unknown}; choose from {', '.join(METHOD_ALIASES)}")
+        chosen = {METHOD_ALIASES[m] for m in wanted}
     if not intervals or any(k < 1 for k in intervals):
         ap.error(f"--intervals {args.intervals!r}: expected positive integers separated by commas, e.g. 1,5,10")
     warnings.filterwarnings("ignore")
@@ -508,7 +541,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         first = first_save_costs(model, optim, cfg, args.batch_size, os.path.join(base_dir, "first"))
         for gi, k in enumerate(intervals):
-            ms = [Method(k)] + methods_for(k)
+            ms = [m for m in [Method(k)] + methods_for(k) if m.name in chosen]
             ms = ms[gi * 3 % len(ms):] + ms[: gi * 3 % len(ms)]
             runs[str(k)], summary[str(k)] = {}, {}
             for m in ms:
