@@ -66,13 +66,19 @@ class Shared:
     def __init__(self) -> None:
         self.allocator = CachingAllocator()
         self.dcp_stager: Any = None
+        self.cuda = False  # the model trains on a CUDA device: DCP's stager pins its host copies
 
     def stager(self) -> Any:
         if self.dcp_stager is None:
             from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
-            self.dcp_stager = DefaultStager(StagingOptions(use_pinned_memory=False, use_shared_memory=True,
-                                                           use_async_staging=True, use_non_blocking_copy=False))
+            self.dcp_stager = DefaultStager(StagingOptions(use_pinned_memory=self.cuda, use_shared_memory=True,
+                                                           use_async_staging=True, use_non_blocking_copy=self.cuda))
+            # torch 2.11's StateDictStager has no deepcopy entry for classes (torch 2.13 copies them atomically); on
+            # an H200 node with torch 2.11 its staging then failed with ``KeyError: <class 'type'>``. Same entry here.
+            table = getattr(getattr(self.dcp_stager, "_state_dict_stager", None), "_deepcopy_dispatch", None)
+            if isinstance(table, dict) and type not in table and int in table:
+                table[type] = table[int]
         return self.dcp_stager
 
     def close(self) -> None:
@@ -223,9 +229,9 @@ class DcpAsync(Method):
             "as-is": "dcp.async_save(sd, checkpoint_id=dir): thread executor, a new DefaultStager per call",
             "clone": "clone every tensor of sd, then as-is",
             "process": "dcp.async_save(..., async_checkpointer_type=PROCESS, async_stager=DefaultStager("
-                       "StagingOptions(use_pinned_memory=False, use_shared_memory=True, use_async_staging=True, "
-                       "use_non_blocking_copy=False))), one stager for the whole benchmark (it caches its copies); "
-                       "an optimizer pre-step hook waits for staging_completion",
+                       f"StagingOptions(use_pinned_memory={SHARED.cuda}, use_shared_memory=True, use_async_staging="
+                       f"True, use_non_blocking_copy={SHARED.cuda}))), one stager for the whole benchmark (it caches "
+                       "its copies); an optimizer pre-step hook waits for staging_completion",
         }[variant]
         self.pending: Any = None
         self.pending_step = -1
@@ -286,9 +292,13 @@ class DcpAsync(Method):
             self.pending = None
 
     def close(self) -> None:
-        self.drain()
-        if self.hook is not None:
-            self.hook.remove()
+        try:
+            self.drain()
+        finally:
+            self.pending, self.staging_pending = None, False
+            if self.hook is not None:
+                self.hook.remove()
+                self.hook = None
 
 
 def methods_for(k: int) -> list[Method]:
@@ -356,11 +366,19 @@ def interference_probe(model: GPT, optim: torch.optim.Optimizer, cfg: GPTConfig,
     drifts), two iterations each per round. Also times each kind alone."""
     srcs = [p.detach() for p in model.parameters()] + [
         v for st in optim.state.values() for v in st.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
-    dsts = [torch.zeros_like(t) for t in srcs]
+    # Host copies (pinned for a CUDA model, whose copy then runs on a side stream, as ours does).
+    dsts = [torch.zeros(t.shape, dtype=t.dtype, pin_memory=t.is_cuda) for t in srcs]
+    side = torch.cuda.Stream() if any(t.is_cuda for t in srcs) else None
     path = os.path.join(workdir, "probe.bin")
     os.makedirs(workdir, exist_ok=True)
 
     def copy_state() -> None:
+        if side is not None:
+            with torch.no_grad(), torch.cuda.stream(side):
+                for src, dst in zip(srcs, dsts):
+                    dst.copy_(src, non_blocking=True)
+            side.synchronize()
+            return
         with torch.no_grad():
             for src, dst in zip(srcs, dsts):
                 dst.copy_(src)
@@ -459,6 +477,9 @@ def first_save_costs(model: GPT, optim: torch.optim.Optimizer, cfg: GPTConfig, b
             m._pre_step(None, None, None)
             out["dcp_proc_staging_secs"].append(m.details[step]["async_save_call_secs"] + time.perf_counter() - t0)
             m.drain()
+    except Exception as e:  # noqa: BLE001 - reported: some torch versions' stagers fail on this state
+        out["dcp_proc_error"] = f"{type(e).__name__}: {e}"
+        m.pending = None
     finally:
         m.close()
         shutil.rmtree(workdir, ignore_errors=True)

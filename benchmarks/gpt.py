@@ -103,7 +103,9 @@ def synthetic_batch(cfg: GPTConfig, batch_size: int, step: int, seed: int = 0) -
 
 
 def train_step(model: GPT, optimizer: torch.optim.Optimizer, tokens: torch.Tensor) -> float:
-    """Forward, backward, ``optimizer.step()`` (pre-step hooks run here), ``zero_grad``; returns the loss."""
+    """Forward, backward, ``optimizer.step()`` (pre-step hooks run here), ``zero_grad``; returns the loss (reading
+    it waits for the device, as a loop that logs its loss does)."""
+    tokens = tokens.to(model.lm_head.weight.device, non_blocking=True)
     logits = model(tokens[:, :-1])
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
     loss.backward()

@@ -3,7 +3,7 @@
 Run ``python -m benchmarks.training_stall [--quick] [--iters N] [--params-m 100] [--threads 2]
 [--out docs/benchmarks]``.
 A decoder from ``benchmarks.gpt`` (about ``--params-m`` million parameters; ``--quick``: about 10 M) trains with
-AdamW on synthetic tokens on the CPU. For each checkpoint interval every method runs once, in an order that
+AdamW on synthetic tokens on the CPU (``--device cuda``: on the GPU). For each checkpoint interval every method runs once, in an order that
 rotates from interval to interval: no checkpointing, ``ckpt.Checkpointer`` with the memory tier only and with
 memory + disk, ``torch.save`` + fsync, DCP ``save``, and DCP ``async_save`` as it comes, with a clone first, and
 with its process executor and a cached shared-memory stager.
@@ -280,6 +280,18 @@ def _where_md(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _failed_md(result: dict[str, Any]) -> str:
+    lines = [f"- every {k}: {n} failed: `{e}`" for k, fs in result.get("failed", {}).items() for n, e in fs.items()]
+    return ("Methods that failed in this run (left out of the tables):\n\n" + "\n".join(lines) + "\n\n") if lines else ""
+
+
+def _dcp_first(f: dict[str, Any]) -> str:
+    s = f.get("dcp_proc_staging_secs") or []
+    if len(s) >= 2:
+        return f"first process-executor save: staging {_ms(s[0])} ms, then {_ms(s[1])} ms"
+    return f"its first process-executor saves failed here: {f.get('dcp_proc_error', 'not run')}"
+
+
 def _faults(s: dict[str, Any]) -> str:
     clean, saving = s.get("median_minor_faults_clean"), s.get("median_minor_faults_saving")
     return "—" if clean is None else f"{clean:.0f}, " + ("—" if saving is None else f"{saving:.0f}")
@@ -356,6 +368,8 @@ min) at the start and at the end: {result['load_average_start_end'][0]} and {res
 on {m['usable_cores']} cores (this benchmark alone accounts for about 2; more means other work shared the machine,
 which the per-run references below absorb only partly).
 
+Device: {result.get('device_name', 'CPU')}.
+
 Model: GPT decoder ({c['n_layer']} layers, d_model {c['d_model']}, {c['n_head']} heads, vocab {c['vocab_size']},
 sequence {c['seq_len']}, untied LM head), {result['num_params'] / 1e6:.1f} M fp32 parameters, AdamW, batch
 {result['batch_size']} of synthetic tokens. Checkpoint state (parameters + AdamW moments + steps):
@@ -395,8 +409,8 @@ Ours, split from `cp.metrics` (medians over saves; the request includes back-pre
 
 The first save of a fresh Checkpointer (memory tier only) allocates and touches its pool slot:
 request {_ms(f['request_secs'][0])} ms, second save {_ms(f['request_secs'][1])} ms, later saves
-{_ms(f['request_secs'][2])} ms; DCP's cached stager pays the same once (first process-executor save: staging
-{_ms(f['dcp_proc_staging_secs'][0])} ms, then {_ms(f['dcp_proc_staging_secs'][1])} ms). Those costs are excluded above.
+{_ms(f['request_secs'][2])} ms; DCP's cached stager pays the same once ({_dcp_first(f)}). Those costs are excluded
+above.
 
 DCP `async_save`, split (medians):
 
@@ -410,7 +424,7 @@ Does DCP `async_save` copy CPU tensors in this torch (checked in this run)?
 
 {probe}
 
-Goals (reported, not asserted):
+{_failed_md(result)}Goals (reported, not asserted):
 
 {goal_lines}
 
@@ -462,7 +476,8 @@ def plot(result: dict[str, Any], path: str) -> None:
         markers.append({n: [i for i, it in enumerate(runs[n]["iters"]) if it["saved"]] for n in runs})
         panels.append((f"checkpoint every {k} iteration{'s' if k != '1' else ''} (dots: iterations that save)", series))
         hlines.append({"median reference": rep.median([r["reference_secs"] for r in runs.values()])})
-    rep.line_plot_panels(path, f"Iteration time, GPT {result['num_params'] / 1e6:.0f} M + AdamW on CPU, "
+    rep.line_plot_panels(path, f"Iteration time, GPT {result['num_params'] / 1e6:.0f} M + AdamW on "
+                               f"{result.get('device_name', 'CPU')}, "
                                f"{result['torch_threads']} torch threads", panels, "timed iteration",
                          "seconds (log scale)", hlines, markers)
 
@@ -482,6 +497,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--out", default="docs/benchmarks", help="where training_stall.{json,md,png} go")
     ap.add_argument("--dir", default=None, help="scratch directory on the disk to measure (default: /tmp)")
     ap.add_argument("--quick", action="store_true", help="smoke run: about 10 M parameters")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="where the model trains (default cpu); cuda: snapshots copy device-to-host into pinned memory")
     ap.add_argument("--methods", default=None,
                     help="comma-separated subset of " + ", ".join(METHOD_ALIASES) + " (default: all)")
     ap.add_argument("--allocator", choices=rep.ALLOCATORS, default="cached",
@@ -524,7 +541,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     load_start = rep.load_average()
     cfg = GPTConfig.for_params(args.params_m, seq_len=args.seq_len)
     torch.manual_seed(0)
-    model = GPT(cfg)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device here")
+    SHARED.cuda = args.device == "cuda"
+    device_name = torch.cuda.get_device_name() if SHARED.cuda else "CPU"
+    model = GPT(cfg).to(args.device)
     optim = torch.optim.AdamW(model.parameters(), lr=1e-4)
     train_step(model, optim, synthetic_batch(cfg, args.batch_size, 0))  # creates the AdamW state
     # As long training jobs do (TorchTitan's GarbageCollection, Python's gc docs): after set-up, move every object
@@ -538,6 +559,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     runs: dict[str, dict[str, Any]] = {}
     summary: dict[str, dict[str, Any]] = {}
     howto: dict[str, str] = {}
+    failed: dict[str, dict[str, str]] = {}
     try:
         first = first_save_costs(model, optim, cfg, args.batch_size, os.path.join(base_dir, "first"))
         for gi, k in enumerate(intervals):
@@ -546,7 +568,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             runs[str(k)], summary[str(k)] = {}, {}
             for m in ms:
                 howto.setdefault(m.name, m.how)
-                r = run_one(m, model, optim, cfg, args.batch_size, k, iters[k], os.path.join(base_dir, "run"))
+                try:
+                    r = run_one(m, model, optim, cfg, args.batch_size, k, iters[k], os.path.join(base_dir, "run"))
+                except Exception as e:  # noqa: BLE001 - reported; the other methods still run
+                    failed.setdefault(str(k), {})[m.name] = f"{type(e).__name__}: {str(e)[:300]}"
+                    print(f"  every {k:2d}: {m.name:45s} FAILED: {failed[str(k)][m.name]}", file=sys.stderr)
+                    continue
                 runs[str(k)][m.name] = r
                 s = summary[str(k)][m.name] = summarize(r)
                 print(f"  every {k:2d}: {m.name:45s} reference {_ms(s['reference_secs']):>5s} ms  stall "
@@ -562,12 +589,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "benchmark": "training_stall", "command": rep.command_line(), "git": rep.git_revision(os.getcwd()),
         "unix_time": time.time(), "machine": rep.machine_info(args.dir or tempfile.gettempdir()),
         "allocator": {"mode": args.allocator, "note": allocator},
+        "device": args.device, "device_name": device_name,
         "torch_threads": torch.get_num_threads(), "load_average_start_end": [load_start, rep.load_average()],
         "model": asdict(cfg), "num_params": sum(p.numel() for p in model.parameters()), "batch_size": args.batch_size,
         "state_bytes": nbytes, "iters_per_interval": iters, "reference_iters": REF_ITERS, "first_save": first,
         "methods": {n: howto[n] for n in ORDER if n in howto}, "dcp_leak_probe": probe,
         "interference": interference,
-        "summary": summary, "runs": runs,
+        "summary": summary, "runs": runs, "failed": failed,
     }
     result["goals"] = goals(summary)
     result["elapsed_secs"] = time.perf_counter() - t_start
