@@ -222,18 +222,16 @@ class Checkpointer:
             h._complete("memory")
             return h
         self.wait_for_staging()  # the previous snapshot's lazy copies (normally done long ago)
-        plain, _, ctx = resolve(self._full_state(state))
+        plain, _, _ = resolve(self._full_state(state))
         flat = flatten(plain)
         layouts = {k: tensor_layout(t) for k, t in flat.tensors.items()}
         lay = self._layout_for(flat, layouts)
         optimizers = [o for o in walk_objects(state) if isinstance(o, torch.optim.Optimizer)]
         lazy_ptrs: set[int] = set()
-        if self.lazy:
+        if self.lazy:  # what only optimizer.step() changes: its parameters and state tensors (the hook guards them)
             self._install_hooks(optimizers)
-            owned = {id(p) for o in optimizers for g in o.param_groups for p in g["params"]}
-            for m in ctx.modules:
-                lazy_ptrs |= {_storage_ptr(p) for p in m.parameters() if id(p) in owned}
             for o in optimizers:
+                lazy_ptrs |= {_storage_ptr(p) for g in o.param_groups for p in g["params"]}
                 lazy_ptrs |= {_storage_ptr(v) for s in o.state.values() for v in s.values() if isinstance(v, torch.Tensor)}
         m = SnapshotMetrics(step, self.dw.rank)
         slot, m.backpressure_wait_secs = self.pool.acquire(lay.total_bytes, tiers_due)
