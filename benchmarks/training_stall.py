@@ -9,8 +9,8 @@ memory + disk, ``torch.save`` + fsync, DCP ``save``, and DCP ``async_save`` as i
 with its process executor and a cached shared-memory stager.
 
 A run: one untimed warm-up iteration that saves (plan caches, threads, a spawned process) and its drain; then
-``REF_ITERS`` iterations without saving; then the timed iterations, saving every k; then draining pending work,
-which counts in the end-to-end time. The run's reference is the median of its iterations without checkpointing
+``REF_ITERS`` iterations without saving; then the timed iterations, saving every k (each save, the last one too,
+followed by k - 1 that do not); then draining pending work, which counts in the end-to-end time. The run's reference is the median of its iterations without checkpointing
 (those before the timed ones, and timed ones that neither save nor start while an earlier save's background
 work still runs): the machine's speed during that very run, since benchmarks here share machines with other
 work. Our host pool and DCP's cached stager are allocated once for the whole benchmark (as in a long training
@@ -534,7 +534,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def iters_for(k: int) -> int:  # at least a save and one iteration after it
         if args.iters is not None and args.saves is None:
             return max(args.iters, min(k // 2, 2) + 2)
-        return min(k // 2, 2) + ((args.saves or SAVES.get(k, 6)) - 1) * k + 2
+        # Every save, the last one too, is followed by k - 1 iterations that do not save: the window is whole
+        # intervals, as in a long run, so a flush shorter than an interval does not land in the final drain.
+        return min(k // 2, 2) + (args.saves or SAVES.get(k, 6)) * k
 
     iters = {k: iters_for(k) for k in intervals}
     base_dir = tempfile.mkdtemp(prefix="ckpt-stall-", dir=args.dir)
