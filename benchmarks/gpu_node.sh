@@ -5,7 +5,8 @@
 #   E2E_ARGS="--rounds 8" benchmarks/gpu_node.sh OUT_DIR [training_stall options]
 #
 # Runs from the repository root with the node's own python3 and torch (no .venv: the node's torch has CUDA).
-# Packages the node lacks can be installed into /tmp/site first (PYTHONPATH is extended, not replaced). Writes
+# Packages the node lacks can be installed into /tmp/site first (PYTHONPATH is extended, not replaced): the H200
+# image of 2026-11 had everything but zstandard, whose cp312 manylinux wheel travelled with the call. Writes
 # OUT_DIR/tests.log (the node and the tests), OUT_DIR/run.log, OUT_DIR/stall/training_stall.{json,md,png} and,
 # unless E2E_ARGS=skip, OUT_DIR/e2e/e2e_every10.{json,md,png}. STALL_TIMEOUT and E2E_TIMEOUT bound each (seconds).
 set -u
