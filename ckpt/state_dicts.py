@@ -35,6 +35,26 @@ def _has_fsdp1(module: torch.nn.Module) -> bool:
     return any(isinstance(m, FSDP1) for m in module.modules())
 
 
+class ModuleFacts:
+    """What one save or load asks of a module more than once: whether FSDP1 wraps any of it, and its parameters'
+    ids in ``parameters()`` order (each a walk over every submodule)."""
+
+    __slots__ = ("fsdp1", "param_ids", "_param_id_set")
+
+    def __init__(self, fsdp1: bool, param_ids: tuple[int, ...]) -> None:
+        self.fsdp1, self.param_ids, self._param_id_set = fsdp1, param_ids, None
+
+    @property
+    def param_id_set(self) -> frozenset[int]:
+        if self._param_id_set is None:
+            self._param_id_set = frozenset(self.param_ids)
+        return self._param_id_set
+
+
+def module_facts(module: torch.nn.Module) -> ModuleFacts:
+    return ModuleFacts(_has_fsdp1(module), tuple(id(p) for p in module.parameters()))
+
+
 def _identity(v: Any) -> tuple[Any, ...] | None:
     """What makes two state-dict values the same value: views of the same memory (a DTensor's local memory and
     placements), or the same object. None for a tensor without accessible memory (replayed never)."""
@@ -69,11 +89,13 @@ _MODULES: "weakref.WeakKeyDictionary[torch.nn.Module, _ModuleMap]" = weakref.Wea
 _OPTIMS: "weakref.WeakKeyDictionary[torch.optim.Optimizer, _OptimMap]" = weakref.WeakKeyDictionary()
 
 
-def model_state_dict(model: torch.nn.Module) -> dict[str, Any]:
-    """Equal to ``get_model_state_dict(model)``: the same keys in the same order and the same tensors."""
+def model_state_dict(model: torch.nn.Module, facts: ModuleFacts | None = None) -> dict[str, Any]:
+    """Equal to ``get_model_state_dict(model)``: the same keys in the same order and the same tensors.
+
+    ``facts``: ``module_facts(model)`` if the caller has them already (taken during this same call)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    if _has_fsdp1(model):
+    if (facts.fsdp1 if facts is not None else _has_fsdp1(model)):
         return get_model_state_dict(model)
     with torch.no_grad():
         sd = model.state_dict()
@@ -112,14 +134,19 @@ def _replay_order(out: dict[str, Any], values: list[Any]) -> list[tuple[str, int
     return order
 
 
-def optimizer_state_dict(model: torch.nn.Module, optim: torch.optim.Optimizer) -> dict[str, Any]:
-    """Equal to ``get_optimizer_state_dict(model, optim)`` for an optimizer that already has state."""
+def optimizer_state_dict(model: torch.nn.Module, optim: torch.optim.Optimizer,
+                         facts: ModuleFacts | None = None) -> dict[str, Any]:
+    """Equal to ``get_optimizer_state_dict(model, optim)`` for an optimizer that already has state.
+
+    ``facts``: ``module_facts(model)`` if the caller has them already (taken during this same call)."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    if not optim.state or _has_fsdp1(model):
+    if facts is None:
+        facts = module_facts(model)
+    if not optim.state or facts.fsdp1:
         return get_optimizer_state_dict(model, optim)
     params = tuple(id(p) for g in optim.param_groups for p in g[_PARAMS])
-    module_params = tuple(id(p) for p in model.parameters())
+    module_params = facts.param_ids
     cached = _OPTIMS.get(optim)
     if cached is None or cached.params != params or cached.module_params != module_params:
         out = get_optimizer_state_dict(model, optim)

@@ -15,9 +15,12 @@ Register more with ``register_adapter`` (integrations do, for their trainer obje
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, Protocol, runtime_checkable
 
 import torch
+
+if TYPE_CHECKING:
+    from ckpt.state_dicts import ModuleFacts
 
 
 @runtime_checkable
@@ -32,6 +35,16 @@ class Context:
     """What adapters may look at: every module found anywhere in the state being saved or loaded."""
 
     modules: list[torch.nn.Module] = field(default_factory=list)
+    #: Facts about a module computed once per save or load (keyed by ``id``; the Context lives for one call).
+    _facts: dict[int, "ModuleFacts"] = field(default_factory=dict, repr=False)
+
+    def facts(self, m: torch.nn.Module) -> "ModuleFacts":
+        f = self._facts.get(id(m))
+        if f is None:
+            from ckpt.state_dicts import module_facts
+
+            f = self._facts[id(m)] = module_facts(m)
+        return f
 
 
 @dataclass(frozen=True)
@@ -62,8 +75,7 @@ def find_adapter(obj: Any) -> Adapter | None:
 def _owner(optim: torch.optim.Optimizer, ctx: Context) -> torch.nn.Module | None:
     wanted = {id(p) for g in optim.param_groups for p in g["params"]}
     for m in ctx.modules:
-        have = {id(p) for p in m.parameters()}
-        if wanted <= have:
+        if wanted <= ctx.facts(m).param_id_set:
             return m
     return None
 
@@ -71,7 +83,7 @@ def _owner(optim: torch.optim.Optimizer, ctx: Context) -> torch.nn.Module | None
 def _module_to(m: torch.nn.Module, ctx: Context) -> Any:
     from ckpt.state_dicts import model_state_dict
 
-    return model_state_dict(m)
+    return model_state_dict(m, ctx.facts(m))
 
 
 def _module_from(m: torch.nn.Module, sd: Any, ctx: Context) -> None:
@@ -84,7 +96,7 @@ def _optim_to(o: torch.optim.Optimizer, ctx: Context) -> Any:
     from ckpt.state_dicts import optimizer_state_dict
 
     model = _owner(o, ctx)
-    return o.state_dict() if model is None else optimizer_state_dict(model, o)
+    return o.state_dict() if model is None else optimizer_state_dict(model, o, ctx.facts(model))
 
 
 def _optim_from(o: torch.optim.Optimizer, sd: Any, ctx: Context) -> None:
