@@ -74,11 +74,6 @@ class Shared:
 
             self.dcp_stager = DefaultStager(StagingOptions(use_pinned_memory=self.cuda, use_shared_memory=True,
                                                            use_async_staging=True, use_non_blocking_copy=self.cuda))
-            # torch 2.11's StateDictStager has no deepcopy entry for classes (torch 2.13 copies them atomically); on
-            # an H200 node with torch 2.11 its staging then failed with ``KeyError: <class 'type'>``. Same entry here.
-            table = getattr(getattr(self.dcp_stager, "_state_dict_stager", None), "_deepcopy_dispatch", None)
-            if isinstance(table, dict) and type not in table and int in table:
-                table[type] = table[int]
         return self.dcp_stager
 
     def close(self) -> None:

@@ -18,6 +18,7 @@ cache holds weak references, so it never keeps a model or optimizer alive.
 from __future__ import annotations
 
 import weakref
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -35,24 +36,19 @@ def _has_fsdp1(module: torch.nn.Module) -> bool:
     return any(isinstance(m, FSDP1) for m in module.modules())
 
 
+@dataclass(frozen=True)
 class ModuleFacts:
-    """What one save or load asks of a module more than once: whether FSDP1 wraps any of it, and its parameters'
-    ids in ``parameters()`` order (each a walk over every submodule)."""
+    """What one save or load asks of a module more than once (each a walk over every submodule): whether FSDP1
+    wraps any of it, and its parameters' ids in ``parameters()`` order, also as a set."""
 
-    __slots__ = ("fsdp1", "param_ids", "_param_id_set")
-
-    def __init__(self, fsdp1: bool, param_ids: tuple[int, ...]) -> None:
-        self.fsdp1, self.param_ids, self._param_id_set = fsdp1, param_ids, None
-
-    @property
-    def param_id_set(self) -> frozenset[int]:
-        if self._param_id_set is None:
-            self._param_id_set = frozenset(self.param_ids)
-        return self._param_id_set
+    fsdp1: bool
+    param_ids: tuple[int, ...]
+    param_id_set: frozenset[int]
 
 
 def module_facts(module: torch.nn.Module) -> ModuleFacts:
-    return ModuleFacts(_has_fsdp1(module), tuple(id(p) for p in module.parameters()))
+    ids = tuple(id(p) for p in module.parameters())
+    return ModuleFacts(_has_fsdp1(module), ids, frozenset(ids))
 
 
 def _identity(v: Any) -> tuple[Any, ...] | None:
