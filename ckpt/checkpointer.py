@@ -32,11 +32,11 @@ from ckpt.pool import HostBufferPool, SegmentAllocator, Slot
 from ckpt.rng import RNGState
 from ckpt.saving import write_and_commit
 from ckpt.staging import BACKGROUND_PRIORITIES, Copier, StagingHandle, copy_all
-from ckpt.state import assign, flatten, resolve, walk_objects
-from ckpt.snapshot_layout import SnapshotLayout
+from ckpt.state import assign, flatten, flatten_state, resolve, walk_objects
+from ckpt.snapshot_layout import SnapshotLayout, Sources, storage_ptr
 from ckpt.tiers import FlushJob, FlushResult, StorageTier
 from formats.writer import ChunkWrite, WriteOptions
-from resharding.layout import TensorLayout, is_dtensor, tensor_layout
+from resharding.layout import tensor_layout
 
 RNG_KEY = "rng"
 
@@ -86,11 +86,6 @@ class SnapshotHandle:
             return self._cond.wait_for(lambda: not self._pending, timeout_secs)
 
 
-def _storage_ptr(t: torch.Tensor) -> int:
-    local = t.to_local() if is_dtensor(t) else t
-    return local.untyped_storage().data_ptr()
-
-
 class Checkpointer:
     """Snapshots every ``memory_every`` steps into host memory, persisted every ``disk_every`` steps under
     ``root`` and every ``remote_every`` steps under ``remote``. See README "Checkpointer" for every option."""
@@ -129,6 +124,7 @@ class Checkpointer:
                                           retention_from(remote_keep_last or keep_last, keep_every), self._new_group(),
                                           storage_options, background_priority))
         self._layout: SnapshotLayout | None = None
+        self._sources = Sources()
         self._current: StagingHandle | None = None
         self._current_metrics: SnapshotMetrics | None = None
         self._hooks: weakref.WeakKeyDictionary[torch.optim.Optimizer, Any] = weakref.WeakKeyDictionary()
@@ -177,15 +173,28 @@ class Checkpointer:
             return {**state, RNG_KEY: RNGState(self.dw.rank)}
         return state
 
-    def _layout_for(self, flat: Any, layouts: dict[str, TensorLayout]) -> SnapshotLayout:
+    def _layout_for(self, flat: Any, sig: tuple[Any, ...]) -> SnapshotLayout:
         """The cached layout while every rank's state structure is unchanged; else a new plan (collective)."""
-        sig = snapshot_layout.signature(flat, layouts)
         same = self._layout is not None and self._layout.signature == sig
         if all(self.dw.all_gather(same)):
             assert self._layout is not None
             return self._layout
+        layouts = {k: s.layout for k, s in self._sources.by_key.items()}
         self._layout = snapshot_layout.build(self.dw, flat, layouts, sig, self.save_options.max_chunk_bytes)
         return self._layout
+
+    @staticmethod
+    def _optimizer_signature(optimizers: list[torch.optim.Optimizer]) -> tuple[Any, ...]:
+        return tuple((id(o), tuple(id(p) for g in o.param_groups for p in g["params"])) for o in optimizers)
+
+    @staticmethod
+    def _optimizer_ptrs(optimizers: list[torch.optim.Optimizer]) -> set[int]:
+        """Storage addresses of what only ``optimizer.step()`` changes: parameters and state tensors."""
+        ptrs: set[int] = set()
+        for o in optimizers:
+            ptrs |= {storage_ptr(p) for g in o.param_groups for p in g["params"]}
+            ptrs |= {storage_ptr(v) for s in o.state.values() for v in s.values() if isinstance(v, torch.Tensor)}
+        return ptrs
 
     def _install_hooks(self, optimizers: list[torch.optim.Optimizer]) -> None:
         for o in optimizers:  # keyed weakly by the optimizer itself: a recycled id() must not skip a hook
@@ -222,33 +231,32 @@ class Checkpointer:
             h._complete("memory")
             return h
         self.wait_for_staging()  # the previous snapshot's lazy copies (normally done long ago)
-        plain, _, _ = resolve(self._full_state(state))
-        flat = flatten(plain)
-        layouts = {k: tensor_layout(t) for k, t in flat.tensors.items()}
-        lay = self._layout_for(flat, layouts)
+        flat = flatten_state(self._full_state(state))
         optimizers = [o for o in walk_objects(state) if isinstance(o, torch.optim.Optimizer)]
-        lazy_ptrs: set[int] = set()
         if self.lazy:  # what only optimizer.step() changes: its parameters and state tensors (the hook guards them)
             self._install_hooks(optimizers)
-            for o in optimizers:
-                lazy_ptrs |= {_storage_ptr(p) for g in o.param_groups for p in g["params"]}
-                lazy_ptrs |= {_storage_ptr(v) for s in o.state.values() for v in s.values() if isinstance(v, torch.Tensor)}
+        else:
+            optimizers = []
+        sources = self._sources.update(flat.tensors, self._optimizer_signature(optimizers),
+                                       lambda: self._optimizer_ptrs(optimizers))
+        assert self._sources.signature is not None
+        lay = self._layout_for(flat, self._sources.signature)
         m = SnapshotMetrics(step, self.dw.rank)
         slot, m.backpressure_wait_secs = self.pool.acquire(lay.total_bytes, tiers_due)
         eager, lazy = [], []
         lazy_index: dict[int, int] = {}  # region position -> index of its lazy copy (absent: copied eagerly)
         for i, (r, dst) in enumerate(zip(lay.regions, snapshot_layout.slot_views(slot, lay))):
-            src = layouts[r.key].pieces[r.piece_index].local_view(layouts[r.key].local)
-            if _storage_ptr(flat.tensors[r.key]) in lazy_ptrs:
+            src = sources[r.key]
+            if src.lazy:
                 lazy_index[i] = len(lazy)
-                lazy.append((src, dst))
+                lazy.append((src.views[r.piece_index], dst))
+                m.lazy_bytes += r.nbytes
             else:
-                eager.append((src, dst))
+                eager.append((src.views[r.piece_index], dst))
         te = time.perf_counter()
         copy_all(eager)
         m.eager_copy_secs = time.perf_counter() - te
-        m.staged_bytes = sum(r.nbytes for r in lay.regions)
-        m.lazy_bytes = sum(d.numel() * d.element_size() for _, d in lazy)
+        m.staged_bytes = lay.staged_bytes
         slot.info = {"values": dict(flat.values), "containers": dict(flat.containers), "layout": lay}
         handle = SnapshotHandle(step, tiers_due)
         self._handles[step] = handle
@@ -256,7 +264,8 @@ class Checkpointer:
         self._unwritten.append((handle, m))
         self.metrics.append(m)
         self._current_metrics = m
-        staging = self.copier.submit(step, lazy, lambda h: self._staged(h, slot, handle, m))
+        staging = self.copier.submit(step, lazy, lambda h: self._staged(h, slot, handle, m),
+                                     cuda=self._sources.lazy_cuda if self.lazy else False)
         self._current = staging
         # Tiers start now: each chunk streams out as soon as its own region is staged (ready() waits for it).
         for tier in self.tiers:
@@ -449,6 +458,7 @@ class Checkpointer:
                 h.remove()
             self._hooks.clear()
             self.copier.close()
+            self._sources.clear()
             for t in self.tiers:
                 t.close()
             self.pool.close()

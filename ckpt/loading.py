@@ -21,7 +21,7 @@ from formats.dtypes import dtype_from_name
 from formats.manifest import Manifest
 from formats.reader import ChunkReader, read_manifest
 from formats.storage import Storage, open_storage
-from resharding.layout import TensorLayout, tensor_layout
+from resharding.layout import TensorLayout
 from resharding.planner import ReadItem, plan_reads
 from resharding.spec_bind import SpecBinding, local_layouts, parse_parallel, resolve_spec
 

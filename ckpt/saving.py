@@ -22,7 +22,7 @@ import torch
 from ckpt.dist import DistWrapper
 from ckpt.errors import CheckpointExistsError, ShardMismatchError, SpecError
 from ckpt.options import SaveOptions
-from ckpt.state import FlatState, flatten, resolve
+from ckpt.state import FlatState, flatten_state
 from formats.dtypes import dtype_name
 from formats.manifest import (DATA_DIR, MANIFEST_NAME, ChunkEntry, ContainerEntry, Manifest, TensorEntry, ValueEntry,
                               files_and_chunks)
@@ -31,7 +31,7 @@ from formats.writer import ChunkWrite, WriteOptions, write_items
 from formats import checksum
 from formats.tensor_bytes import as_bytes
 from resharding.box import Box
-from resharding.layout import LocalPiece, TensorLayout, tensor_layout
+from resharding.layout import LocalPiece, TensorLayout
 from resharding.spec_bind import SpecBinding, local_layouts, parse_parallel, replica_policies, resolve_spec
 from resharding.spec_layout import RankLayout
 from resharding.planner import WriteAssignment, WriteCandidate, plan_global_writes
@@ -249,8 +249,7 @@ def save(state: Any, path: "str | Storage", *, process_group: Any = None, storag
     opts = options or SaveOptions()
     dw = DistWrapper(process_group)
     storage = open_storage(path, storage_options)
-    plain, _, _ = resolve(state)
-    flat = flatten(plain)
+    flat = flatten_state(state)
 
     def refuse_overwrite(plans: list[_LocalPlan]) -> None:
         if not overwrite and storage.exists(MANIFEST_NAME):

@@ -156,11 +156,13 @@ class Copier:
         self._thread: threading.Thread | None = None
         self._stream: Any = None
 
-    def submit(self, step: int, copies: list[Copy], on_done: Callable[[StagingHandle], None]) -> StagingHandle:
-        """Start ``copies``; ``on_done(handle)`` runs on a background thread once they are complete."""
+    def submit(self, step: int, copies: list[Copy], on_done: Callable[[StagingHandle], None],
+               cuda: bool | None = None) -> StagingHandle:
+        """Start ``copies``; ``on_done(handle)`` runs on a background thread once they are complete. ``cuda``:
+        whether any source is CUDA memory, if the caller knows (else every source is asked)."""
         handle = StagingHandle(step)
         handle._callbacks.append(on_done)
-        if any(src.is_cuda for src, _ in copies):
+        if cuda if cuda is not None else any(src.is_cuda for src, _ in copies):
             self._submit_cuda(handle, copies)
         else:
             self._ensure_thread()

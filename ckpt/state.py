@@ -50,7 +50,7 @@ def resolve(state: Any) -> tuple[Any, list[Binding], Context]:
             raise ValueError("state is nested more than 64 levels deep (a reference cycle?)")
         if isinstance(o, torch.Tensor) or o is None or isinstance(o, (bool, int, float, str)):
             return o
-        if isinstance(o, Mapping):
+        if isinstance(o, dict) or isinstance(o, Mapping):  # dict first: typing's Mapping check is slow
             return {k: walk(v, depth + 1) for k, v in o.items()}
         if isinstance(o, (list, tuple)):
             items = [walk(v, depth + 1) for v in o]
@@ -67,28 +67,65 @@ def resolve(state: Any) -> tuple[Any, list[Binding], Context]:
 
 def flatten(plain: Any) -> FlatState:
     """Flat keys of a plain nested state. ``TypeError`` naming the key for values the format cannot store."""
-    out = FlatState()
+    return _flatten(plain, None)
 
-    def walk(o: Any, key: str) -> None:
-        if isinstance(o, torch.Tensor):
-            out.tensors[key] = o
-        elif isinstance(o, dict):
+
+def flatten_state(state: Any) -> FlatState:
+    """``flatten(resolve(state)[0])`` in one walk, for saving (no bindings are kept).
+
+    Each Stateful object is replaced by its plain state where it is met, so the state is walked once instead of
+    twice: the walk is about half of a ``Checkpointer.save`` request's Python for a 100M GPT and AdamW.
+    """
+    return _flatten(state, Context(modules=collect_modules(state)))
+
+
+def _component(k: Any, key: str) -> tuple[str, bool]:
+    if type(k) is str:  # the common case, without building the error context of ``K.component``
+        return (K.escape(k) if "~" in k or "/" in k else k), False
+    return K.component(k, f"state key {key!r}")
+
+
+def _other_mapping(o: Any) -> bool:
+    """A Mapping that is not a dict (typing's isinstance check is slow: plain values skip it)."""
+    return not (o is None or isinstance(o, (bool, int, float, str, list, tuple))) and isinstance(o, Mapping)
+
+
+def _flatten(o: Any, ctx: Context | None) -> FlatState:
+    out = FlatState()
+    tensors, tensor_type = out.tensors, torch.Tensor
+
+    def walk(o: Any, key: str, depth: int) -> None:
+        if depth > 64:
+            raise ValueError(f"state key {key!r}: nested more than 64 levels deep (a reference cycle?)")
+        if isinstance(o, tensor_type):
+            tensors[key] = o
+        elif isinstance(o, dict) or (ctx is not None and _other_mapping(o)):
             int_keys = []
+            prefix = "" if key == "" else key + "/"
             for k, v in o.items():
-                comp, is_int = K.component(k, f"state key {key!r}")
+                comp, is_int = _component(k, key)
                 if is_int:
                     int_keys.append(comp)
-                walk(v, K.join(key, comp))
+                if isinstance(v, tensor_type):  # most leaves: stored here rather than one call deeper
+                    tensors[prefix + comp] = v
+                else:
+                    walk(v, prefix + comp, depth + 1)
             out.containers[key] = ContainerEntry(key, "dict", 0, tuple(int_keys))
         elif isinstance(o, (list, tuple)):
             for i, v in enumerate(o):
-                walk(v, K.join(key, str(i)))
+                walk(v, K.join(key, str(i)), depth + 1)
             out.containers[key] = ContainerEntry(key, "list" if isinstance(o, list) else "tuple", len(o))
         else:
+            adapter = None
+            if ctx is not None and not (o is None or isinstance(o, (bool, int, float, str))):
+                adapter = find_adapter(o)
+            if adapter is not None:
+                walk(adapter.to_state(o, ctx), key, depth + 1)
+                return
             encode_value(o, key)  # raises TypeError for unsupported types
             out.values[key] = o
 
-    walk(plain, "")
+    walk(o, "", 0)
     return out
 
 

@@ -122,15 +122,17 @@ def collect_modules(state: Any) -> list[torch.nn.Module]:
     """Every ``nn.Module`` directly inside the nested containers of ``state``."""
     out: list[torch.nn.Module] = []
 
-    def walk(o: Any) -> None:
+    def walk(o: Any, depth: int) -> None:
+        if depth > 64:  # a reference cycle: the state walk that follows names the key
+            return
         if isinstance(o, torch.nn.Module):
             out.append(o)
         elif isinstance(o, dict):
             for v in o.values():
-                walk(v)
+                walk(v, depth + 1)
         elif isinstance(o, (list, tuple)):
             for v in o:
-                walk(v)
+                walk(v, depth + 1)
 
-    walk(state)
+    walk(state, 0)
     return out
