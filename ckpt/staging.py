@@ -176,15 +176,14 @@ class Copier:
         self._stream.wait_stream(torch.cuda.current_stream())
         with torch.no_grad(), torch.cuda.stream(self._stream):
             copy_all(copies, non_blocking=True)
-            for src, _ in copies:
-                if src.is_cuda:
-                    src.record_stream(self._stream)
             ev = torch.cuda.Event()
             ev.record(self._stream)
         handle._cuda_event = ev
         self._ensure_thread()
-        # The worker waits for the event, then runs callbacks (flushes) off the training thread.
-        self._queue.put((handle, []))
+        # The worker waits for the event, then runs callbacks (flushes) off the training thread. The job holds the
+        # copies, so no source is freed (and its device memory handed to the compute stream) before the side
+        # stream has read it; that replaces a ``record_stream`` per tensor, most of this call's cost on a GPU host.
+        self._queue.put((handle, copies))
         handle.copy_secs = -t0  # completed in _run
 
     def _ensure_thread(self) -> None:
