@@ -1,3 +1,4 @@
 """Shared pytest fixtures. Each area keeps its fixtures in its own module and re-exports them here."""
 
 from tests.s3_fixture import s3_server, s3_server_running  # noqa: F401
+from tests.copier_gate import copier_gate  # noqa: F401

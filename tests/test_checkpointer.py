@@ -196,25 +196,6 @@ def set_later(event: threading.Event, delay_secs: float) -> threading.Thread:
     return t
 
 
-@pytest.fixture
-def copier_gate(monkeypatch: pytest.MonkeyPatch) -> Iterable[threading.Event]:
-    """Holds the background copier (the lazy copies) until the test sets the returned event.
-
-    Patches ``ckpt.staging.copy_all`` as the copier thread sees it; the eager copies in ``save`` are bound
-    separately (``ckpt.checkpointer.copy_all``) and stay synchronous.
-    """
-    ev = threading.Event()
-    real = ckpt.staging.copy_all
-
-    def held(copies: list[tuple[torch.Tensor, torch.Tensor]], *args: Any) -> None:
-        assert ev.wait(60), "the test never released the copier"
-        real(copies, *args)
-
-    monkeypatch.setattr(ckpt.staging, "copy_all", held)
-    yield ev
-    ev.set()
-
-
 # -- 1. a snapshot equals the state at the step it names ------------------------------------------------------
 
 

@@ -13,14 +13,12 @@ from __future__ import annotations
 import threading
 import types
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import pytest
 import torch
 
 import ckpt
-import ckpt.checkpointer  # noqa: F401 - binds the eager ``copy_all`` before the gate patches staging's
-import ckpt.staging
 from ckpt.errors import UnsupportedStateError
 from ckpt.rng import RNGState
 from ckpt.state import flatten, flatten_state, resolve
@@ -29,32 +27,25 @@ from tests.test_checkpointer import Sampler, build, reference, state_of, step_pa
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture
-def gate(monkeypatch: pytest.MonkeyPatch) -> Iterable[threading.Event]:
-    """Holds each snapshot's lazy copies while the event is clear; ``clear()`` it again to hold the next one."""
-    ev = threading.Event()
-    real = ckpt.staging.copy_all
-
-    def held(copies: list[tuple[torch.Tensor, torch.Tensor]], *args: Any) -> None:
-        assert ev.wait(60), "the test never released the copier"
-        real(copies, *args)
-
-    monkeypatch.setattr(ckpt.staging, "copy_all", held)
-    yield ev
-    ev.set()
-
-
-def snapshot(cp: ckpt.Checkpointer, gate: threading.Event, step: int, state: dict[str, Any],
+def snapshot(cp: ckpt.Checkpointer, copier_gate: threading.Event, step: int, state: dict[str, Any],
              edit: Any = None) -> ckpt.SnapshotHandle:
     """Save with the lazy copies held, run ``edit`` (in-place changes that must not leak), release, wait."""
-    gate.clear()
+    copier_gate.clear()  # holds this snapshot's lazy copies until set again
     h = cp.save(step, state)
     if edit is not None:
         with torch.no_grad():
             edit()
-    gate.set()
+    copier_gate.set()
     assert h.wait(60) and not h.errors, h.errors
     return h
+
+
+def trained(seed: int) -> tuple[Any, torch.optim.Optimizer, Any, torch.Generator]:
+    """The test model after one training step, and the generator of its batches."""
+    model, opt, sched = build()
+    g = torch.Generator().manual_seed(seed)
+    train_step(model, opt, sched, g)
+    return model, opt, sched, g
 
 
 def read(root: Path, step: int, key: str) -> torch.Tensor:
@@ -62,15 +53,13 @@ def read(root: Path, step: int, key: str) -> torch.Tensor:
         return r.read(key)
 
 
-def test_unchanged_state_reuses_every_tensor_source(tmp_path: Path, gate: threading.Event) -> None:
-    model, opt, sched = build()
-    g = torch.Generator().manual_seed(0)
-    train_step(model, opt, sched, g)
+def test_unchanged_state_reuses_every_tensor_source(tmp_path: Path, copier_gate: threading.Event) -> None:
+    model, opt, sched, g = trained(0)
     with ckpt.Checkpointer(tmp_path, disk_every=1, keep_last=None) as cp:
-        snapshot(cp, gate, 1, state_of(model, opt, sched, 1))
+        snapshot(cp, copier_gate, 1, state_of(model, opt, sched, 1))
         first = dict(cp._sources.by_key)
         train_step(model, opt, sched, g)
-        snapshot(cp, gate, 2, state_of(model, opt, sched, 2))
+        snapshot(cp, copier_gate, 2, state_of(model, opt, sched, 2))
         again = cp._sources.by_key
         reused = {k for k in first if again[k] is first[k]}
         # Parameters, buffers and optimizer state are the same memory; RNG states are new tensors every save.
@@ -79,26 +68,25 @@ def test_unchanged_state_reuses_every_tensor_source(tmp_path: Path, gate: thread
             f"model/{n}" for n, _ in model.named_parameters()}
 
 
-def test_replaced_parameter_data_is_snapshotted_and_stays_guarded(tmp_path: Path, gate: threading.Event) -> None:
+def test_replaced_parameter_data_is_snapshotted_and_stays_guarded(tmp_path: Path,
+                                                                  copier_gate: threading.Event) -> None:
     """``.data`` of a parameter replaced between saves: the parameter is still copied lazily (guarded by the
     pre-step hook), and a user tensor that still views its old memory, lazy before, is now copied eagerly."""
-    model, opt, sched = build()
-    g = torch.Generator().manual_seed(1)
-    train_step(model, opt, sched, g)
+    model, opt, sched, g = trained(1)
     alias = model.fc1.weight.detach()  # shares the parameter's memory until .data is replaced
     with ckpt.Checkpointer(tmp_path, disk_every=1, keep_last=None) as cp:
-        snapshot(cp, gate, 1, state_of(model, opt, sched, 1, alias=alias))
+        snapshot(cp, copier_gate, 1, state_of(model, opt, sched, 1, alias=alias))
         lazy_before = cp.metrics[-1].lazy_bytes
         assert cp._sources.by_key["alias"].lazy
         model.fc1.weight.data = torch.randn(16, 6, generator=g)  # new memory under the same Parameter
         train_step(model, opt, sched, g)
         ref = reference(model, opt, sched)
         alias_then = alias.clone()
-        gate.clear()
+        copier_gate.clear()
         h = cp.save(2, state_of(model, opt, sched, 2, alias=alias))
         with torch.no_grad():
             alias.add_(1.0)  # nothing guards it any more: it must have been copied before save returned
-        set_later(gate)
+        set_later(copier_gate)
         train_step(model, opt, sched, g)  # its optimizer.step() waits for the held copies of step 2
         assert h.wait(60) and not h.errors
         m2 = cp.metrics[-1]
@@ -110,37 +98,33 @@ def test_replaced_parameter_data_is_snapshotted_and_stays_guarded(tmp_path: Path
             assert torch.equal(read(tmp_path, 2, k), v), k
 
 
-def test_reassigned_buffer_is_snapshotted_and_copied_eagerly(tmp_path: Path, gate: threading.Event) -> None:
-    model, opt, sched = build()
-    g = torch.Generator().manual_seed(2)
-    train_step(model, opt, sched, g)
+def test_reassigned_buffer_is_snapshotted_and_copied_eagerly(tmp_path: Path, copier_gate: threading.Event) -> None:
+    model, opt, sched, g = trained(2)
     with ckpt.Checkpointer(tmp_path, disk_every=1, keep_last=None) as cp:
-        snapshot(cp, gate, 1, state_of(model, opt, sched, 1))
+        snapshot(cp, copier_gate, 1, state_of(model, opt, sched, 1))
         model.bn.running_mean = torch.full((16,), 3.0)  # a new buffer tensor
         expected = model.bn.running_mean.clone()
-        snapshot(cp, gate, 2, state_of(model, opt, sched, 2), edit=lambda: model.bn.running_mean.add_(1.0))
+        snapshot(cp, copier_gate, 2, state_of(model, opt, sched, 2), edit=lambda: model.bn.running_mean.add_(1.0))
         cp.wait()
     assert torch.equal(read(tmp_path, 2, "model/bn.running_mean"), expected)
 
 
-def test_reloaded_optimizer_state_is_snapshotted(tmp_path: Path, gate: threading.Event) -> None:
-    model, opt, sched = build()
-    g = torch.Generator().manual_seed(3)
-    train_step(model, opt, sched, g)
+def test_reloaded_optimizer_state_is_snapshotted(tmp_path: Path, copier_gate: threading.Event) -> None:
+    model, opt, sched, g = trained(3)
     saved = opt.state_dict()
     with ckpt.Checkpointer(tmp_path, disk_every=1, keep_last=None) as cp:
-        snapshot(cp, gate, 1, state_of(model, opt, sched, 1))
+        snapshot(cp, copier_gate, 1, state_of(model, opt, sched, 1))
         train_step(model, opt, sched, g)
         opt.load_state_dict(saved)  # new state tensors (copies of step 1's)
         ref = reference(model, opt, sched)
-        snapshot(cp, gate, 2, state_of(model, opt, sched, 2))
+        snapshot(cp, copier_gate, 2, state_of(model, opt, sched, 2))
         cp.wait()
     for k, v in ref.items():
         if k.startswith("optim/state/"):
             assert torch.equal(read(tmp_path, 2, k), v), k
 
 
-def test_parameter_dropped_from_the_optimizer_is_copied_eagerly(tmp_path: Path, gate: threading.Event) -> None:
+def test_parameter_dropped_from_the_optimizer_is_copied_eagerly(tmp_path: Path, copier_gate: threading.Event) -> None:
     """No key changes (the frozen parameter never had optimizer state), but once it leaves the optimizer's
     parameter groups nothing guards it any more: it must be copied before ``save`` returns."""
     model, opt, sched = build()
@@ -148,27 +132,25 @@ def test_parameter_dropped_from_the_optimizer_is_copied_eagerly(tmp_path: Path, 
     g = torch.Generator().manual_seed(4)
     train_step(model, opt, sched, g)
     with ckpt.Checkpointer(tmp_path, disk_every=1, keep_last=None) as cp:
-        snapshot(cp, gate, 1, state_of(model, opt, sched, 1))
+        snapshot(cp, copier_gate, 1, state_of(model, opt, sched, 1))
         keys = set(cp._sources.by_key)
         assert cp._sources.by_key["model/fc1.weight"].lazy
         group = opt.param_groups[0]
         group["params"] = [p for p in group["params"] if p is not model.fc1.weight]
         expected = model.fc1.weight.detach().clone()
-        snapshot(cp, gate, 2, state_of(model, opt, sched, 2), edit=lambda: model.fc1.weight.mul_(-2.0))
+        snapshot(cp, copier_gate, 2, state_of(model, opt, sched, 2), edit=lambda: model.fc1.weight.mul_(-2.0))
         assert set(cp._sources.by_key) == keys and not cp._sources.by_key["model/fc1.weight"].lazy
         cp.wait()
     assert torch.equal(read(tmp_path, 2, "model/fc1.weight"), expected)
 
 
 @pytest.mark.parametrize("change", ["resize", "dtype", "set_"])
-def test_extra_tensor_changed_in_shape_dtype_or_memory(tmp_path: Path, gate: threading.Event, change: str) -> None:
-    model, opt, sched = build()
-    g = torch.Generator().manual_seed(5)
-    train_step(model, opt, sched, g)
+def test_extra_tensor_changed_in_shape_dtype_or_memory(tmp_path: Path, copier_gate: threading.Event, change: str) -> None:
+    model, opt, sched, g = trained(5)
     extra = torch.arange(6, dtype=torch.float32)
     state = state_of(model, opt, sched, 1, extra=extra)
     with ckpt.Checkpointer(tmp_path, disk_every=1, keep_last=None) as cp:
-        snapshot(cp, gate, 1, state)
+        snapshot(cp, copier_gate, 1, state)
         if change == "resize":
             extra.resize_(2, 5).copy_(torch.arange(10).view(2, 5))
         elif change == "dtype":
@@ -177,7 +159,7 @@ def test_extra_tensor_changed_in_shape_dtype_or_memory(tmp_path: Path, gate: thr
             extra.set_(torch.full((6,), 9.0))  # the same tensor object, other memory
         expected = extra.clone()
         state["step"] = 2
-        snapshot(cp, gate, 2, state, edit=lambda: extra.add_(100))
+        snapshot(cp, copier_gate, 2, state, edit=lambda: extra.add_(100))
         cp.wait()
     got = read(tmp_path, 2, "extra")
     assert got.dtype == expected.dtype and torch.equal(got, expected)
