@@ -163,6 +163,29 @@ def test_in_place_changes_of_buffers_after_save_do_not_leak(tmp_path: Path) -> N
     assert_matches(step_path(tmp_path, 1), ref, "step 1")
 
 
+def test_sources_dropped_right_after_save_are_not_reused_before_their_copy(tmp_path: Path) -> None:
+    """The side stream reads the optimizer state only after the queued work; right after ``save`` the loop drops
+    those tensors (as a reload would) and fills new device memory of the same sizes on the compute stream. The
+    snapshot still holds its step's values: a pending copy keeps its sources alive, so the caching allocator
+    cannot hand their blocks to the compute stream first (what ``record_stream`` would otherwise have to do)."""
+    model, opt, sched = build()
+    train_step(model, opt, sched, 0)
+    torch.cuda.synchronize()
+    ref = reference(model, opt)
+    with ckpt.Checkpointer(tmp_path, memory_every=1, disk_every=1, keep_last=None) as cp:
+        busy_device()
+        h = cp.save(1, {"model": model, "optim": opt})
+        for st in opt.state.values():
+            for k, v in list(st.items()):
+                if isinstance(v, torch.Tensor) and v.is_cuda:
+                    st[k] = torch.full_like(v, 7.0)  # drops the tensor the snapshot is still copying
+        junk = [torch.full_like(p, 9.0) for p in model.parameters() for _ in range(4)]
+        assert h.wait(120) and not h.errors
+        del junk
+        cp.wait()
+    assert_matches(step_path(tmp_path, 1), ref, "step 1")
+
+
 def test_restore_from_memory_and_from_disk_continues_bit_identically(tmp_path: Path) -> None:
     model, opt, sched = build()
     for step in range(1, 4):
