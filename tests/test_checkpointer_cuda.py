@@ -82,6 +82,14 @@ def busy_device(n: int = 40) -> torch.Tensor:
     return a
 
 
+def after_one_step() -> tuple[Net, torch.optim.Optimizer, Any, dict[str, torch.Tensor]]:
+    """The model, optimizer and scheduler after one training step, and the reference copy of that state."""
+    model, opt, sched = build()
+    train_step(model, opt, sched, 0)
+    torch.cuda.synchronize()
+    return model, opt, sched, reference(model, opt)
+
+
 def reference(model: Net, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
     """A synchronous host copy of the state, keyed as the checkpoint keys it."""
     out = {f"model/{k}": v.detach().cpu().clone() for k, v in model.state_dict().items()}
@@ -145,10 +153,7 @@ def test_every_snapshot_equals_the_state_at_its_step_while_the_device_is_busy(tm
 def test_in_place_changes_of_buffers_after_save_do_not_leak(tmp_path: Path) -> None:
     """BatchNorm statistics change outside optimizer.step(): they are copied before save returns, in stream
     order, so a forward pass and in-place edits queued right after save do not reach the snapshot."""
-    model, opt, sched = build()
-    train_step(model, opt, sched, 0)
-    torch.cuda.synchronize()
-    ref = reference(model, opt)
+    model, opt, sched, ref = after_one_step()
     with ckpt.Checkpointer(tmp_path, memory_every=1, disk_every=1, keep_last=None) as cp:
         busy_device()
         cp.save(1, {"model": model, "optim": opt})
@@ -168,10 +173,7 @@ def test_sources_dropped_right_after_save_are_not_reused_before_their_copy(tmp_p
     those tensors (as a reload would) and fills new device memory of the same sizes on the compute stream. The
     snapshot still holds its step's values: a pending copy keeps its sources alive, so the caching allocator
     cannot hand their blocks to the compute stream first (what ``record_stream`` would otherwise have to do)."""
-    model, opt, sched = build()
-    train_step(model, opt, sched, 0)
-    torch.cuda.synchronize()
-    ref = reference(model, opt)
+    model, opt, sched, ref = after_one_step()
     with ckpt.Checkpointer(tmp_path, memory_every=1, disk_every=1, keep_last=None) as cp:
         busy_device()
         h = cp.save(1, {"model": model, "optim": opt})
