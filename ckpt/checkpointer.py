@@ -260,12 +260,16 @@ class Checkpointer:
         slot.info = {"values": dict(flat.values), "containers": dict(flat.containers), "layout": lay}
         handle = SnapshotHandle(step, tiers_due)
         self._handles[step] = handle
-        self._write_metrics()
+        finished = self._finished_metrics()
         self._unwritten.append((handle, m))
         self.metrics.append(m)
         self._current_metrics = m
-        staging = self.copier.submit(step, lazy, lambda h: self._staged(h, slot, handle, m),
-                                     cuda=self._sources.lazy_cuda if self.lazy else False)
+
+        def staged(h: StagingHandle) -> None:  # copier thread; the lines go out before this snapshot completes
+            self._append_metrics(finished)
+            self._staged(h, slot, handle, m)
+
+        staging = self.copier.submit(step, lazy, staged, cuda=self._sources.lazy_cuda)
         self._current = staging
         # Tiers start now: each chunk streams out as soon as its own region is staged (ready() waits for it).
         for tier in self.tiers:
@@ -323,22 +327,29 @@ class Checkpointer:
             self._record_error(f"tier {res.tier!r} step {res.step}: {type(res.error).__name__}: {res.error}")
         handle._complete(res.tier, res.error)
 
-    def _write_metrics(self, everything: bool = False) -> None:
-        """Append finished snapshots' metrics as JSON lines (main thread).
+    def _finished_metrics(self, everything: bool = False) -> list[SnapshotMetrics]:
+        """Take the metrics of snapshots whose numbers are final (all of them with ``everything``).
 
-        A snapshot's line is written at a later ``save`` or at ``wait``: its lazy wait happens in the next
+        A snapshot's line is written after a later ``save`` or at ``wait``: its lazy wait happens in the next
         ``optimizer.step()``, so only then are its numbers final.
         """
-        done = [(h, m) for h, m in self._unwritten if everything or h.done()]
-        if not done:
-            return
-        self._unwritten = [(h, m) for h, m in self._unwritten if (h, m) not in done]
-        if self._metrics_path is None:
+        done, keep = [], []
+        for h, m in self._unwritten:
+            if everything or h.done():
+                done.append(m)
+            else:
+                keep.append((h, m))
+        self._unwritten = keep
+        return done
+
+    def _append_metrics(self, done: list[SnapshotMetrics]) -> None:
+        """Append ``done`` as JSON lines; ``save`` has the copier thread do it, off the training thread."""
+        if not done or self._metrics_path is None:
             return
         try:
             os.makedirs(os.path.dirname(self._metrics_path), exist_ok=True)
             with open(self._metrics_path, "a") as f:
-                for _, m in done:
+                for m in done:
                     f.write(json.dumps(asdict(m)) + "\n")
         except OSError:
             pass  # metrics are best effort; a full disk surfaces through the disk tier itself
@@ -352,7 +363,7 @@ class Checkpointer:
         for t in self.tiers:
             t.drain()
         self._handles.clear()
-        self._write_metrics(everything=True)
+        self._append_metrics(self._finished_metrics(everything=True))
         self._raise_pending()
 
     def _tier_steps(self, only: str | None = None) -> dict[str, list[int]]:

@@ -20,7 +20,7 @@ from ckpt.dist import DistWrapper
 from ckpt.pool import ALIGN_BYTES, Slot
 from ckpt.saving import SavePlan, plan_save
 from resharding.box import Box
-from resharding.layout import TensorLayout, is_dtensor, tensor_layout
+from resharding.layout import TensorLayout, is_dtensor, memory_identity, tensor_layout
 
 
 @dataclass
@@ -89,23 +89,6 @@ def storage_ptr(t: torch.Tensor) -> int:
     """The address of the storage under ``t`` (a DTensor's local storage): tensors sharing memory share it."""
     local = t.to_local() if is_dtensor(t) else t
     return local.untyped_storage().data_ptr()
-
-
-def memory_identity(t: torch.Tensor) -> tuple[Any, ...] | None:
-    """What must stay equal for views made of ``t`` at an earlier save to read the same elements as ``t`` now.
-
-    A cached view keeps its storage alive, so no other storage can take its address meanwhile: an equal data
-    pointer, shape, strides, dtype and device (and, for a DTensor, local and global shape and placements on the
-    same mesh) is the same memory seen the same way. None where a tensor has no data pointer (never reused).
-    """
-    try:
-        if is_dtensor(t):
-            local = t.to_local()
-            return (type(t), local.data_ptr(), local.shape, local.stride(), t.dtype, local.device, t.shape,
-                    tuple(t.placements), id(t.device_mesh))
-        return (type(t), t.data_ptr(), t.shape, t.stride(), t.dtype, t.device)
-    except RuntimeError:  # wrapper subclasses without storage
-        return None
 
 
 @dataclass

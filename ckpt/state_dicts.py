@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from resharding.layout import is_dtensor
+from resharding.layout import memory_identity
 
 _PARAMS = "params"
 
@@ -58,15 +58,7 @@ def _identity(v: Any) -> tuple[Any, ...] | None:
         return ("object", id(v))
     if v.is_meta:
         return None
-    try:
-        if is_dtensor(v):
-            local = v.to_local()
-            where: Any = (tuple(v.placements), id(v.device_mesh))
-        else:
-            local, where = v, None
-        return (type(v), v.dtype, tuple(v.shape), v.device, local.data_ptr(), local.stride(), where)
-    except RuntimeError:  # wrapper subclasses without storage
-        return None
+    return memory_identity(v)
 
 
 class _ModuleMap:

@@ -64,6 +64,23 @@ def is_dtensor(t: object) -> bool:
     return DTensor is not None and isinstance(t, DTensor)
 
 
+def memory_identity(t: torch.Tensor) -> tuple[Any, ...] | None:
+    """What two views of the same memory, seen the same way, have in common: data pointer, shape, strides, dtype
+    and device (and, for a DTensor, its local memory's, plus global shape and placements on the same mesh).
+
+    While some view of the memory is kept alive, no other storage can take its address, so equal identities
+    then mean the same elements. None where a tensor has no data pointer (wrapper subclasses without storage).
+    """
+    try:
+        if is_dtensor(t):
+            local = t.to_local()
+            return (type(t), local.data_ptr(), local.shape, local.stride(), t.dtype, local.device, t.shape,
+                    tuple(t.placements), id(t.device_mesh))
+        return (type(t), t.data_ptr(), t.shape, t.stride(), t.dtype, t.device)
+    except RuntimeError:  # wrapper subclasses without storage
+        return None
+
+
 def _runs(index: list[int]) -> list[tuple[int, int, int]]:
     """Consecutive runs of a global index list -> [(local_start, global_start, length)]."""
     runs: list[tuple[int, int, int]] = []
