@@ -15,6 +15,7 @@ pickle would run code, and a value that needs pickle beyond torch's weights_only
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import shutil
@@ -272,6 +273,28 @@ def test_dcp_malicious_metadata_is_not_unpickled(tmp_path: Path) -> None:
     with pytest.raises(ckpt.UnsafeCheckpointError) as e:
         open_source(str(tmp_path / "c"))
     assert "makedirs" in str(e.value) and "allow_pickle" in str(e.value) and ".metadata" in str(e.value)
+    assert not marker.exists()
+
+
+def test_dcp_metadata_is_read_once_and_unpickled_only_with_allowed_names(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bytes checked are the bytes unpickled (torch's reader, which would open the file again, is not used),
+    and the unpickler resolves only DCP's metadata classes even for a stream the static check never saw."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from formats.foreign import pickle_guard
+
+    _dcp_save({"a": torch.arange(4.0)}, tmp_path / "c")
+
+    def reread(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the metadata was read a second time, after its check")
+
+    monkeypatch.setattr(FileSystemReader, "read_metadata", reread)
+    with open_source(str(tmp_path / "c")) as src:
+        assert torch.equal(src.read("model/a"), torch.arange(4.0))  # a bare state dict: model weights
+    marker = tmp_path / "PWNED"
+    with pytest.raises(pickle.UnpicklingError, match="os.*makedirs|posix.*makedirs"):
+        pickle_guard._CheckedUnpickler(io.BytesIO(pickle.dumps(_Payload(str(marker))))).load()
     assert not marker.exists()
 
 

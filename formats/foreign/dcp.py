@@ -1,8 +1,8 @@
 """PyTorch Distributed Checkpoint (DCP) directories: reading (``DcpSource``) and writing (``write_dcp``).
 
-Reading goes through torch's own code, in one process, without a process group. ``.metadata`` is read by
-``FileSystemReader.read_metadata()``, after ``pickle_guard`` has checked that the pickle imports nothing but DCP's
-metadata classes. DCP's chunk metadata becomes the boxes of each logical tensor (the shards the saving ranks held,
+Reading goes through torch's own code, in one process, without a process group. ``.metadata`` is read once and
+unpickled by ``pickle_guard.loads_checked``, which first checks that the pickle imports nothing but DCP's metadata
+classes (``FileSystemReader.read_metadata()`` with ``allow_pickle=True``). DCP's chunk metadata becomes the boxes of each logical tensor (the shards the saving ranks held,
 whatever the layout: DTensor/FSDP2/TP with ``_StridedShard``, ShardedTensor). Tensor bytes are read by torch's
 ``_load_state_dict`` with the default planner into one plain tensor per key, so DCP itself reassembles the
 shards, one tensor at a time. Every data file the metadata names is checked (present, long enough) when the source
@@ -30,7 +30,7 @@ import torch
 
 from ckpt.errors import CheckpointExistsError, CheckpointNotFoundError, CorruptCheckpointError, UnsafeCheckpointError
 from formats import keys as K
-from formats.foreign.pickle_guard import check_globals, refused_import
+from formats.foreign.pickle_guard import loads_checked, refused_import
 from formats.foreign.source import Box, Source, TensorInfo, flatten_into, is_bare_model, leaf_path, nest, read_as
 from formats.manifest import ContainerEntry
 from formats.storage.base import check_relpath
@@ -77,14 +77,15 @@ class DcpSource(Source):
         if not os.path.isfile(meta_path):
             raise CorruptCheckpointError(f"{self.path}: no {METADATA_NAME}: not a DCP checkpoint, or its save never "
                                          "finished (DCP writes .metadata last)")
-        if not allow_pickle:
+        if allow_pickle:
+            try:
+                self._md = _dcp().FileSystemReader(self.path).read_metadata()
+            except Exception as e:  # noqa: BLE001 - whatever unpickling raised: the file is not usable metadata
+                raise CorruptCheckpointError(
+                    f"{meta_path}: cannot be read as DCP metadata ({type(e).__name__}: {e})") from e
+        else:  # read once: the bytes checked are the bytes unpickled
             with open(meta_path, "rb") as f:
-                check_globals(f.read(), meta_path)
-        dcp = _dcp()
-        try:
-            self._md = dcp.FileSystemReader(self.path).read_metadata()
-        except Exception as e:  # noqa: BLE001 - whatever unpickling raised: the file is not usable metadata
-            raise CorruptCheckpointError(f"{meta_path}: cannot be read as DCP metadata ({type(e).__name__}: {e})") from e
+                self._md = loads_checked(f.read(), meta_path)
         from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, TensorStorageMetadata
 
         if not isinstance(self._md, Metadata) or not isinstance(self._md.state_dict_metadata, dict):

@@ -1,8 +1,8 @@
 """A static check of a pickle's imports, run before torch unpickles a DCP ``.metadata`` file.
 
 DCP stores its metadata as a pickle, and ``FileSystemReader.read_metadata`` unpickles it with plain ``pickle``: a
-forged file could run any code. Before handing the file to torch, ``check_globals`` walks its opcodes (without
-executing any) and resolves every name the pickle would import (``GLOBAL``, ``STACK_GLOBAL``, ``INST``); each must
+forged file could run any code. ``loads_checked`` unpickles it instead: first ``check_globals`` walks its opcodes
+(without executing any) and resolves every name the pickle would import (``GLOBAL``, ``STACK_GLOBAL``, ``INST``); each must
 be one of the classes DCP metadata is made of (its dataclasses, ``torch.Size``, dtypes, layouts, paths). A name that
 cannot be resolved statically, an extension-registry or persistent-id opcode, or any other import is refused
 with ``UnsafeCheckpointError`` naming the file and the import. Only importable constructors of plain data pass, so
@@ -11,6 +11,7 @@ unpickling what passes cannot run user code. Callers that trust the file skip th
 
 from __future__ import annotations
 
+import io
 import pickle
 import pickletools
 import re
@@ -90,6 +91,31 @@ def _check(module: Any, attr: Any, pos: int, where: str) -> None:
             f"{where}: the pickle imports {what} (byte {pos}), which DCP metadata never needs; refusing to unpickle "
             "it (it could run code). If you trust this checkpoint, pass allow_pickle=True (ckpt convert "
             "--allow-pickle).")
+
+
+class _CheckedUnpickler(pickle.Unpickler):
+    """Resolves only the names ``check_globals`` allows, and no persistent ids (a second line behind the check)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if not _allowed(module, name):
+            raise pickle.UnpicklingError(f"import of {module}.{name} refused")
+        return super().find_class(module, name)
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise pickle.UnpicklingError("persistent ids are refused")
+
+
+def loads_checked(data: bytes, where: str) -> Any:
+    """Unpickle ``data`` after ``check_globals`` passed it, resolving only the names it allows
+    (``UnsafeCheckpointError`` otherwise; ``CorruptCheckpointError`` for a damaged stream).
+
+    The bytes checked are the bytes unpickled: a file read once cannot be swapped between check and load.
+    """
+    check_globals(data, where)
+    try:
+        return _CheckedUnpickler(io.BytesIO(data)).load()
+    except Exception as e:  # noqa: BLE001 - whatever the constructors of plain data raised: the pickle is damaged
+        raise CorruptCheckpointError(f"{where}: cannot be unpickled ({type(e).__name__}: {e})") from e
 
 
 def refused_import(e: pickle.UnpicklingError) -> str:
