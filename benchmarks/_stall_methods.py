@@ -72,13 +72,26 @@ class Shared:
         if self.dcp_stager is None:
             from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
-            self.dcp_stager = DefaultStager(StagingOptions(use_pinned_memory=self.cuda, use_shared_memory=True,
-                                                           use_async_staging=True, use_non_blocking_copy=self.cuda))
+            class KeptStager(DefaultStager):
+                """Ignores ``close()`` from DCP: torch 2.11's ``async_save`` closed a stager the caller passed in
+                once its upload finished, which empties the stager's copy dispatch table, so the next save failed
+                with ``KeyError: <class 'type'>`` (torch 2.13 closes only the stagers it made). The benchmark
+                closes it once, at the end."""
+
+                def close(self) -> None:
+                    pass
+
+                def close_for_good(self) -> None:
+                    DefaultStager.close(self)
+
+            self.dcp_stager = KeptStager(StagingOptions(use_pinned_memory=self.cuda, use_shared_memory=True,
+                                                        use_async_staging=True, use_non_blocking_copy=self.cuda))
         return self.dcp_stager
 
     def close(self) -> None:
         if self.dcp_stager is not None:
-            self.dcp_stager.close()
+            self.dcp_stager.close_for_good()
+            self.dcp_stager = None
         self.allocator.free_segments.clear()
 
 
