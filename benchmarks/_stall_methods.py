@@ -73,16 +73,21 @@ class Shared:
             from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
             class KeptStager(DefaultStager):
-                """Ignores ``close()`` from DCP: torch 2.11's ``async_save`` closed a stager the caller passed in
-                once its upload finished, which empties the stager's copy dispatch table, so the next save failed
-                with ``KeyError: <class 'type'>`` (torch 2.13 closes only the stagers it made). The benchmark
-                closes it once, at the end."""
+                """Keeps its copies across saves, as DCP intends a reused stager to. torch 2.11's async staging
+                thread (``DefaultStager._stage``) closed the inner ``StateDictStager`` after every staging, which
+                drops the cached copies and empties its copy dispatch table, so the next save failed with
+                ``KeyError: <class 'type'>`` (seen on the H200 node; torch 2.13 no longer does this). Closing is
+                left to the benchmark, once, at the end."""
 
-                def close(self) -> None:
-                    pass
+                def __init__(self, options: Any) -> None:
+                    super().__init__(options)
+                    inner = self._state_dict_stager
+                    self._inner_close = inner.close
+                    inner.close = lambda: None
 
                 def close_for_good(self) -> None:
-                    DefaultStager.close(self)
+                    self._state_dict_stager.close = self._inner_close
+                    self.close()
 
             self.dcp_stager = KeptStager(StagingOptions(use_pinned_memory=self.cuda, use_shared_memory=True,
                                                         use_async_staging=True, use_non_blocking_copy=self.cuda))
