@@ -7,6 +7,7 @@ plot (matplotlib's Agg backend, so no display is needed).
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import platform
@@ -424,7 +425,10 @@ class PhaseTimer:
                 continue
             own = attr in vars(owner)  # False: inherited by a class, so restoring means deleting the override
             self._saved.append((owner, attr, vars(owner)[attr] if own else None))
-            setattr(owner, attr, self._wrap(name, getattr(owner, attr)))
+            wrapped = self._wrap(name, getattr(owner, attr))
+            if isinstance(inspect.getattr_static(owner, attr), staticmethod):  # else it would receive self
+                wrapped = staticmethod(wrapped)
+            setattr(owner, attr, wrapped)
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -325,13 +325,16 @@ def methods_for(k: int) -> list[Method]:
 def ours_phase_targets() -> dict[str, tuple[Any, str]]:
     import ckpt.checkpointer as C
     import ckpt.pool as P
+    import ckpt.snapshot_layout as L
     import ckpt.staging as S
 
     return {
         "save() total (request)": (C.Checkpointer, "save"),
         "  raise pending errors": (C.Checkpointer, "_raise_pending"),
-        "  resolve: get_model/optimizer_state_dict": (C, "resolve"),
-        "  flatten": (C, "flatten"),
+        "  full state (adds RNG states)": (C.Checkpointer, "_full_state"),
+        "  flatten_state: state_dict() calls + one walk": (C, "flatten_state"),
+        "  optimizer signature": (C.Checkpointer, "_optimizer_signature"),
+        "  sources.update (same-memory checks)": (L.Sources, "update"),
         "  plan / cached layout": (C.Checkpointer, "_layout_for"),
         "  pool.acquire (back-pressure)": (P.HostBufferPool, "acquire"),
         "  eager copies": (C, "copy_all"),

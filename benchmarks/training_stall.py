@@ -257,11 +257,11 @@ def _where_md(result: dict[str, Any]) -> str:
         if not s or not ph:
             continue
         per = max(s["saves"], 1)
-        resolve = ph["  resolve: get_model/optimizer_state_dict"]["thread_secs"] / per
+        walk = ph["  flatten_state: state_dict() calls + one walk"]["thread_secs"] / per
         lines.append(
             f"- {n}, every {k}: median stall {_ms(s['median_stall_secs'])} ms; the save call takes "
-            f"{_ms(s['median_request_secs'])} ms (of which {_ms(resolve)} ms build the model and optimizer state "
-            f"dicts), lazy-copy waits {_ms(s['median_lazy_wait_secs'])} ms, back-pressure "
+            f"{_ms(s['median_request_secs'])} ms (of which {_ms(walk)} ms call the state_dict()s and walk "
+            f"the state), lazy-copy waits {_ms(s['median_lazy_wait_secs'])} ms, back-pressure "
             f"{_ms(s['median_backpressure_wait_secs'])} ms; Python's garbage collector paused a saving iteration "
             f"for up to {_ms(max(s['gc_secs_saving_iters'], default=None))} ms; the background copy of "
             f"{s['lazy_bytes'] / 1e6:.0f} MB took {_ms(s['median_copy_secs'])} ms beside training"
