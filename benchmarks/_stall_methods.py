@@ -388,16 +388,15 @@ def interference_probe(model: GPT, optim: torch.optim.Optimizer, cfg: GPTConfig,
     path = os.path.join(workdir, "probe.bin")
     os.makedirs(workdir, exist_ok=True)
 
-    def copy_state() -> None:
-        if side is not None:
-            with torch.no_grad(), torch.cuda.stream(side):
-                for src, dst in zip(srcs, dsts):
-                    dst.copy_(src, non_blocking=True)
-            side.synchronize()
+    def copy_state() -> None:  # ckpt's own copy routine, as our lazy copy runs it, without the library around it
+        from ckpt.staging import copy_all
+
+        if side is None:
+            copy_all(list(zip(srcs, dsts)))
             return
-        with torch.no_grad():
-            for src, dst in zip(srcs, dsts):
-                dst.copy_(src)
+        with torch.cuda.stream(side):
+            copy_all(list(zip(srcs, dsts)), non_blocking=True)
+        side.synchronize()
 
     def hold_gil(secs: float = 0.25) -> None:
         t0 = time.perf_counter()
@@ -428,7 +427,7 @@ def interference_probe(model: GPT, optim: torch.optim.Optimizer, cfg: GPTConfig,
         finally:
             os.close(fd)
 
-    kinds = {"nothing": None, "copy of the whole state (torch copy_, as our lazy copy)": copy_state,
+    kinds = {"nothing": None, "copy of the whole state (ckpt.staging.copy_all, as our lazy copy)": copy_state,
              "pure-Python loop holding the GIL for 250 ms": hold_gil,
              "buffered write of the whole state + fsync (one thread, page cache)": write_state,
              "O_DIRECT write of the same bytes + fsync (one thread, no page cache)": write_direct}

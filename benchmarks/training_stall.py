@@ -272,7 +272,7 @@ def _where_md(result: dict[str, Any]) -> str:
     if len(kinds) >= 5:
         copy, gil, buffered, direct = (probe[kinds[i]] for i in (1, 2, 3, 4))
         lines.append(
-            f"- Without any library (last section): a copy of the state beside an iteration adds "
+            f"- Without a Checkpointer (last section): a copy of the state beside an iteration adds "
             f"{_ms(copy['added_secs'])} ms to it; a buffered write + fsync of the state adds "
             f"{_ms(buffered['added_secs'])} ms, the same bytes written with O_DIRECT {_ms(direct['added_secs'])} ms; "
             f"a thread holding the GIL for 250 ms adds {_ms(gil['added_secs'])} ms (training needs the GIL "
@@ -434,7 +434,7 @@ Does DCP `async_save` copy CPU tensors in this torch (checked in this run)?
 {_phases_md(result)}
 ## What background work costs training on this machine
 
-No checkpointing library involved: each kind of work runs in a thread started with a training iteration
+No Checkpointer involved (the copy is its bare copy routine): each kind of work runs in a thread started with a training iteration
 (interleaved, {result['interference']['rounds']} rounds of 2 iterations each). "Added" is the median iteration
 minus the median iteration with nothing in the background; "alone" is the work's own time with training idle.
 
