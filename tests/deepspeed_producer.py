@@ -9,6 +9,10 @@ fragment or in the module state), and a torch ``AdamW`` client optimizer that De
 optimizer (``zero_allow_untested_optimizer``), since the fused CPU Adam needs compiled ops (installed with
 ``DS_BUILD_OPS=0`` there are none). ``bf16=True`` trains in bf16 with fp32 master weights (DeepSpeed writes
 ``bf16_zero_pp_rank_*`` optimizer files).
+
+``model="odd"`` trains ``OddNet`` instead, whose sizes no data-parallel degree divides (an embedding of an odd
+vocabulary, a prime hidden width, a head with 7 outputs, a frozen layer, a norm): DeepSpeed pads its flat groups
+to its alignment there, which is what the padding paths of the importers are tested on.
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ class DsJob:
     #: Give the module a ``universal_checkpoint_info`` (DeepSpeed then saves it, and ``ds_to_universal`` runs
     #: without ``--inject_missing_state``).
     uc_info: bool = False
+    #: ``"mlp"`` (``build_model(sizes, frozen)``) or ``"odd"`` (``OddNet``: no size divides by any DP degree).
+    model: str = "mlp"
 
 
 def build_model(sizes: tuple[int, ...], frozen: bool) -> torch.nn.Module:
@@ -53,6 +59,56 @@ def build_model(sizes: tuple[int, ...], frozen: bool) -> torch.nn.Module:
     if frozen:
         model[0].bias.requires_grad_(False)
     return model
+
+
+class OddNet(torch.nn.Module):
+    """A token model whose sizes no data-parallel degree divides: vocabulary 37, width 13, hidden 29, a head of 7
+    outputs, a frozen 13x13 layer (weight and bias), a LayerNorm without bias. Groups (``odd_param_groups``):
+    matrices 1,061 elements (decay), biases and norm 65 (no decay); the frozen layer is in neither."""
+
+    VOCAB, WIDTH, HIDDEN, OUT = 37, 13, 29, 7
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(self.VOCAB, self.WIDTH)
+        self.frozen = torch.nn.Linear(self.WIDTH, self.WIDTH).requires_grad_(False)
+        self.fc = torch.nn.Linear(self.WIDTH, self.HIDDEN)
+        self.norm = torch.nn.LayerNorm(self.HIDDEN, bias=False)
+        self.head = torch.nn.Linear(self.HIDDEN, self.OUT)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.frozen(self.embed(tokens))
+        return self.head(self.norm(torch.nn.functional.gelu(self.fc(x))))
+
+
+def odd_param_groups(model: torch.nn.Module) -> list[dict[str, Any]]:
+    """``OddNet``'s two groups: matrices with weight decay; biases and the norm without."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in trainable if p.dim() >= 2], "weight_decay": 0.1},
+            {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}]
+
+
+def make_model(job: DsJob) -> torch.nn.Module:
+    """The model ``job`` trains (``job.model``), built deterministically."""
+    if job.model == "odd":
+        return OddNet()
+    if job.model != "mlp":
+        raise ValueError(f"DsJob.model is {job.model!r}; expected 'mlp' or 'odd'")
+    return build_model(job.sizes, job.frozen)
+
+
+def make_param_groups(job: DsJob, model: torch.nn.Module) -> list[dict[str, Any]]:
+    """The two parameter groups of ``job``'s model."""
+    return odd_param_groups(model) if job.model == "odd" else param_groups(model)
+
+
+def make_batch(job: DsJob, step: int, rank: int) -> torch.Tensor:
+    """Rank ``rank``'s batch of step ``step`` for ``job``'s model: features, or token ids for ``OddNet``."""
+    if job.model == "odd":
+        g = torch.Generator().manual_seed(1000 * step + rank)
+        return torch.randint(0, OddNet.VOCAB, (2, 5), generator=g)
+    return batch(step, rank, job.sizes[0], job.bf16)
 
 
 def param_groups(model: torch.nn.Module) -> list[dict[str, Any]]:
@@ -86,10 +142,10 @@ def train_and_save(rank: int, world_size: int, job: DsJob) -> dict[str, Any]:
     import deepspeed  # noqa: PLC0415 - imported in the rank process only
 
     deepspeed.init_distributed(dist_backend="gloo")
-    model = build_model(job.sizes, job.frozen)
+    model = make_model(job)
     if job.uc_info:
         model.universal_checkpoint_info = {"universal_checkpoint_version": 0.2}
-    optim = torch.optim.AdamW(param_groups(model), lr=1e-2, betas=(0.9, 0.95))
+    optim = torch.optim.AdamW(make_param_groups(job, model), lr=1e-2, betas=(0.9, 0.95))
     sched = None
     if job.lr_scheduler:
         sched = torch.optim.lr_scheduler.StepLR(optim, step_size=2, gamma=0.5)
@@ -109,7 +165,7 @@ def train_steps(engine: Any, job: DsJob, rank: int, start: int) -> list[float]:
     """``job.steps`` DeepSpeed steps on this rank's batches ``start``, ``start + 1``, ...; returns the losses."""
     losses = []
     for i in range(start, start + job.steps):
-        loss = engine(batch(i, rank, job.sizes[0], job.bf16)).float().pow(2).mean()
+        loss = engine(make_batch(job, i, rank)).float().pow(2).mean()
         engine.backward(loss)
         engine.step()
         losses.append(loss.item())

@@ -31,7 +31,7 @@ from ckpt.errors import CheckpointError, CheckpointExistsError  # noqa: E402
 from formats.foreign import convert, open_source  # noqa: E402
 from formats.foreign.deepspeed_universal import MissingStateError  # noqa: E402
 from tests.deepspeed_producer import (CLIENT_STATE, DsJob, batch, build_model, ds_config,  # noqa: E402
-                                      param_groups, train_and_save, train_steps)
+                                      make_model, make_param_groups, param_groups, train_and_save, train_steps)
 from tests.distributed_utils import run_distributed  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,8 +63,8 @@ def load_universal_and_train(rank: int, world_size: int, jobs: list[DsJob]) -> l
     deepspeed.init_distributed(dist_backend="gloo")
     out = []
     for job in jobs:
-        model = build_model(job.sizes, job.frozen)
-        optim = torch.optim.AdamW(param_groups(model), lr=1e-2, betas=(0.9, 0.95))
+        model = make_model(job)
+        optim = torch.optim.AdamW(make_param_groups(job, model), lr=1e-2, betas=(0.9, 0.95))
         sched = torch.optim.lr_scheduler.StepLR(optim, step_size=2, gamma=0.5) if job.lr_scheduler else None
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optim, lr_scheduler=sched,
                                                config=ds_config(job))

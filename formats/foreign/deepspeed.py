@@ -8,11 +8,18 @@ What ``engine.save_checkpoint(dir, tag)`` writes, for one model-parallel rank (`
   Each parameter group is flattened and cut into one equal partition per rank; a rank's file holds its partition
   of the fp32 master weights (``single_partition_of_fp32_groups``) and of each optimizer state, with
   ``param_slice_mappings`` giving, per parameter name, the (start, numel) fragment it holds. A parameter's
-  fragments, in rank order, are its flattened values.
+  fragments, in rank order, are its flattened values. A group is padded to a multiple of ``2 x dp`` elements
+  (``nccl_start_alignment_factor``), the padding falling in the last partitions; each rank records its share in
+  ``group_paddings``. The ZeRO optimizer saves its fp32 partition without that padding and the moments with it;
+  DeepSpeed's BF16 optimizer keeps it in both. ``parameter_alignment`` also leaves gaps between parameters, which
+  only the fragments show. So the importer reads positions from the fragments and checks lengths against
+  ``group_paddings``; it assumes no size.
 * ZeRO-3: one ``zero_pp_rank_<dp>_mp_rank_00_model_states.pt`` per rank (parameters are empty there; frozen
   parameters as per-rank fragments) and one optimizer file per rank whose flat groups hold, for each parameter in
   ``param_shapes`` order, ``ceil(numel / dp)`` elements: rank ``r`` holds elements ``[r*n, (r+1)*n)`` of it, the
-  last rank's tail zero-padded.
+  last rank's tail zero-padded. A flat group is a sub-group of at most ``sub_group_size`` elements per rank, so
+  one parameter group may span several; ``param_shapes`` has one entry per sub-group and the optimizer's
+  ``param_groups`` list their indices.
 
 The universal keys: ``model/<name>`` the fp32 master weights of trainable parameters (frozen parameters from the
 module state cast to fp32 as ``ds_to_universal`` does, buffers as stored), ``optim/state/<name>/<state>``
@@ -21,9 +28,10 @@ param_groups`` (hyperparameters, ``params`` by name), which is what ``ckpt.save(
 writes for a torch module and optimizer, so ``ckpt.load`` restores it into one; ``client_state/<key>`` the
 client state; ``deepspeed/...`` the step counters, ZeRO stage, DP size, loss scaler, LR scheduler and config.
 
-Nothing is unpickled beyond torch's ``weights_only`` loader: the three DeepSpeed classes these files hold (the loss
-scaler, the ZeRO stage enum, the fragment address) are read into inert stand-ins, and any other class is refused
-with ``UnsafeCheckpointError`` unless ``allow_pickle=True`` (which needs DeepSpeed installed to import it). Files
+Nothing is unpickled beyond torch's ``weights_only`` loader (``deepspeed_files.load_ds_file``): the DeepSpeed classes
+these files hold are read into inert stand-ins, and any other class is refused with ``UnsafeCheckpointError`` unless
+``allow_pickle=True`` (which needs DeepSpeed installed to import it). Elastic checkpoints
+(``elastic_checkpoint: true``) keep no optimizer hyperparameters and are refused with what to do. Files
 are memory-mapped, so converting reads one tensor at a time. Tensor- and pipeline-parallel DeepSpeed checkpoints
 (``mp_rank_01``..., ``layer_*-model_states.pt``) are refused: ``ds_to_universal``'s output of them is read by
 ``formats.foreign.deepspeed_uc`` (``open_deepspeed`` picks the reader).
@@ -33,92 +41,16 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
 
-from ckpt.errors import (CheckpointNotFoundError, CorruptCheckpointError, IncompleteCheckpointError,
-                         UnsupportedStateError)
+from ckpt.errors import CorruptCheckpointError, IncompleteCheckpointError, UnsupportedStateError
 from formats import keys as K
-from formats.foreign.source import MODEL_PREFIX, Source, TensorInfo, add_parents, flatten_into
-from formats.foreign.torch_file import load_restricted
-from formats.manifest import ContainerEntry
-
-#: Keys DeepSpeed itself writes at the top of a model-states file; every other key is client state.
-ENGINE_KEYS = frozenset({
-    "module", "buffer_names", "optimizer", "param_shapes", "frozen_param_shapes", "shared_params",
-    "frozen_param_fragments", "lr_scheduler", "data_sampler", "random_ltd", "sparse_tensor_module_names",
-    "skipped_steps", "global_steps", "global_samples", "dp_world_size", "mp_world_size", "ds_config", "ds_version",
-    "universal_checkpoint_info", "checkpoint_parallel_dimensions", "ds_autoep_layers", "num_experts",
-})
-#: Plain values of the model-states file carried into ``deepspeed/``.
-_COUNTERS = ("global_steps", "global_samples", "skipped_steps", "dp_world_size", "mp_world_size", "ds_version")
-CLIENT_PREFIX = "client_state"
-DS_PREFIX = "deepspeed"
-OPTIM_STATE = "optim/state"
-_OPTIM_FILE = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
-_Z3_MODEL_FILE = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
-_TAG_OK = re.compile(r"^[A-Za-z0-9_.\-]+$")
-
-
-class _Opaque:
-    """Stand-in for a DeepSpeed object (loss scaler, fragment address): keeps its pickled attributes, runs nothing."""
-
-    def __setstate__(self, state: Any) -> None:
-        self.__dict__.update(state if isinstance(state, dict) else {"state": state})
-
-
-def _zero_stage(value: Any) -> int:
-    """Stand-in for ``ZeroStageEnum(value)``: the stage number."""
-    return int(value)
-
-
-#: The DeepSpeed globals found in ZeRO checkpoints and what stands in for them when reading.
-STAND_INS: list[tuple[Any, str]] = [
-    (_Opaque, "deepspeed.runtime.fp16.loss_scaler.LossScaler"),
-    (_Opaque, "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler"),
-    (_zero_stage, "deepspeed.runtime.zero.config.ZeroStageEnum"),
-    (_Opaque, "deepspeed.utils.tensor_fragment.fragment_address"),  # a dataclass (numel, start)
-    (_Opaque, "deepspeed.checkpoint.universal_checkpoint.SubparamShape"),  # in ds_to_universal's fp32.pt
-]
-
-
-def load_ds_file(path: str, allow_pickle: bool) -> Any:
-    """``torch.load`` one DeepSpeed file, memory-mapped, with the DeepSpeed classes read as stand-ins."""
-    if not os.path.isfile(path):
-        raise IncompleteCheckpointError(f"{path}: missing; the DeepSpeed checkpoint is incomplete (every rank's "
-                                        "file must be present)")
-    return load_restricted(path, allow_pickle=allow_pickle, what="DeepSpeed file", stand_ins=STAND_INS,
-                           holds=" (and the DeepSpeed loss scaler, ZeRO stage and fragment address)")
-
-
-def resolve_tag_dir(path: str, tag: str | None = None) -> tuple[str, str]:
-    """(tag directory, tag) of a DeepSpeed checkpoint given its root (with ``latest``) or a tag directory."""
-    path = os.path.abspath(path)
-    if not os.path.isdir(path):
-        raise CheckpointNotFoundError(f"{path}: not a directory; a DeepSpeed checkpoint is the directory passed to "
-                                      "save_checkpoint (with a 'latest' file) or one of its tag directories")
-    if tag is None and any(n.endswith("_model_states.pt") for n in os.listdir(path)):
-        return path, os.path.basename(path)
-    if tag is None:
-        latest = os.path.join(path, "latest")
-        if not os.path.isfile(latest) and os.path.isfile(os.path.join(path, "latest_universal")):
-            latest = os.path.join(path, "latest_universal")  # a universal checkpoint's root
-        if not os.path.isfile(latest):
-            tags = sorted(n for n in os.listdir(path) if os.path.isdir(os.path.join(path, n)))
-            raise CheckpointNotFoundError(f"{path}: no 'latest' file and no *_model_states.pt; pass the tag directory "
-                                          f"itself (found {tags[:10]})")
-        with open(latest, encoding="utf-8") as f:
-            tag = f.read().strip()
-    if not _TAG_OK.match(tag) or tag in (".", ".."):
-        raise CorruptCheckpointError(f"{path}: tag {tag!r} is not a plain directory name; refusing to read outside "
-                                     "the checkpoint directory")
-    tag_dir = os.path.join(path, tag)
-    if not os.path.isdir(tag_dir):
-        raise IncompleteCheckpointError(f"{path}: 'latest' names tag {tag!r}, but {tag_dir} does not exist")
-    return tag_dir, tag
+from formats.foreign.deepspeed_files import (OPTIM_FILE, OPTIM_STATE, add_engine_values, add_param_groups,
+                                             load_ds_file, model_key, resolve_tag_dir, zero_stage_of)
+from formats.foreign.source import Source, TensorInfo, add_parents
 
 
 @dataclass(frozen=True)
@@ -131,40 +63,13 @@ class _Piece:
     numel: int
 
 
-def add_engine_values(source: Source, main: Mapping[str, Any], optim: Mapping[str, Any], where: str,
-                      sink: dict[str, torch.Tensor], **facts: Any) -> None:
-    """Flatten into ``source`` the client state (``client_state/...``) and DeepSpeed's own facts (``deepspeed/...``:
-    counters, loss scaler, LR scheduler, config) of a model-states file ``main`` and an optimizer state ``optim``;
-    ``facts`` override (tag, ZeRO stage, DP size). Tensors among them go to ``sink``."""
-    client = {k: v for k, v in main.items() if k not in ENGINE_KEYS}
-    if client:
-        flatten_into(client, CLIENT_PREFIX, source, where, sink)
-    ds: dict[str, Any] = {k: main[k] for k in _COUNTERS if k in main}
-    ds.update(facts)
-    scaler = optim.get("loss_scaler")
-    if isinstance(scaler, _Opaque):
-        ds["loss_scaler"] = {k: v for k, v in vars(scaler).items()
-                             if v is None or isinstance(v, (bool, int, float, str))}
-    for k in ("dynamic_loss_scale", "overflow", "clip_grad"):
-        if isinstance(optim.get(k), (bool, int, float)):
-            ds[k] = optim[k]
-    for k in ("lr_scheduler", "ds_config", "universal_checkpoint_info", "checkpoint_parallel_dimensions"):
-        if main.get(k) is not None:
-            ds[k] = main[k]
-    flatten_into(ds, DS_PREFIX, source, where, sink)
-
-
-def _model_key(name: str) -> str:
-    return MODEL_PREFIX + K.escape(name)
-
-
 def open_deepspeed(path: str, allow_pickle: bool = False, tag: str | None = None) -> Source:
     """A ZeRO checkpoint (``DeepSpeedSource``) or a universal one (``DeepSpeedUniversalSource``) at ``path``: the
     root passed to ``save_checkpoint`` / ``ds_to_universal``'s parent, or a tag directory."""
     from formats.foreign.deepspeed_uc import DeepSpeedUniversalSource, is_universal_tag_dir
 
     tag_dir, tag = resolve_tag_dir(path, tag)
-    if is_universal_tag_dir(tag_dir) and not any(_OPTIM_FILE.match(n) for n in os.listdir(tag_dir)):
+    if is_universal_tag_dir(tag_dir) and not any(OPTIM_FILE.match(n) for n in os.listdir(tag_dir)):
         return DeepSpeedUniversalSource(tag_dir, tag, allow_pickle)
     return DeepSpeedSource(tag_dir, allow_pickle)
 
@@ -183,20 +88,20 @@ class DeepSpeedSource(Source):
         loaded = self._first_optim  # rank 0's, read while counting the ranks
         self._optim = [loaded[1] if f == loaded[0] else self._field(self._load(f), "optimizer_state_dict", f)
                        for f in self._optim_files]
-        stage = self._optim[0].get("zero_stage")
-        self.stage = int(stage) if stage is not None else 1
-        if self.stage == 3:
+        recorded = self._optim[0].get("zero_stage")  # ZeRO-3 always records it; the BF16 optimizer never does
+        if recorded is not None and int(recorded) == 3:
             self._model_files = [os.path.join(self.tag_dir, f"zero_pp_rank_{r}_mp_rank_00_model_states.pt")
                                  for r in range(self.dp)]
         else:
             self._model_files = [os.path.join(self.tag_dir, "mp_rank_00_model_states.pt")]
         self._models = [self._load(f) for f in self._model_files]
+        self.stage = zero_stage_of(self._optim[0], self._models[0]) or 1
         self._reads: dict[str, Any] = {}
         self._build()
 
     # -- files ------------------------------------------------------------------------------------------------
     def _check_supported(self, names: list[str]) -> None:
-        mp = sorted({m.group(3) for n in names if (m := _OPTIM_FILE.match(n))} |
+        mp = sorted({m.group(3) for n in names if (m := OPTIM_FILE.match(n))} |
                     {n[len("mp_rank_"):len("mp_rank_") + 2] for n in names if n.startswith("mp_rank_")})
         layer_files = [n for n in names if n.startswith("layer_") and n.endswith("model_states.pt")]
         if len(mp) > 1 or layer_files or any(n.startswith("expp_rank_") for n in names):
@@ -205,7 +110,7 @@ class DeepSpeedSource(Source):
                 f"{mp}, {len(layer_files)} layer files): only data-parallel ZeRO checkpoints are read directly. Run "
                 "DeepSpeed's ds_to_universal on it (it merges tensor-parallel slices by the patterns the run recorded "
                 "in universal_checkpoint_info), then convert its output (--from deepspeed reads that layout).")
-        if not any(_OPTIM_FILE.match(n) for n in names):
+        if not any(OPTIM_FILE.match(n) for n in names):
             raise UnsupportedStateError(
                 f"{self.tag_dir}: no *_optim_states.pt files: not a ZeRO checkpoint (DeepSpeed without ZeRO keeps "
                 "the optimizer in mp_rank_00_model_states.pt; convert that file with --from torch --allow-pickle)")
@@ -214,7 +119,7 @@ class DeepSpeedSource(Source):
         by_rank: dict[int, str] = {}
         prefixes = set()
         for n in names:
-            m = _OPTIM_FILE.match(n)
+            m = OPTIM_FILE.match(n)
             if m:
                 by_rank[int(m.group(2))] = n
                 prefixes.add(m.group(1) or "")
@@ -258,7 +163,7 @@ class DeepSpeedSource(Source):
                                          f"{mfile} lists {len(group_names)} groups in param_shapes")
         pieces = self._pieces(group_names)
         for name, shape in self._shapes.items():
-            self._add(_model_key(name), torch.float32, shape, ("flat", "fp32", pieces[name]))
+            self._add(model_key(name), torch.float32, shape, ("flat", "fp32", pieces[name]))
         for g, gnames in enumerate(group_names):
             for skey, kind in opt_states[g].items():
                 for name in gnames:
@@ -277,37 +182,87 @@ class DeepSpeedSource(Source):
         add_parents(key, self.containers)
 
     def _optimizer_tables(self) -> tuple[list[dict[str, Any]], list[list[torch.Tensor]]]:
-        """Per group: state name -> ("flat", dtype) or ("whole", tensor shared by the group); fp32 partitions."""
+        """Per flat group: state name -> ("flat", dtype) or ("whole", tensor shared by the group); fp32 partitions.
+
+        A flat group is a parameter group under ZeRO-1/2 and a sub-group (``sub_group_size``) under ZeRO-3. How
+        long each rank's flat state is comes from the rank's own records: ZeRO-1/2 pad every group to
+        ``nccl_start_alignment_factor x dp`` elements, the padding falling in the last partitions, and record it per
+        rank in ``group_paddings``; the ZeRO optimizer saves its fp32 partition without that padding and the base
+        optimizer's state with it, the BF16 optimizer both with it.
+        Which elements hold a parameter is read from ``param_slice_mappings`` (``_pieces``), never assumed."""
         states, fp32 = [], []
         self._flat: list[dict[str, list[torch.Tensor]]] = []  # per rank: state name -> per group flat tensor
-        for r, (osd, f) in enumerate(zip(self._optim, self._optim_files)):
-            if self.stage == 3:
-                base = self._field(self._field(osd, "optimizer_state_dict", f), "state", f)
-                groups = self._field(osd, "fp32_flat_groups", f)
-            else:
-                base = self._field(self._field(osd, "base_optimizer_state", f), "state", f)
-                groups = self._field(osd, "single_partition_of_fp32_groups", f)
-            fp32.append(list(groups))
-            flat: dict[str, list[Any]] = {"fp32": list(groups)}
+        for osd, f in zip(self._optim, self._optim_files):
+            groups = list(self._field(osd, "fp32_flat_groups" if self.stage == 3 else
+                                      "single_partition_of_fp32_groups", f))
+            base = self._base_states(osd, f, len(groups))
+            paddings = self._group_paddings(osd, f, len(groups))
+            fp32.append(groups)
+            flat: dict[str, list[Any]] = {"fp32": groups}
             rank_states = []
-            for g in range(len(groups)):
-                st = base.get(g, {}) if isinstance(base, Mapping) else base[g]
+            for g, (st, pad) in enumerate(zip(base, paddings)):
+                have = groups[g].numel()
                 kinds: dict[str, Any] = {}
                 for skey, v in st.items():
-                    if isinstance(v, torch.Tensor) and v.dim() == 1 and v.numel() == groups[g].numel():
+                    if isinstance(v, torch.Tensor) and v.dim() == 1 and v.numel() in (have, have + pad):
                         kinds[skey] = ("flat", v.dtype)
                         flat.setdefault(skey, [None] * len(groups))[g] = v
                     elif isinstance(v, torch.Tensor) and v.dim() == 0:
                         kinds[skey] = ("whole", v)
+                    elif isinstance(v, torch.Tensor) and v.dim() == 1:  # a flat state of the wrong length
+                        padded = f" or {have + pad} (with the padding of {pad} its group_paddings records)" \
+                            if pad else ""
+                        raise CorruptCheckpointError(
+                            f"{f}: optimizer state {skey!r} of group {g} holds {v.numel()} elements; expected "
+                            f"{have} (the rank's fp32 partition){padded}. The file is inconsistent: was it written "
+                            "by another run or cut?")
                     else:
                         raise UnsupportedStateError(
                             f"{f}: optimizer state {skey!r} of group {g} is {type(v).__name__} "
                             f"{tuple(v.shape) if isinstance(v, torch.Tensor) else ''}; expected a flat partition of "
-                            f"{groups[g].numel()} elements or a scalar tensor")
+                            f"{have} elements or a scalar tensor")
                 rank_states.append(kinds)
             self._flat.append(flat)
             states.append(rank_states)
-        for r in range(1, len(states)):  # same state names; scalars (the step) equal on every rank
+        self._check_ranks_agree(states)
+        return states[0], fp32
+
+    def _base_states(self, osd: Mapping[str, Any], f: str, n_groups: int) -> list[Mapping[str, Any]]:
+        """The base optimizer's state of each flat group of one rank's file, from torch's ``state_dict()["state"]``
+        (keyed by group index; a group without state yet maps to ``{}``)."""
+        if self.stage == 3:
+            base = self._field(self._field(osd, "optimizer_state_dict", f), "state", f)
+        else:
+            base = self._field(osd, "base_optimizer_state", f)
+            if isinstance(base, (list, tuple)):
+                raise UnsupportedStateError(
+                    f"{f}: an elastic ZeRO checkpoint (zero_optimization.elastic_checkpoint: true) keeps one lean "
+                    "state per group and no param_groups, so its hyperparameters are lost (ds_to_universal refuses "
+                    "it too). Load it in DeepSpeed and save it again with elastic_checkpoint false, then convert.")
+            base = self._field(base, "state", f)
+        if not isinstance(base, Mapping):
+            raise CorruptCheckpointError(f"{f}: the base optimizer state is {type(base).__name__}; expected torch's "
+                                         "optimizer state dict (a dict keyed by group index)")
+        return [base.get(g, {}) for g in range(n_groups)]
+
+    def _group_paddings(self, osd: Mapping[str, Any], f: str, n_groups: int) -> list[int]:
+        """``group_paddings`` of one rank (ZeRO-1/2): the padding elements at the end of its partition of each group.
+        ZeRO-3 pads each parameter instead (``_pieces``): zeros."""
+        pads = osd.get("group_paddings") if self.stage < 3 else None
+        if pads is None:
+            return [0] * n_groups
+        if (not isinstance(pads, (list, tuple)) or len(pads) != n_groups
+                or not all(isinstance(p, int) and not isinstance(p, bool) and p >= 0 for p in pads)):
+            raise CorruptCheckpointError(f"{f}: group_paddings is {pads!r}; expected {n_groups} non-negative "
+                                         "integers, one per parameter group")
+        return list(pads)
+
+    def _check_ranks_agree(self, states: list[list[dict[str, Any]]]) -> None:
+        """Every rank holds the same state names per group, and the same scalars (the step)."""
+        for r in range(1, len(states)):
+            if len(states[r]) != len(states[0]):
+                raise CorruptCheckpointError(f"{self._optim_files[r]}: {len(states[r])} flat groups, rank 0 holds "
+                                             f"{len(states[0])}")
             for g, (a, b) in enumerate(zip(states[0], states[r])):
                 if set(a) != set(b):
                     raise CorruptCheckpointError(f"{self._optim_files[r]}: group {g} holds optimizer states "
@@ -317,31 +272,9 @@ class DeepSpeedSource(Source):
                         raise CorruptCheckpointError(
                             f"{self._optim_files[r]}: group {g} {skey!r} is {b[skey][1].item()}, rank 0 has "
                             f"{kind[1].item()}; the ranks were saved at different steps")
-        return states[0], fp32
 
     def _pieces(self, group_names: list[list[str]]) -> dict[str, list[_Piece]]:
-        out: dict[str, list[_Piece]] = {}
-        if self.stage == 3:
-            for g, gnames in enumerate(group_names):
-                offset = 0
-                for name in gnames:
-                    numel = math.prod(self._shapes[name])
-                    per = math.ceil(numel / self.dp)
-                    out[name] = [_Piece(r, g, offset, max(0, min(per, numel - r * per))) for r in range(self.dp)]
-                    offset += per
-                for r in range(self.dp):
-                    have = self._flat[r]["fp32"][g].numel()
-                    if have < offset:
-                        raise CorruptCheckpointError(f"{self._optim_files[r]}: flat group {g} holds {have} elements; "
-                                                     f"its parameters need {offset}")
-        else:
-            for r, (osd, f) in enumerate(zip(self._optim, self._optim_files)):
-                for g, mapping in enumerate(self._field(osd, "param_slice_mappings", f)):
-                    for name, addr in mapping.items():
-                        if name not in self._shapes:
-                            raise CorruptCheckpointError(f"{f}: parameter {name!r} has a fragment but no shape in "
-                                                         f"{self._model_files[0]}")
-                        out.setdefault(name, []).append(_Piece(r, g, int(addr.start), int(addr.numel)))
+        out = self._pieces_zero3(group_names) if self.stage == 3 else self._pieces_zero12()
         for name, shape in self._shapes.items():
             got = sum(p.numel for p in out.get(name, []))
             if got != math.prod(shape):
@@ -350,12 +283,58 @@ class DeepSpeedSource(Source):
                     f"the {self.dp} optimizer files hold {got}")
         return out
 
+    def _pieces_zero3(self, group_names: list[list[str]]) -> dict[str, list[_Piece]]:
+        """ZeRO-3: each parameter of a sub-group takes ``ceil(numel / dp)`` elements of every rank's flat
+        partition, in ``param_shapes`` order; the last ranks' share is zero padding."""
+        out: dict[str, list[_Piece]] = {}
+        for g, gnames in enumerate(group_names):
+            offset = 0
+            for name in gnames:
+                numel = math.prod(self._shapes[name])
+                per = math.ceil(numel / self.dp)
+                out[name] = [_Piece(r, g, offset, max(0, min(per, numel - r * per))) for r in range(self.dp)]
+                offset += per
+            for r in range(self.dp):
+                have = self._flat[r]["fp32"][g].numel()
+                if have < offset:
+                    raise CorruptCheckpointError(f"{self._optim_files[r]}: flat group {g} holds {have} elements; "
+                                                 f"its parameters {gnames} need {offset} (ceil(numel / {self.dp}) "
+                                                 "each)")
+        return out
+
+    def _pieces_zero12(self) -> dict[str, list[_Piece]]:
+        """ZeRO-1/2: the fragments ``param_slice_mappings`` records, each checked to lie inside its rank's flat
+        tensors and not to overlap another (``parameter_alignment`` leaves gaps between them, which is fine)."""
+        out: dict[str, list[_Piece]] = {}
+        for r, (osd, f) in enumerate(zip(self._optim, self._optim_files)):
+            mappings = self._field(osd, "param_slice_mappings", f)
+            if not isinstance(mappings, (list, tuple)) or len(mappings) != len(self._flat[r]["fp32"]):
+                raise CorruptCheckpointError(f"{f}: param_slice_mappings holds "
+                                             f"{len(mappings) if isinstance(mappings, (list, tuple)) else '?'} groups;"
+                                             f" the file has {len(self._flat[r]['fp32'])} flat groups")
+            for g, mapping in enumerate(mappings):
+                limit = min(t[g].numel() for t in self._flat[r].values() if t[g] is not None)
+                end = 0
+                for name, addr in sorted(mapping.items(), key=lambda kv: int(kv[1].start)):
+                    if name not in self._shapes:
+                        raise CorruptCheckpointError(f"{f}: parameter {name!r} has a fragment but no shape in "
+                                                     f"{self._model_files[0]}")
+                    piece = _Piece(r, g, int(addr.start), int(addr.numel))
+                    if piece.start < end or piece.numel < 0 or piece.start + piece.numel > limit:
+                        raise CorruptCheckpointError(
+                            f"{f}: the fragment of {name!r} in group {g} is elements [{piece.start}, "
+                            f"{piece.start + piece.numel}); expected inside [{end}, {limit}) (after the previous "
+                            f"fragment, within the rank's flat partition of {limit} elements)")
+                    end = piece.start + piece.numel
+                    out.setdefault(name, []).append(piece)
+        return out
+
     def _frozen_and_buffers(self, main: Mapping[str, Any], mfile: str) -> None:
         module = self._field(main, "module", mfile) or {}
         buffers = set(main.get("buffer_names") or [])
         frozen_shapes = dict(main.get("frozen_param_shapes") or {})
         for name, t in module.items():
-            key = _model_key(name)
+            key = model_key(name)
             if key in self.tensors or not isinstance(t, torch.Tensor):
                 continue
             if name in buffers:
@@ -373,9 +352,9 @@ class DeepSpeedSource(Source):
                                                  "zero_pp_rank_*_model_states.pt")
                 shape = tuple(int(s) for s in shape)
                 dt = torch.float32 if frags[0].is_floating_point() else frags[0].dtype
-                self._add(_model_key(name), dt, shape, ("frozen3", frags))
+                self._add(model_key(name), dt, shape, ("frozen3", frags))
         for alias, target in (main.get("shared_params") or {}).items():
-            tkey, akey = _model_key(target), _model_key(alias)
+            tkey, akey = model_key(target), model_key(alias)
             if akey not in self.tensors and tkey in self.tensors:
                 info = self.tensors[tkey]
                 self._add(akey, info.dtype, info.shape, ("alias", tkey))
@@ -383,14 +362,7 @@ class DeepSpeedSource(Source):
     def _param_groups(self, group_names: list[list[str]]) -> None:
         osd, f = self._optim[0], self._optim_files[0]
         inner = osd["optimizer_state_dict"] if self.stage == 3 else osd["base_optimizer_state"]
-        groups = self._field(inner, "param_groups", f)
-        plain = []
-        for g, group in enumerate(groups):
-            hp = {k: v for k, v in group.items() if k != "params"}
-            hp["params"] = list(group_names[g]) if g < len(group_names) else []
-            plain.append(hp)
-        flatten_into(plain, "optim/param_groups", self, f, {})
-        self.containers.setdefault("optim", ContainerEntry("optim", "dict"))
+        add_param_groups(self, self._field(inner, "param_groups", f), group_names, f)
 
     def _metadata(self, main: Mapping[str, Any], mfile: str) -> None:
         add_engine_values(self, main, self._optim[0], mfile, _WholeTensors(self._reads),

@@ -24,10 +24,11 @@ import torch
 
 from ckpt.errors import CorruptCheckpointError, IncompleteCheckpointError
 from formats import keys as K
-from formats.foreign.deepspeed import OPTIM_STATE, _model_key, add_engine_values, load_ds_file
+from formats.foreign.deepspeed_files import (OPTIM_STATE, add_engine_values, add_param_groups, load_ds_file, model_key,
+                                             zero_stage_of)
 from formats.foreign.deepspeed_universal_plan import (MODEL_STATES_FILE, OPTIMIZER_STATE_FILE,
                                                        ZERO3_MODEL_STATES_FILE, ZERO_DIR)
-from formats.foreign.source import Source, TensorInfo, add_parents, flatten_into
+from formats.foreign.source import Source, TensorInfo, add_parents
 
 _MODEL_FILES = (MODEL_STATES_FILE, ZERO3_MODEL_STATES_FILE)
 STATES = ("exp_avg", "exp_avg_sq")
@@ -59,7 +60,7 @@ class DeepSpeedUniversalSource(Source):
         for g, names in enumerate(groups):
             for name in names:
                 pdir = os.path.join(zero, name)
-                self._put(_model_key(name), self._param(pdir, "fp32", shape_of[name], name))
+                self._put(model_key(name), self._param(pdir, "fp32", shape_of[name], name))
                 for state in STATES:
                     if os.path.isfile(os.path.join(pdir, f"{state}.pt")):
                         self._put(self._state_key(name, state), self._param(pdir, state, shape_of[name], name))
@@ -74,7 +75,7 @@ class DeepSpeedUniversalSource(Source):
                 continue
             ref = module.get(name)
             shape = tuple(ref.shape) if isinstance(ref, torch.Tensor) and ref.numel() else None
-            self._put(_model_key(name), self._param(os.path.join(zero, name), "fp32", shape, name))
+            self._put(model_key(name), self._param(os.path.join(zero, name), "fp32", shape, name))
         self._param_groups(opt, groups, os.path.join(zero, OPTIMIZER_STATE_FILE))
         self._values(main, opt, mfile)
         self.metadata["deepspeed"] = {"tag": tag, "universal": True}
@@ -124,16 +125,13 @@ class DeepSpeedUniversalSource(Source):
         pgs = opt.get("param_groups")
         if pgs is None and isinstance(opt.get("optimizer_state_dict"), Mapping):
             pgs = opt["optimizer_state_dict"].get("param_groups")
-        if not isinstance(pgs, (list, tuple)):
+        if pgs is None:
             raise CorruptCheckpointError(f"{where}: no param_groups")
-        plain = [{**{k: v for k, v in pg.items() if k != "params"}, "params": list(groups[g]) if g < len(groups)
-                  else []} for g, pg in enumerate(pgs)]
-        flatten_into(plain, "optim/param_groups", self, where, {})
+        add_param_groups(self, pgs, groups, where)
 
     def _values(self, main: Mapping[str, Any], opt: Mapping[str, Any], mfile: str) -> None:
         sink: dict[str, torch.Tensor] = {}
-        stage = opt.get("zero_stage")
-        add_engine_values(self, main, opt, mfile, sink, tag=self.tag, zero_stage=None if stage is None else int(stage))
+        add_engine_values(self, main, opt, mfile, sink, tag=self.tag, zero_stage=zero_stage_of(opt, main))
         self._reads.update(sink)
 
     def read(self, key: str) -> torch.Tensor:

@@ -13,9 +13,9 @@ import torch
 
 from ckpt.errors import ShardMismatchError, UnsupportedStateError
 from formats import keys as K
-from formats.foreign.deepspeed import CLIENT_PREFIX, ENGINE_KEYS
-from formats.foreign.deepspeed import DS_PREFIX as _DS_PREFIX
-from formats.foreign.deepspeed import OPTIM_STATE as _OPTIM_STATE
+from formats.foreign.deepspeed_files import CLIENT_PREFIX, ENGINE_KEYS
+from formats.foreign.deepspeed_files import DS_PREFIX as _DS_PREFIX
+from formats.foreign.deepspeed_files import OPTIM_STATE as _OPTIM_STATE
 from formats.foreign.source import MODEL_PREFIX, Source
 
 
