@@ -284,7 +284,7 @@ def ckpt_phases(state: dict[str, torch.Tensor], dest: dict[str, torch.Tensor], b
         "storage.write (writev + fsync)": (LS.LocalStorage, "write"),
         "writev": (LS, "_writev_all"),
         "fsync (all)": (os, "fsync"),
-        "build manifest": (S, "_build_manifest"),
+        "build manifest": (S, "build_manifest"),
         "commit manifest": (LS.LocalStorage, "commit"),
     }
     load_targets = {

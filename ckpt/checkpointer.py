@@ -26,7 +26,7 @@ from ckpt.dist import DistWrapper
 from ckpt.errors import CheckpointError, CheckpointNotFoundError
 from ckpt.loading import load as load_checkpoint
 from ckpt.options import SaveOptions
-from ckpt.policies import retention_from
+from ckpt.policies import EveryNSteps, retention_from
 from ckpt import snapshot_layout
 from ckpt.pool import HostBufferPool, SegmentAllocator, Slot
 from ckpt.rng import RNGState
@@ -35,7 +35,7 @@ from ckpt.staging import BACKGROUND_PRIORITIES, Copier, StagingHandle, copy_all
 from ckpt.state import assign, flatten, flatten_state, resolve, walk_objects
 from ckpt.snapshot_layout import SnapshotLayout, Sources, storage_ptr
 from ckpt.tiers import FlushJob, FlushResult, StorageTier
-from formats.writer import ChunkWrite, WriteOptions
+from formats.writer import ChunkWrite
 from resharding.layout import tensor_layout
 
 RNG_KEY = "rng"
@@ -116,13 +116,16 @@ class Checkpointer:
         self.pool = HostBufferPool(memory_slots, allocator)
         self.copier = Copier(background_priority)
         self.tiers: list[StorageTier] = []
+        self.memory_cadence = EveryNSteps(memory_every)
         if disk_every:
-            self.tiers.append(StorageTier("disk", self.root, disk_every, retention_from(keep_last, keep_every),
-                                          self._new_group(), disk_storage_options, background_priority))
+            self.tiers.append(StorageTier("disk", self.root, EveryNSteps(disk_every),
+                                          retention_from(keep_last, keep_every), self._new_group(),
+                                          disk_storage_options, background_priority))
         if remote and remote_every:
-            self.tiers.append(StorageTier("remote", remote, remote_every,
+            # The remote tier is the one whose bandwidth is scarce: save_options.codec applies there.
+            self.tiers.append(StorageTier("remote", remote, EveryNSteps(remote_every),
                                           retention_from(remote_keep_last or keep_last, keep_every), self._new_group(),
-                                          storage_options, background_priority))
+                                          storage_options, background_priority, codec=self.save_options.codec))
         self._layout: SnapshotLayout | None = None
         self._sources = Sources()
         self._current: StagingHandle | None = None
@@ -225,7 +228,7 @@ class Checkpointer:
         t0 = time.perf_counter()
         self._raise_pending()
         tiers_due = {t.name for t in self.tiers if t.due(step)}
-        mem_due = self.memory_every > 0 and step % self.memory_every == 0
+        mem_due = self.memory_cadence.should_save(step)
         if not tiers_due and not mem_due:
             h = SnapshotHandle(step, set())
             h._complete("memory")
@@ -297,26 +300,17 @@ class Checkpointer:
         """Write one snapshot to ``tier`` from its slot (tier thread), streaming chunks as they are staged."""
         plan = lay.plan
         regions = {(r.key, lay.piece_box(r)): (i, r) for i, r in enumerate(lay.regions)}
-        items, waits = [], {}
+        items = []
         for a in plan.assignments:
             i, r = regions[(a.key, a.source)]
             view = snapshot_layout.slot_view(slot, r)[a.box.relative_to(a.source).slices()]
-            item = ChunkWrite(a.key, a.box.offsets, a.box.sizes, view)
-            items.append(item)
-            if i in lazy_index:
-                waits[id(item)] = lazy_index[i]
-
-        def ready(item: ChunkWrite) -> None:
-            if id(item) in waits:
-                staging.wait_copied(waits[id(item)])
-
-        coord = dict(plan.coord)
-        if dw.is_coordinator:
-            coord["values"], coord["containers"] = slot.info["values"], slot.info["containers"]
-        o = self.save_options
-        wopts = WriteOptions(o.codec if tier.name == "remote" else "raw", o.zstd_level, o.block_bytes, o.files_per_rank)
-        write_and_commit(dw, storage, f"{plan.save_id}-s{step}", items, coord, wopts,
-                         step=f"ckpt tier {tier.name!r} step {step}", ready=ready)
+            # A lazy region streams out as soon as the copier has staged it; an eager one is staged already.
+            until = (lambda n=lazy_index[i]: staging.wait_copied(n)) if i in lazy_index else None
+            items.append(ChunkWrite(a.key, a.box.offsets, a.box.sizes, view, until))
+        manifest = plan.manifest.with_state(slot.info["values"], slot.info["containers"]) \
+            if plan.manifest is not None else None
+        write_and_commit(dw, storage, f"{plan.save_id}-s{step}", items, manifest, tier.write_options(self.save_options),
+                         step=f"ckpt tier {tier.name!r} step {step}", tool="ckpt.Checkpointer")
         return sum(i.nbytes for i in items)
 
     def _flushed(self, res: FlushResult, slot: Slot, handle: SnapshotHandle, m: SnapshotMetrics) -> None:

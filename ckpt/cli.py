@@ -86,7 +86,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def verify_checkpoint(reader: Any, workers: int = 4, progress: bool = False) -> list[str]:
     """Every problem found: damaged or missing chunk bytes, and tensors not covered exactly once."""
-    from resharding.box import Box, boxes_tile
+    from formats.box import Box, boxes_tile
 
     m = reader.manifest
     problems: list[str] = []

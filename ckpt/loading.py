@@ -115,7 +115,7 @@ def load_binding(manifest: Manifest, spec: Any, dims: dict[str, Any] | None, lay
 
 
 def _box(chunk: Any) -> Any:
-    from resharding.box import Box
+    from formats.box import Box
 
     return Box(chunk.offsets, chunk.sizes)
 

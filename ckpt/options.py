@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from formats.checksum import DEFAULT_BLOCK_BYTES
-from resharding.planner import DEFAULT_MAX_CHUNK_BYTES
+from formats.writer import DEFAULT_MAX_CHUNK_BYTES
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from formats.dtypes import dtype_from_name
 from formats.manifest import Manifest, TensorEntry
 from formats.reader import ChunkReader, read_manifest
 from formats.storage import Storage, open_storage
-from resharding.box import Box
+from formats.box import Box
 from resharding.layout import LocalPiece, TensorLayout
 
 
@@ -65,10 +65,7 @@ class CheckpointReader:
         # The shape comes from the manifest: before allocating for it, check that the files of the chunks it
         # needs really hold the bytes the manifest declares, so a forged shape raises CorruptCheckpointError
         # instead of reserving (or failing to reserve) memory no real file backs.
-        for c in entry.chunks:
-            inter = box.intersect(Box(c.offsets, c.sizes))
-            if inter is not None and not inter.is_empty():
-                self._chunks.check_file(c.file, key)
+        self._chunks.check_box(entry, box)
         out = torch.empty(box.sizes, dtype=dtype_from_name(entry.dtype, key))
         lay = TensorLayout(tuple(entry.shape), out, (LocalPiece(tuple(0 for _ in box.sizes), box),), None)
         read_into(self._chunks, self.manifest, {key: lay}, self.num_threads)
@@ -79,12 +76,11 @@ class CheckpointReader:
         tensors = {k: self.read(k) for k in self.manifest.tensors}
         values = {k: v.value for k, v in self.manifest.values.items()}
         try:
-            return unflatten(tensors, values, self.manifest.containers)
-        except (KeyError, ValueError) as e:  # a container record that its keys contradict
+            return unflatten(tensors, values, self.manifest.containers, self.path)
+        except CorruptCheckpointError as e:  # a container record that its keys contradict
             raise CorruptCheckpointError(
-                f"{self.path}: the manifest's containers do not match its keys ({type(e).__name__}: {e}); "
-                "the manifest is damaged. Read tensors one by one with read(key) instead."
-            ) from e
+                f"{e}; the manifest's containers do not match its keys, so it is damaged. Read tensors one by one "
+                "with read(key) instead.") from e
 
     def close(self) -> None:
         self.storage.close()

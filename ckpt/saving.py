@@ -13,9 +13,8 @@ references until the new manifest has replaced it.
 from __future__ import annotations
 
 import time
-import uuid
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, Mapping
 
 import torch
 
@@ -24,19 +23,18 @@ from ckpt.errors import CheckpointExistsError, ShardMismatchError, SpecError
 from ckpt.options import SaveOptions
 from ckpt.state import FlatState, flatten_state
 from formats.dtypes import dtype_name
-from formats.manifest import (DATA_DIR, MANIFEST_NAME, ChunkEntry, ContainerEntry, Manifest, TensorEntry, ValueEntry,
-                              files_and_chunks)
+from formats.commit import RankResult, TensorMeta, build_manifest, commit, new_save_id
+from formats.manifest import DATA_DIR, MANIFEST_NAME, ContainerEntry
 from formats.storage import Storage, open_storage
-from formats.writer import ChunkWrite, WriteOptions, write_items
+from formats.writer import ChunkWrite, WriteItem, WriteOptions, write_items
 from formats import checksum
 from formats.tensor_bytes import as_bytes
-from resharding.box import Box
+from formats.box import Box
 from resharding.layout import LocalPiece, TensorLayout
 from resharding.spec_bind import SpecBinding, local_layouts, parse_parallel, replica_policies, resolve_spec
 from resharding.spec_layout import RankLayout
 from resharding.planner import WriteAssignment, WriteCandidate, plan_global_writes
 
-WRITER_VERSION = "0.1.0"
 
 
 @dataclass(frozen=True)
@@ -53,7 +51,7 @@ class SaveResult:
 @dataclass
 class _LocalPlan:
     candidates: list[WriteCandidate]
-    meta: dict[str, tuple[str, tuple[int, ...], dict[str, Any] | None]]
+    meta: dict[str, TensorMeta]
     values: dict[str, Any] | None
     containers: dict[str, ContainerEntry] | None
     #: Digests of the boxes a spec calls replicated, so the coordinator can check that the holders agree.
@@ -69,11 +67,11 @@ def describe(flat: FlatState, is_coordinator: bool, binding: SpecBinding | None 
     """
     layouts, rl = bound if bound is not None else local_layouts(flat.tensors, binding, rank, for_save=True)
     candidates: list[WriteCandidate] = []
-    meta: dict[str, tuple[str, tuple[int, ...], dict[str, Any] | None]] = {}
+    meta: dict[str, TensorMeta] = {}
     for key, lay in layouts.items():
         t = lay.local
         dname = dtype_name(t.dtype)
-        meta[key] = (dname, lay.global_shape, lay.description)
+        meta[key] = TensorMeta(dname, tuple(lay.global_shape), lay.description)
         for piece in lay.pieces:
             candidates.append(WriteCandidate(key, dname, lay.global_shape, piece.global_box, t.element_size()))
     digests = None
@@ -147,15 +145,39 @@ def chunk_data(lay: TensorLayout, a: WriteAssignment) -> torch.Tensor:
     return local[rel.slices()]
 
 
+@dataclass(frozen=True)
+class ManifestPlan:
+    """What the coordinator's global plan fixes for the manifest besides the chunks: every key's metadata, the
+    plain values and containers of the state, and the spec that describes it (``Spec.to_json_dict``)."""
+
+    tensors: dict[str, TensorMeta] = field(default_factory=dict)
+    values: Mapping[str, Any] = field(default_factory=dict)
+    containers: Mapping[str, ContainerEntry] = field(default_factory=dict)
+    spec: dict[str, Any] | None = None
+
+    def layout(self, world_size: int) -> dict[str, Any]:
+        """The manifest's ``layout`` record: the world size, the DTensor mesh shapes seen, and the spec."""
+        meshes = {repr(m.description["mesh_shape"]) for m in self.tensors.values()
+                  if m.description is not None and "mesh_shape" in m.description}
+        out: dict[str, Any] = {"world_size": world_size, "dtensor_mesh_shapes": sorted(meshes)}
+        if self.spec is not None:
+            out["spec"] = self.spec
+        return out
+
+    def with_state(self, values: Mapping[str, Any], containers: Mapping[str, ContainerEntry]) -> "ManifestPlan":
+        """The same plan for another capture of the same state structure (a Checkpointer snapshot)."""
+        return replace(self, values=dict(values), containers=dict(containers))
+
+
 @dataclass
 class SavePlan:
-    """The outcome of collective planning on one rank: its assignments, and on the coordinator the meta of
-    every key (dtype, global shape, saved layout) plus its values and containers for the manifest."""
+    """The outcome of collective planning on one rank: its assignments and layouts; on the coordinator, the
+    ``ManifestPlan`` (None on the other ranks)."""
 
     save_id: str
     assignments: list[WriteAssignment]
     layouts: dict[str, TensorLayout]
-    coord: dict[str, Any]
+    manifest: ManifestPlan | None
 
 
 def plan_save(dw: DistWrapper, flat: FlatState, max_chunk_bytes: int, check: Any = None,
@@ -167,7 +189,7 @@ def plan_save(dw: DistWrapper, flat: FlatState, max_chunk_bytes: int, check: Any
     calls averaged are averaged first, and replicas it calls replicated are checked equal.
     """
     layouts: dict[str, TensorLayout] = {}
-    coord: dict[str, Any] = {}
+    fixed: list[ManifestPlan] = []  # set by plan_global, on the coordinator only
     if binding is not None:
         if binding.world_size != dw.world_size:
             raise ShardMismatchError(f"{step}: the parallel layout {binding.parallel} has {binding.world_size} ranks, "
@@ -190,42 +212,37 @@ def plan_save(dw: DistWrapper, flat: FlatState, max_chunk_bytes: int, check: Any
         check_replicas(plans, step)
         assignments = plan_global_writes([p.candidates for p in plans], max_chunk_bytes,
                                          overlapping_replicas=binding is not None)
-        meta: dict[str, tuple[str, tuple[int, ...], dict[str, Any] | None]] = {}
+        meta: dict[str, TensorMeta] = {}
         for p in plans:
             for k, m in p.meta.items():
                 meta.setdefault(k, m)
-        coord.update(meta=meta, values=plans[0].values, containers=plans[0].containers,
-                     spec=binding.to_json_dict() if binding is not None else None)
-        save_id = f"{int(time.time())}-{uuid.uuid4().hex[:12]}"
+        fixed.append(ManifestPlan(meta, plans[0].values or {}, plans[0].containers or {},
+                                  binding.to_json_dict() if binding is not None else None))
+        save_id = new_save_id()
         return [(save_id, a) for a in assignments]
 
     save_id, mine = dw.map_reduce(step, plan_local, plan_global)
-    return SavePlan(save_id, mine, layouts, coord)
+    return SavePlan(save_id, mine, layouts, fixed[0] if fixed else None)
 
 
-def write_and_commit(dw: DistWrapper, storage: Storage, save_id: str, items: list[ChunkWrite], coord: dict[str, Any],
-                     wopts: WriteOptions, step: str = "ckpt.save: writing and committing",
-                     ready: Any = None) -> int:
-    """Every rank writes its items; the coordinator commits the manifest once all succeeded. Returns total bytes.
+def write_and_commit(dw: DistWrapper, storage: Storage, save_id: str, items: "list[WriteItem]",
+                     manifest: ManifestPlan | None, wopts: WriteOptions, step: str = "ckpt.save: writing and committing",
+                     tool: str = "ckpt.save") -> int:
+    """Every rank executes its items; the coordinator commits (``formats.commit``) once all succeeded. Returns the
+    total bytes written. Collective over ``dw``; ``manifest`` is the coordinator's plan (None elsewhere)."""
 
-    Collective over ``dw``. After the commit, data files the manifest does not list are deleted. ``ready(item)``
-    (optional) blocks until an item's data is final, so items stream out as they are staged.
-    """
+    def write_local() -> RankResult:
+        return write_items(storage, f"{DATA_DIR}/{save_id}-r{dw.rank:05d}", items, wopts)
 
-    def write_local() -> tuple[dict[str, int], list[tuple[str, ChunkEntry]]]:
-        return write_items(storage, f"{DATA_DIR}/{save_id}-r{dw.rank:05d}", items, wopts, ready)
+    def commit_all(results: list[RankResult]) -> list[int]:
+        assert manifest is not None, "the coordinator holds the manifest plan"
+        m = build_manifest(save_id=save_id, results=results, tensors=manifest.tensors, values=manifest.values,
+                           containers=manifest.containers, layout=manifest.layout(dw.world_size), tool=tool,
+                           where=storage.url)
+        commit(storage, m)
+        return [sum(f.size_bytes for f in m.files.values())] * len(results)
 
-    def commit(results: list[tuple[dict[str, int], list[tuple[str, ChunkEntry]]]]) -> list[int]:
-        manifest = _build_manifest(results, save_id, dw.world_size, coord)
-        storage.commit(MANIFEST_NAME, manifest.to_json())
-        # After the commit, and only then: data files the new manifest does not list belong to the checkpoint
-        # it replaced (overwrite=True) or to saves that crashed before committing here.
-        stale = [p for p in storage.list(DATA_DIR) if p not in manifest.files]
-        if stale:
-            storage.delete(stale)
-        return [sum(f.size_bytes for f in manifest.files.values())] * len(results)
-
-    return int(dw.map_reduce(step, write_local, commit))
+    return int(dw.map_reduce(step, write_local, commit_all))
 
 
 def save(state: Any, path: "str | Storage", *, process_group: Any = None, storage_options: dict[str, Any] | None = None,
@@ -261,7 +278,7 @@ def save(state: Any, path: "str | Storage", *, process_group: Any = None, storag
     plan = plan_save(dw, flat, opts.max_chunk_bytes, refuse_overwrite, binding=binding)
     wopts = WriteOptions(opts.codec, opts.zstd_level, opts.block_bytes, opts.files_per_rank)
     items = [ChunkWrite(a.key, a.box.offsets, a.box.sizes, chunk_data(plan.layouts[a.key], a)) for a in plan.assignments]
-    total = write_and_commit(dw, storage, plan.save_id, items, plan.coord, wopts)
+    total = write_and_commit(dw, storage, plan.save_id, items, plan.manifest, wopts)
     mine_bytes = sum(i.nbytes for i in items)
     return SaveResult(storage.url, plan.save_id, mine_bytes, total, time.perf_counter() - t0)
 
@@ -274,25 +291,3 @@ def make_binding(spec: Any, dims: dict[str, Any] | None, layout: Any, where: str
         raise SpecError(f"{where}: spec= and layout= go together (and dims= for the model dimensions the spec "
                         "needs); pass all of them, or none")
     return SpecBinding(resolve_spec(spec), dict(dims or {}), parse_parallel(layout))
-
-
-def _build_manifest(results: list[tuple[dict[str, int], list[tuple[str, ChunkEntry]]]], save_id: str,
-                    world_size: int, coord: dict[str, Any]) -> Manifest:
-    files, chunks = files_and_chunks(results)
-    meta = coord["meta"]
-    tensors = {
-        k: TensorEntry(k, d, shape, tuple(sorted(chunks.get(k, []), key=lambda c: c.offsets)), desc)
-        for k, (d, shape, desc) in meta.items()
-    }
-    values = {k: ValueEntry(k, v) for k, v in coord["values"].items()}
-    meshes = {repr(m[2]["mesh_shape"]) for m in meta.values() if m[2] is not None and "mesh_shape" in m[2]}
-    layout: dict[str, Any] = {"world_size": world_size, "dtensor_mesh_shapes": sorted(meshes)}
-    if coord.get("spec") is not None:
-        layout["spec"] = coord["spec"]
-    return Manifest(
-        save_id=save_id, world_size=world_size, files=files, tensors=tensors, values=values,
-        containers=coord["containers"],
-        writer={"library": "ckpt", "version": WRITER_VERSION, "torch": torch.__version__},
-        created_unix_secs=time.time(),
-        layout=layout,
-    )

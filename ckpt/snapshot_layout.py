@@ -19,7 +19,7 @@ import torch
 from ckpt.dist import DistWrapper
 from ckpt.pool import ALIGN_BYTES, Slot
 from ckpt.saving import SavePlan, plan_save
-from resharding.box import Box
+from formats.box import Box
 from resharding.layout import TensorLayout, is_dtensor, memory_identity, tensor_layout
 
 

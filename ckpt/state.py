@@ -8,14 +8,16 @@ loaded state. Called on every rank by save and load, in that order.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Mapping
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable, Mapping
 
 import torch
 
 from ckpt.stateful import Adapter, Context, collect_modules, find_adapter
 from formats import keys as K
-from formats.manifest import ContainerEntry, encode_value
+from formats.manifest import ContainerEntry
+from formats.nesting import FlatState, flatten as _flatten_nested, nest
 
 
 @dataclass
@@ -28,13 +30,6 @@ class Binding:
 
     def apply(self, ctx: Context) -> None:
         self.adapter.from_state(self.obj, self.plain, ctx)
-
-
-@dataclass
-class FlatState:
-    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
-    values: dict[str, Any] = field(default_factory=dict)
-    containers: dict[str, ContainerEntry] = field(default_factory=dict)
 
 
 def resolve(state: Any) -> tuple[Any, list[Binding], Context]:
@@ -67,7 +62,7 @@ def resolve(state: Any) -> tuple[Any, list[Binding], Context]:
 
 def flatten(plain: Any) -> FlatState:
     """Flat keys of a plain nested state. ``TypeError`` naming the key for values the format cannot store."""
-    return _flatten(plain, None)
+    return _flatten_nested(plain)
 
 
 def flatten_state(state: Any) -> FlatState:
@@ -76,57 +71,15 @@ def flatten_state(state: Any) -> FlatState:
     Each Stateful object is replaced by its plain state where it is met, so the state is walked once instead of
     twice: the walk is about half of a ``Checkpointer.save`` request's Python for a 100M GPT and AdamW.
     """
-    return _flatten(state, Context(modules=collect_modules(state)))
+    return _flatten_nested(state, expand=_expander(Context(modules=collect_modules(state))))
 
 
-def _component(k: Any, key: str) -> tuple[str, bool]:
-    if type(k) is str:  # the common case, without building the error context of ``K.component``
-        return (K.escape(k) if "~" in k or "/" in k else k), False
-    return K.component(k, f"state key {key!r}")
+def _expander(ctx: Context) -> Callable[[Any], "Callable[[], Any] | None"]:
+    def expand(o: Any) -> "Callable[[], Any] | None":
+        adapter = find_adapter(o)
+        return None if adapter is None else partial(adapter.to_state, o, ctx)
 
-
-def _other_mapping(o: Any) -> bool:
-    """A Mapping that is not a dict (typing's isinstance check is slow: plain values skip it)."""
-    return not (o is None or isinstance(o, (bool, int, float, str, list, tuple))) and isinstance(o, Mapping)
-
-
-def _flatten(o: Any, ctx: Context | None) -> FlatState:
-    out = FlatState()
-    tensors, tensor_type = out.tensors, torch.Tensor
-
-    def walk(o: Any, key: str, depth: int) -> None:
-        if depth > 64:
-            raise ValueError(f"state key {key!r}: nested more than 64 levels deep (a reference cycle?)")
-        if isinstance(o, tensor_type):
-            tensors[key] = o
-        elif isinstance(o, dict) or (ctx is not None and _other_mapping(o)):
-            int_keys = []
-            prefix = "" if key == "" else key + "/"
-            for k, v in o.items():
-                comp, is_int = _component(k, key)
-                if is_int:
-                    int_keys.append(comp)
-                if isinstance(v, tensor_type):  # most leaves: stored here rather than one call deeper
-                    tensors[prefix + comp] = v
-                else:
-                    walk(v, prefix + comp, depth + 1)
-            out.containers[key] = ContainerEntry(key, "dict", 0, tuple(int_keys))
-        elif isinstance(o, (list, tuple)):
-            for i, v in enumerate(o):
-                walk(v, K.join(key, str(i)), depth + 1)
-            out.containers[key] = ContainerEntry(key, "list" if isinstance(o, list) else "tuple", len(o))
-        else:
-            adapter = None
-            if ctx is not None and not (o is None or isinstance(o, (bool, int, float, str))):
-                adapter = find_adapter(o)
-            if adapter is not None:
-                walk(adapter.to_state(o, ctx), key, depth + 1)
-                return
-            encode_value(o, key)  # raises TypeError for unsupported types
-            out.values[key] = o
-
-    walk(o, "", 0)
-    return out
+    return expand
 
 
 def assign(state: Any, values: Mapping[str, Any], bindings: list[Binding] | None = None, key: str = "") -> Any:
@@ -161,27 +114,10 @@ def assign(state: Any, values: Mapping[str, Any], bindings: list[Binding] | None
     return walk(state, key)
 
 
-def unflatten(tensors: Mapping[str, Any], values: Mapping[str, Any], containers: Mapping[str, ContainerEntry]) -> Any:
+def unflatten(tensors: Mapping[str, Any], values: Mapping[str, Any], containers: Mapping[str, ContainerEntry],
+              where: str = "") -> Any:
     """Rebuild nested state from flat leaves and container records (``ckpt.open(...).state()``)."""
-    leaves = {**values, **tensors}
-
-    def build(key: str) -> Any:
-        if key in leaves:
-            return leaves[key]
-        c = containers.get(key)
-        if c is None:
-            raise KeyError(key)
-        prefix = "" if key == "" else key + "/"
-        children = sorted(
-            {k[len(prefix):].split("/", 1)[0] for k in [*leaves, *containers] if k.startswith(prefix) and k != key}
-        )
-        if c.type == "dict":
-            ints = set(c.int_keys)
-            return {(int(ch) if ch in ints else K.unescape(ch)): build(prefix + ch) for ch in children}
-        items = [build(prefix + str(i)) for i in range(c.length)]
-        return items if c.type == "list" else tuple(items)
-
-    return build("")
+    return nest({**values, **tensors}, containers, where)
 
 
 def walk_objects(o: Any, depth: int = 0) -> list[Any]:

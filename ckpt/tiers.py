@@ -16,10 +16,12 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ckpt.dist import DistWrapper
-from ckpt.policies import RetentionPolicy
+from ckpt.options import SaveOptions
+from ckpt.policies import RetentionPolicy, SavePolicy
 from ckpt.staging import set_background_priority
 from formats.manifest import MANIFEST_NAME
 from formats.storage import Storage, open_storage
+from formats.writer import WriteOptions
 
 STEP_DIR = re.compile(r"^step_(\d{9,})$")
 LATEST = "latest"
@@ -53,14 +55,19 @@ class FlushResult:
 
 
 class StorageTier:
-    """One persistent tier. ``name`` is ``"disk"`` or ``"remote"``; ``group`` is its own gloo group (or None)."""
+    """One persistent tier: it knows when it is due (``cadence``, a public ``SavePolicy``), how its chunks are
+    encoded (``codec``: ``raw`` on fast tiers, ``zstd`` where bandwidth is scarce) and what it keeps
+    (``retention``). ``name`` is ``"disk"`` or ``"remote"`` (reports and errors); ``group`` is its own gloo group
+    (or None)."""
 
-    def __init__(self, name: str, url: str, every: int, retention: RetentionPolicy, group: Any = None,
-                 storage_options: dict[str, Any] | None = None, priority: str = "normal") -> None:
+    def __init__(self, name: str, url: str, cadence: SavePolicy, retention: RetentionPolicy, group: Any = None,
+                 storage_options: dict[str, Any] | None = None, priority: str = "normal",
+                 codec: str = "raw") -> None:
         self.name = name
         self.priority = priority
         self.url = url
-        self.every = every
+        self.cadence = cadence
+        self.codec = codec
         self.retention = retention
         self.storage_options = storage_options
         self.root: Storage = open_storage(url, storage_options)
@@ -69,7 +76,11 @@ class StorageTier:
         self._thread: threading.Thread | None = None
 
     def due(self, step: int) -> bool:
-        return self.every > 0 and step % self.every == 0
+        return self.cadence.should_save(step)
+
+    def write_options(self, save: SaveOptions) -> WriteOptions:
+        """How this tier's executor lays bytes down: ``save``'s layout settings with this tier's codec."""
+        return WriteOptions(self.codec, save.zstd_level, save.block_bytes, save.files_per_rank)
 
     def storage_for(self, step: int) -> Storage:
         return open_storage(join_url(self.url, step_dir(step)), self.storage_options)
@@ -83,12 +94,6 @@ class StorageTier:
             if m and len(parts) == 2 and parts[1] == MANIFEST_NAME:
                 steps.add(int(m.group(1)))
         return sorted(steps)
-
-    def latest_pointer(self) -> int | None:
-        try:
-            return int(self.root.read(LATEST).decode().strip())
-        except (FileNotFoundError, ValueError):
-            return None
 
     # -- flushing (background) ---------------------------------------------------------------------------------
     def submit(self, job: FlushJob) -> None:

@@ -14,19 +14,11 @@ import torch
 
 from ckpt.errors import CorruptCheckpointError
 from formats import checksum, codec as codecs
+from formats.box import Box, row_major_strides
 from formats.dtypes import dtype_from_name, itemsize
 from formats.manifest import MANIFEST_NAME, ChunkEntry, Manifest, TensorEntry
 from formats.storage.base import Storage
 from formats.tensor_bytes import writable_bytes
-
-# Local helpers instead of resharding.box: formats sits below resharding in the layer graph.
-
-
-def _strides(sizes: tuple[int, ...]) -> tuple[int, ...]:
-    out = [1] * len(sizes)
-    for d in range(len(sizes) - 2, -1, -1):
-        out[d] = out[d + 1] * max(sizes[d + 1], 1)
-    return tuple(out)
 
 
 class ChunkReader:
@@ -100,7 +92,7 @@ class ChunkReader:
             self._read_zstd(entry, chunk, dtype, rel_offsets, rel_sizes, out)
             return
         es = itemsize(dtype)
-        strides = _strides(chunk.sizes)
+        strides = row_major_strides(chunk.sizes)
         first = sum(o * s for o, s in zip(rel_offsets, strides))
         last = sum((o + n - 1) * s for o, n, s in zip(rel_offsets, rel_sizes, strides))
         b0 = (first * es) // chunk.block_bytes
@@ -120,6 +112,38 @@ class ChunkReader:
         self._verify(entry, chunk, b0, view)
         src = buf.view(dtype).as_strided(tuple(rel_sizes), strides, first - start // es)
         out.copy_(src)
+
+    def check_box(self, entry: TensorEntry, box: Box) -> None:
+        """Check that the files of the chunks ``box`` of ``entry`` touches hold the bytes the manifest declares.
+
+        Call it before allocating for a shape the manifest gives, so a forged shape raises
+        ``CorruptCheckpointError`` instead of reserving memory no real file backs."""
+        for c in entry.chunks:
+            inter = box.intersect(Box(c.offsets, c.sizes))
+            if inter is not None and not inter.is_empty():
+                self.check_file(c.file, entry.key)
+
+    def read_box(self, entry: TensorEntry, box: Box, out: torch.Tensor, where: str = "") -> None:
+        """Fill ``out`` (shape ``box.sizes``) with ``box`` of tensor ``entry``, reading only the byte ranges of the
+        chunks it touches. The one way any reader of the format reads one box (``ckpt.open``, ``ckpt reshard``,
+        ``ckpt convert``); the load path plans many boxes at once (``ckpt.loading``) and reads them with
+        ``read_region`` likewise. Raises ``CorruptCheckpointError`` if the chunks do not cover the box exactly."""
+        if tuple(out.shape) != tuple(box.sizes):
+            raise ValueError(f"read_box: out has shape {tuple(out.shape)}, the box {box.sizes}")
+        self.check_box(entry, box)
+        covered = 0
+        for c in entry.chunks:
+            cb = Box(c.offsets, c.sizes)
+            inter = box.intersect(cb)
+            if inter is None or inter.is_empty():
+                continue
+            covered += inter.numel
+            rel = inter.relative_to(cb)
+            self.read_region(entry, c, rel.offsets, rel.sizes, out[inter.relative_to(box).slices()])
+        if covered != box.numel and not box.is_empty():
+            raise CorruptCheckpointError(
+                f"{where}key {entry.key!r}: stored chunks cover {covered} of the {box.numel} elements of box "
+                f"offsets={list(box.offsets)} sizes={list(box.sizes)} (chunks overlap or leave holes)")
 
     def _read_zstd(self, entry: TensorEntry, chunk: ChunkEntry, dtype: torch.dtype, rel_offsets: tuple[int, ...],
                    rel_sizes: tuple[int, ...], out: torch.Tensor) -> None:

@@ -1,15 +1,18 @@
-"""Execution of one rank's write plan: tensors -> data file bytes + chunk entries.
+"""Execution of one rank's write plan: write items -> data file bytes + chunk entries.
 
-Called by ``ckpt`` on every rank after the global plan assigned it its boxes. Pure of planning: it receives
-``ChunkWrite`` items (which box of which key, and a CPU tensor holding exactly that box) and returns the manifest
-chunk entries describing where the bytes went.
+The one executor of the universal format's write pipeline (plan -> items -> execute -> commit): ``ckpt.save``, the
+Checkpointer's tiers, ``ckpt reshard`` / the Megatron import and ``ckpt convert --to universal`` all hand it
+``WriteItem`` objects and commit what it returns with ``formats.commit``. Pure of planning: an item says which box
+of which key it is and what it costs (``nbytes``); its bytes exist only once the executor asks for them
+(``materialize()``), as torchsnapshot's stagers state their cost up front, so a writer holds about one item per
+file in memory when the items are lazy.
 """
 
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 
@@ -19,18 +22,61 @@ from formats.storage.base import Storage
 from formats.tensor_bytes import as_bytes
 
 
+#: Largest chunk written: bigger boxes are split into row ranges (``ckpt.SaveOptions.max_chunk_bytes``, ``ckpt
+#: reshard``, ``ckpt convert``), so a reader of part of a tensor reads at most about this much more than it needs.
+DEFAULT_MAX_CHUNK_BYTES = 256 * 2**20
+
+
+class WriteItem(Protocol):
+    """One box (``offsets``, ``sizes``) of logical tensor ``key`` for ``write_file``.
+
+    ``nbytes`` is known when the item is planned. ``materialize()`` gives a tensor holding exactly the box's
+    elements; the executor calls it when it reaches the item, from its writer thread, and it may block (a staging
+    copy still running) or read (a source checkpoint). ``release()`` follows once the bytes are written. ``final``
+    says the data is already in memory and ``materialize()`` returns at once, so the executor may gather every item
+    of a file into one vectored write."""
+
+    key: str
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int: ...
+
+    @property
+    def final(self) -> bool: ...
+
+    def materialize(self) -> torch.Tensor: ...
+
+    def release(self) -> None: ...
+
+
 @dataclass(frozen=True)
 class ChunkWrite:
-    """One box of one logical tensor, and the tensor that holds exactly its elements (any device/layout)."""
+    """A ``WriteItem`` over a tensor that holds exactly its elements (any device/layout). ``until``, when given,
+    blocks until that tensor's bytes are final (a snapshot region still being staged)."""
 
     key: str
     offsets: tuple[int, ...]
     sizes: tuple[int, ...]
     data: torch.Tensor
+    until: Callable[[], None] | None = None
 
     @property
     def nbytes(self) -> int:
         return self.data.numel() * self.data.element_size()
+
+    @property
+    def final(self) -> bool:
+        return self.until is None
+
+    def materialize(self) -> torch.Tensor:
+        if self.until is not None:
+            self.until()
+        return self.data
+
+    def release(self) -> None:
+        """Nothing to free: the tensor belongs to the caller."""
 
 
 @dataclass(frozen=True)
@@ -58,9 +104,9 @@ def _host_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous()
 
 
-def _encode(item: ChunkWrite, opts: WriteOptions) -> tuple[memoryview, int, int, tuple[str, ...], str]:
-    """-> (stored bytes, raw length, block bytes, checksums, codec) for one item."""
-    raw = as_bytes(_host_contiguous(item.data))
+def _encode(data: torch.Tensor, opts: WriteOptions) -> tuple[memoryview, int, int, tuple[str, ...], str]:
+    """-> (stored bytes, raw length, block bytes, checksums, codec) for one item's data."""
+    raw = as_bytes(_host_contiguous(data))
     if opts.codec == "zstd" and len(raw) > 0:
         stored = memoryview(codecs.compress(raw, opts.zstd_level))
         block = max(len(stored), 1)
@@ -68,33 +114,40 @@ def _encode(item: ChunkWrite, opts: WriteOptions) -> tuple[memoryview, int, int,
     return raw, len(raw), opts.block_bytes, tuple(checksum.block_digests(raw, opts.block_bytes)), "raw"
 
 
-def write_file(storage: Storage, path: str, items: list[ChunkWrite], opts: WriteOptions,
-               ready: Callable[[ChunkWrite], None] | None = None) -> tuple[int, list[tuple[str, ChunkEntry]]]:
+def write_file(storage: Storage, path: str, items: "list[WriteItem]", opts: WriteOptions,
+               progress: Callable[[int], None] | None = None) -> tuple[int, list[tuple[str, ChunkEntry]]]:
     """Write ``items`` back to back into ``path``; return (file size in bytes, [(key, chunk entry)]).
 
-    Without ``ready`` every item's data is final: one vectored write. With ``ready``, ``ready(item)`` blocks until
-    that item's data is final (a snapshot still being staged), and each item streams to storage as soon as it is.
+    When every item is ``final``, one vectored write. Otherwise each item is materialized when the writer reaches
+    it and streams to storage at once, then is released. ``progress(nbytes)`` follows each item written.
     """
     entries: list[tuple[str, ChunkEntry]] = []
     offset = 0
-    if ready is None:
+    if all(item.final for item in items):
         buffers: list[memoryview] = []
         for item in items:
-            stored, raw_len, block, sums, codec = _encode(item, opts)
+            stored, raw_len, block, sums, codec = _encode(item.materialize(), opts)
             entries.append((item.key, ChunkEntry(item.offsets, item.sizes, path, offset, len(stored), codec, raw_len,
                                                  block, sums)))
             buffers.append(stored)
             offset += len(stored)
         storage.write(path, buffers)
+        for item in items:
+            item.release()
+            if progress is not None:
+                progress(item.nbytes)
         return offset, entries
     writer = storage.open_writer(path)
     try:
         for item in items:
-            ready(item)
-            stored, raw_len, block, sums, codec = _encode(item, opts)
+            stored, raw_len, block, sums, codec = _encode(item.materialize(), opts)
             at = writer.append(stored)
             entries.append((item.key, ChunkEntry(item.offsets, item.sizes, path, at, len(stored), codec, raw_len,
                                                  block, sums)))
+            del stored
+            item.release()
+            if progress is not None:
+                progress(item.nbytes)
         offset = writer.close()
     except BaseException:
         writer.abort()
@@ -102,9 +155,9 @@ def write_file(storage: Storage, path: str, items: list[ChunkWrite], opts: Write
     return offset, entries
 
 
-def split_into_files(items: list[ChunkWrite], num_files: int) -> list[list[ChunkWrite]]:
+def split_into_files(items: "list[WriteItem]", num_files: int) -> "list[list[WriteItem]]":
     """Greedy, largest first: spread items over at most ``num_files`` groups of similar byte counts."""
-    groups: list[list[ChunkWrite]] = [[] for _ in range(max(1, min(num_files, len(items))))]
+    groups: list[list[WriteItem]] = [[] for _ in range(max(1, min(num_files, len(items))))]
     loads = [0] * len(groups)
     for item in sorted(items, key=lambda i: -i.nbytes):
         g = loads.index(min(loads))
@@ -113,23 +166,32 @@ def split_into_files(items: list[ChunkWrite], num_files: int) -> list[list[Chunk
     return [g for g in groups if g]
 
 
-def write_items(storage: Storage, file_prefix: str, items: list[ChunkWrite], opts: WriteOptions,
-                ready: Callable[[ChunkWrite], None] | None = None) -> tuple[dict[str, int], list[tuple[str, ChunkEntry]]]:
-    """Write one rank's items into ``{file_prefix}-{i}.bin`` files in parallel threads.
+def write_items(storage: Storage, file_prefix: str, items: "list[WriteItem]", opts: WriteOptions,
+                progress: Callable[[int], None] | None = None
+                ) -> tuple[dict[str, int], list[tuple[str, ChunkEntry]]]:
+    """Write one rank's items into ``{file_prefix}-{i}.bin`` files (``opts.num_files``) in parallel threads.
 
-    Returns ({file path: size in bytes}, [(key, chunk entry)]). Called on every rank during a save.
+    Returns ({file path: size in bytes}, [(key, chunk entry)]): what ``formats.commit.build_manifest`` takes, per
+    rank. Called on every rank during a save, from the thread that flushes.
     """
     groups = split_into_files(items, opts.num_files)
+    return write_groups(storage, [f"{file_prefix}-{i}.bin" for i in range(len(groups))], groups, opts, progress,
+                        len(groups))
+
+
+def write_groups(storage: Storage, paths: list[str], groups: "list[list[WriteItem]]", opts: WriteOptions,
+                 progress: Callable[[int], None] | None = None, workers: int = 1
+                 ) -> tuple[dict[str, int], list[tuple[str, ChunkEntry]]]:
+    """Write ``groups[i]`` into ``paths[i]``, ``workers`` files at a time; returns what ``write_items`` does."""
     sizes: dict[str, int] = {}
     entries: list[tuple[str, ChunkEntry]] = []
     if not groups:
         return sizes, entries
-    paths = [f"{file_prefix}-{i}.bin" for i in range(len(groups))]
-    if len(groups) == 1:
-        results = [write_file(storage, paths[0], groups[0], opts, ready)]
+    if len(groups) == 1 or workers <= 1:
+        results = [write_file(storage, p, g, opts, progress) for p, g in zip(paths, groups)]
     else:
-        with ThreadPoolExecutor(max_workers=len(groups), thread_name_prefix="ckpt-write") as pool:
-            results = list(pool.map(lambda pg: write_file(storage, pg[0], pg[1], opts, ready), zip(paths, groups)))
+        with ThreadPoolExecutor(max_workers=min(workers, len(groups)), thread_name_prefix="ckpt-write") as pool:
+            results = list(pool.map(lambda pg: write_file(storage, pg[0], pg[1], opts, progress), zip(paths, groups)))
     for path, (size, ents) in zip(paths, results):
         sizes[path] = size
         entries.extend(ents)

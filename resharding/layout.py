@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from resharding.box import Box
+from formats.box import Box
 
 try:  # DTensor is part of torch.distributed; absent on builds without distributed support.
     from torch.distributed.tensor import DTensor, Replicate, Shard

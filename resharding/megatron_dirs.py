@@ -44,7 +44,7 @@ from ckpt.errors import CorruptCheckpointError, IncompleteCheckpointError, Shard
 from formats import keys as K
 from formats.dtypes import dtype_name
 from formats.foreign.source import Source, TensorInfo, add_parents, flatten_into
-from resharding.box import Box, boxes_tile
+from formats.box import Box, boxes_tile
 from resharding.grid import DEFAULT_ORDER, Grid
 from resharding.layout import LocalPiece, TensorLayout
 from resharding.megatron_files import (MODEL_FILE, TRACKER_FILE, DirScan, args_dict, args_dims, args_parallel,

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -26,18 +25,17 @@ import torch
 
 from ckpt.errors import ShardMismatchError, SpecError
 from formats.dtypes import dtype_from_name, dtype_name
-from formats.manifest import (DATA_DIR, MANIFEST_NAME, ChunkEntry, Manifest, TensorEntry, ValueEntry,
-                              files_and_chunks)
+from formats.box import Box, merge_rows
+from formats.commit import RankResult, TensorMeta, build_manifest, commit, new_save_id
+from formats.manifest import DATA_DIR, Manifest
 from formats.reader import ChunkReader, read_manifest
 from formats.storage import Storage
-from formats.writer import ChunkWrite, WriteOptions, write_file
-from resharding.box import Box, merge_rows
+from formats.writer import DEFAULT_MAX_CHUNK_BYTES, ChunkWrite, WriteOptions, write_file
 from resharding.layout import TensorLayout
-from resharding.planner import DEFAULT_MAX_CHUNK_BYTES, WriteAssignment, WriteCandidate, plan_global_writes, plan_reads
+from resharding.planner import WriteAssignment, WriteCandidate, plan_global_writes
 from resharding.spec_bind import SpecBinding, local_layouts, replica_policies
 from resharding.spec_layout import AVERAGED, REPLICATED
 
-WRITER = {"library": "ckpt", "tool": "resharding.offline"}
 RESHARD_BLOCK_BYTES = 256 * 1024
 Progress = Callable[[int], None]
 
@@ -50,16 +48,6 @@ class ConvertResult:
     bytes_written: int
     bytes_read: int
     elapsed_secs: float
-
-
-def read_box(reader: ChunkReader, entry: TensorEntry, box: Box, out: torch.Tensor, where: str) -> None:
-    """Fill ``out`` (shape ``box.sizes``) with ``box`` of ``entry``, reading only the byte ranges it needs."""
-    from resharding.layout import LocalPiece
-
-    chunks = [Box(c.offsets, c.sizes) for c in entry.chunks]
-    for item in plan_reads(entry.key, chunks, [LocalPiece(tuple(0 for _ in box.sizes), box)], where):
-        dest = out[tuple(slice(o, o + s) for o, s in zip(item.dest_offsets, item.rel.sizes))]
-        reader.read_region(entry, entry.chunks[item.chunk_index], item.rel.offsets, item.rel.sizes, dest)
 
 
 def source_binding(manifest: Manifest, where: str) -> SpecBinding:
@@ -142,7 +130,7 @@ def reshard(src: Storage, dst: Storage, target: "SpecBinding | Mapping[str, Any]
     assignments = plan_global_writes(plans, max_chunk_bytes, overlapping_replicas=True)
     total = sum(a.box.numel * dtype_from_name(manifest.tensors[a.key].dtype, a.key).itemsize
                 for ranks in assignments for a in ranks)
-    save_id = f"{int(time.time())}-{uuid.uuid4().hex[:12]}"
+    save_id = new_save_id()
     if dry_run:
         return ConvertResult(dst.url, save_id, n, total, 0, time.perf_counter() - t0)
     if on_plan is not None:
@@ -151,24 +139,26 @@ def reshard(src: Storage, dst: Storage, target: "SpecBinding | Mapping[str, Any]
     # Merged chunks hold several pieces of other layouts (a rank's heads); small checksum blocks keep a later load
     # that reads one piece from reading (and verifying) much more than it needs.
     opts = options or WriteOptions(num_files=1, block_bytes=RESHARD_BLOCK_BYTES)
-    results: list[tuple[dict[str, int], list[tuple[str, ChunkEntry]]]] = []
+    results: list[RankResult] = []
     for rank, mine in enumerate(assignments):
-        items = [_LazyItem(a, manifest, reader, where) for a in mine]
+        items = [_SourceBox(a, manifest, reader, where) for a in mine]
         path = f"{DATA_DIR}/{save_id}-r{rank:05d}-0.bin"
         if not items:
             results.append(({}, []))
             continue
-        loader = _Loader(progress)
-        size, entries = write_file(dst, path, items, opts, ready=loader)  # type: ignore[arg-type]
-        loader.finish()
+        size, entries = write_file(dst, path, items, opts, progress)
         results.append(({path: size}, entries))
-    commit(dst, save_id, n, manifest, results, target)
+    commit_offline(dst, save_id, results, target, {k: TensorMeta(e.dtype, tuple(e.shape))
+                                                   for k, e in manifest.tensors.items()},
+                   manifest.values, manifest.containers, "ckpt reshard")
     return ConvertResult(dst.url, save_id, n, total, reader.bytes_read, time.perf_counter() - t0)
 
 
-class _LazyItem:
-    """What ``write_file`` needs of a ``ChunkWrite`` (key, box, ``data``), with ``data`` read from the source only
-    when the writer reaches the item (``load``) and dropped right after (``drop``): one box in memory at a time."""
+class _SourceBox:
+    """A ``WriteItem`` whose box is read from the source checkpoint only when the writer reaches it
+    (``materialize``) and dropped once written (``release``): one box in memory at a time."""
+
+    final = False
 
     def __init__(self, a: WriteAssignment, manifest: Manifest, reader: ChunkReader, where: str) -> None:
         self.key, self.offsets, self.sizes = a.key, a.box.offsets, a.box.sizes
@@ -177,43 +167,16 @@ class _LazyItem:
         self._data: torch.Tensor | None = None
 
     @property
-    def data(self) -> torch.Tensor:
-        assert self._data is not None, "data read before the writer asked for it"
-        return self._data
-
-    @property
     def nbytes(self) -> int:
         return self._box.numel * self._dtype.itemsize
 
-    def load(self) -> None:
+    def materialize(self) -> torch.Tensor:
         self._data = torch.empty(self.sizes, dtype=self._dtype)
-        read_box(self._reader, self._entry, self._box, self._data, f"{self._where}: ")
+        self._reader.read_box(self._entry, self._box, self._data, f"{self._where}: ")
+        return self._data
 
-    def drop(self) -> None:
+    def release(self) -> None:
         self._data = None
-
-
-class _Loader:
-    """The writer's ``ready`` hook: read an item's box just before it is written; free the previous one."""
-
-    def __init__(self, progress: Progress | None) -> None:
-        self.progress = progress
-        self.prev: _LazyItem | None = None
-
-    def __call__(self, item: _LazyItem) -> None:
-        if self.prev is not None:
-            self.prev.drop()
-            if self.progress is not None:
-                self.progress(self.prev.nbytes)
-        item.load()
-        self.prev = item
-
-    def finish(self) -> None:
-        if self.prev is not None:
-            self.prev.drop()
-            if self.progress is not None:
-                self.progress(self.prev.nbytes)
-            self.prev = None
 
 
 def target_boxes(binding: SpecBinding, tables: Tables, where: str, *,
@@ -231,27 +194,15 @@ def target_boxes(binding: SpecBinding, tables: Tables, where: str, *,
     return out
 
 
-def commit(dst: Storage, save_id: str, world_size: int, src_manifest: Manifest | None,
-           results: list[tuple[dict[str, int], list[tuple[str, ChunkEntry]]]], binding: SpecBinding,
-           meta: Mapping[str, tuple[str, tuple[int, ...]]] | None = None,
-           values: Mapping[str, Any] | None = None) -> Manifest:
-    """Write the manifest (the commit) for data files already written at ``dst``."""
-    files, chunks = files_and_chunks(results)
-    if src_manifest is not None:
-        meta = {k: (e.dtype, tuple(e.shape)) for k, e in src_manifest.tensors.items()}
-        vals = dict(src_manifest.values)
-        containers = dict(src_manifest.containers)
-    else:
-        assert meta is not None
-        vals = {k: ValueEntry(k, v) for k, v in (values or {}).items()}
-        containers = {}
-    tensors = {k: TensorEntry(k, d, shape, tuple(sorted(chunks.get(k, []), key=lambda c: c.offsets)), None)
-               for k, (d, shape) in meta.items()}
-    manifest = Manifest(save_id=save_id, world_size=world_size, files=files, tensors=tensors, values=vals,
-                        containers=containers, writer={**WRITER, "torch": torch.__version__},
-                        created_unix_secs=time.time(),
-                        layout={"world_size": world_size, "dtensor_mesh_shapes": [], "spec": binding.to_json_dict()})
-    dst.commit(MANIFEST_NAME, manifest.to_json())
+def commit_offline(dst: Storage, save_id: str, results: list[RankResult], binding: SpecBinding,
+                   tensors: Mapping[str, TensorMeta], values: Mapping[str, Any], containers: Mapping[str, Any],
+                   tool: str) -> Manifest:
+    """Commit (``formats.commit``) data files already written at ``dst`` by every rank of ``binding``'s layout."""
+    manifest = build_manifest(save_id=save_id, results=results, tensors=tensors, values=values,
+                              containers=containers, tool=tool, where=dst.url,
+                              layout={"world_size": len(results), "dtensor_mesh_shapes": [],
+                                      "spec": binding.to_json_dict()})
+    commit(dst, manifest)
     return manifest
 
 
@@ -277,7 +228,7 @@ def export_rank(src: Storage, binding: SpecBinding, rank: int, manifest: Manifes
     for key, lay in layouts.items():
         entry = manifest.tensors[key]
         for piece in lay.pieces:
-            read_box(reader, entry, piece.global_box, piece.local_view(lay.local), f"{src.url}: ")
+            reader.read_box(entry, piece.global_box, piece.local_view(lay.local), f"{src.url}: ")
     return out
 
 
@@ -306,7 +257,7 @@ def import_ranks(states: Mapping[int, Mapping[str, torch.Tensor]], dst: Storage,
     plans = [[WriteCandidate(k, dtype_name(lay.local.dtype), lay.global_shape, p.global_box, lay.local.element_size())
               for k, lay in layouts[r].items() for p in lay.pieces] for r in range(n)]
     assignments = plan_global_writes(plans, max_chunk_bytes, overlapping_replicas=True)
-    save_id = f"{int(time.time())}-{uuid.uuid4().hex[:12]}"
+    save_id = new_save_id()
     opts = options or WriteOptions(num_files=1)
     results = []
     written = 0
@@ -326,8 +277,9 @@ def import_ranks(states: Mapping[int, Mapping[str, torch.Tensor]], dst: Storage,
         if progress is not None:
             progress(size)
         results.append(({path: size}, entries))
-    meta = {k: (dtype_name(lay.local.dtype), lay.global_shape) for lays in layouts for k, lay in lays.items()}
-    commit(dst, save_id, n, None, results, binding, meta, values)
+    meta = {k: TensorMeta(dtype_name(lay.local.dtype), tuple(lay.global_shape))
+            for lays in layouts for k, lay in lays.items()}
+    commit_offline(dst, save_id, results, binding, meta, values or {}, {}, "ckpt import")
     return ConvertResult(dst.url, save_id, n, written, 0, time.perf_counter() - t0)
 
 

@@ -7,15 +7,14 @@ drive both with simulated ranks in one process (STYLE 2).
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from dataclasses import dataclass
 
 from ckpt.errors import CorruptCheckpointError, ShardMismatchError
-from resharding.box import Box, boxes_tile
+from formats.box import Box, boxes_tile, split_bytes
+from formats.writer import DEFAULT_MAX_CHUNK_BYTES
 from resharding.layout import LocalPiece
 
-DEFAULT_MAX_CHUNK_BYTES = 256 * 1024 * 1024
 #: Replicated boxes smaller than this are written whole by one holder rather than split among holders.
 MIN_SPLIT_BYTES = 1024 * 1024
 
@@ -93,10 +92,8 @@ def plan_global_writes(local_plans: list[list[WriteCandidate]], max_chunk_bytes:
     work: list[tuple[int, str, Box, Box, list[int]]] = []
     for key, box, src, ranks in pieces:
         nbytes = box.numel * meta[key][2]
-        parts = math.ceil(nbytes / max_chunk_bytes) if nbytes > max_chunk_bytes else 1
-        if len(ranks) > 1 and nbytes >= MIN_SPLIT_BYTES:
-            parts = max(parts, len(ranks))
-        for sub in box.split(parts):
+        spread = len(ranks) if len(ranks) > 1 and nbytes >= MIN_SPLIT_BYTES else 1
+        for sub in split_bytes(box, meta[key][2], max_chunk_bytes, spread):
             work.append((sub.numel * meta[key][2], key, sub, src, ranks))
     load = [0] * len(local_plans)
     out: list[list[WriteAssignment]] = [[] for _ in local_plans]

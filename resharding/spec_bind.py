@@ -17,7 +17,7 @@ from typing import Any, Mapping
 import torch
 
 from ckpt.errors import ShardMismatchError, SpecError
-from resharding.box import Box
+from formats.box import Box
 from resharding.layout import LocalPiece, TensorLayout, tensor_layout
 from resharding.spec_apply import piece_view
 from resharding.spec_layout import (REPLICATED, AVERAGED, RankLayout, check_against, logical_shapes,

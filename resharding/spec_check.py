@@ -12,7 +12,7 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-from resharding.box import Box
+from formats.box import Box
 from resharding.spec_layout import UNIQUE, Piece, RankLayout
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
 
 from ckpt.errors import SpecError
-from resharding.box import Box, box_flat_start, flat_range_to_boxes, row_major_strides
+from formats.box import Box, box_flat_start, flat_range_to_boxes, row_major_strides
 from resharding.grid import Coords, Grid
 from resharding.spec_params import LayoutContext, LocalParam, ParamPiece, fill, local_params, logical_params
 from resharding.spec_scope import resolve_dims

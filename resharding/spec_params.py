@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 from typing import Mapping
 
-from resharding.box import Box
+from formats.box import Box
 from resharding.grid import Coords, Grid
 from resharding.spec_scope import Scope, axis_rank
 from spec_lang import Expr, Fused, ParamRule, Replicated, Shard, Spec, spec_error, split_count, split_start

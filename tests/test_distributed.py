@@ -221,7 +221,7 @@ def expected_keys(wide: bool) -> set[str]:
 def check_checkpoint(path: str, ref: dict[str, Any]) -> list[str]:
     """Read every tensor of the checkpoint at ``path`` in this process and compare with ``ref``; check that the
     chunks tile each tensor exactly once and that nothing was stored twice."""
-    from resharding.box import Box, boxes_tile
+    from formats.box import Box, boxes_tile
 
     problems = []
     with ckpt.open(path) as r:

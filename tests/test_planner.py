@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from ckpt.errors import CorruptCheckpointError, ShardMismatchError
-from resharding.box import Box, boxes_tile, flat_span, merge_rows
+from formats.box import Box, boxes_tile, flat_span, merge_rows
 from resharding.layout import LocalPiece, dtensor_global_indices, pieces_from_indices
 from resharding.planner import MIN_SPLIT_BYTES, WriteCandidate, plan_global_writes, plan_reads
 

@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ckpt.errors import ShardMismatchError, SpecError
-from resharding.box import Box, box_flat_start, flat_range_to_boxes, is_contiguous_box
+from formats.box import Box, box_flat_start, flat_range_to_boxes, is_contiguous_box
 from resharding.grid import Grid
 from resharding.spec_apply import local_from_logical, logical_from_locals, piece_view
 from resharding.spec_check import check_tiling

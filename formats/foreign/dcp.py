@@ -31,7 +31,8 @@ import torch
 from ckpt.errors import CheckpointExistsError, CheckpointNotFoundError, CorruptCheckpointError, UnsafeCheckpointError
 from formats import keys as K
 from formats.foreign.pickle_guard import loads_checked, refused_import
-from formats.foreign.source import Box, Source, TensorInfo, flatten_into, is_bare_model, leaf_path, nest, read_as
+from formats.foreign.source import Extent, Source, TensorInfo, flatten_into, is_bare_model, leaf_path, read_as
+from formats.nesting import nest
 from formats.manifest import ContainerEntry
 from formats.storage.base import check_relpath
 
@@ -45,7 +46,7 @@ def _dcp() -> Any:
     return dcp
 
 
-def _tiles(boxes: list[Box], shape: tuple[int, ...]) -> bool:
+def _tiles(boxes: list[Extent], shape: tuple[int, ...]) -> bool:
     """Whether non-empty ``boxes`` lie inside ``shape``, do not overlap, and cover it exactly."""
     import math
 

@@ -46,7 +46,8 @@ import torch
 
 from ckpt.errors import CheckpointExistsError, UnsupportedStateError
 from formats import keys as K
-from formats.foreign.source import MODEL_PREFIX, Source, leaf_path, nest, read_as
+from formats.foreign.source import MODEL_PREFIX, Source, leaf_path, read_as
+from formats.nesting import nest
 from formats.foreign.deepspeed_universal_plan import (  # noqa: F401 - the plan's public names are re-exported
     CLIENT, DS_LAYOUT_VERSION, LATEST_FILE, MODEL_STATES_FILE, OPTIMIZER_STATE_FILE, PARAM_GROUPS,
     ZERO3_MODEL_STATES_FILE, ZERO_DIR, _MAX_LISTED, _OPTIM_VALUES, DeepSpeedUniversalPlan, MissingStateError,

@@ -24,14 +24,16 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
-from ckpt.errors import CorruptCheckpointError, UnsupportedStateError
+from ckpt.errors import CorruptCheckpointError
 from formats import keys as K
-from formats.manifest import ContainerEntry, encode_value
+from formats.manifest import ContainerEntry
+from formats.nesting import flatten
 
 #: Top-level key under which model weights live in a universal checkpoint (``ckpt.save({"model": module})``).
 MODEL_PREFIX = "model/"
 
-Box = tuple[tuple[int, ...], tuple[int, ...]]
+#: A box as plain (offsets, sizes) tuples, as sources list what they hold (``formats.box.Box`` does the arithmetic).
+Extent = tuple[tuple[int, ...], tuple[int, ...]]
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,7 @@ class TensorInfo:
     key: str
     dtype: torch.dtype
     shape: tuple[int, ...]
-    boxes: tuple[Box, ...]
+    boxes: tuple[Extent, ...]
 
     @property
     def numel(self) -> int:
@@ -57,7 +59,7 @@ class TensorInfo:
     @staticmethod
     def whole(key: str, dtype: torch.dtype, shape: tuple[int, ...]) -> "TensorInfo":
         shape = tuple(int(s) for s in shape)
-        boxes: tuple[Box, ...] = () if math.prod(shape) == 0 else ((tuple(0 for _ in shape), shape),)
+        boxes: tuple[Extent, ...] = () if math.prod(shape) == 0 else ((tuple(0 for _ in shape), shape),)
         return TensorInfo(key, dtype, shape, boxes)
 
 
@@ -112,36 +114,19 @@ def read_as(source: Source, key: str, dtype: torch.dtype) -> torch.Tensor:
 
 
 def flatten_into(obj: Any, key: str, out: Source, where: str, tensors: dict[str, torch.Tensor]) -> None:
-    """Flatten the nested ``obj`` found at ``key`` into ``out``'s tables; its tensors go into ``tensors``.
+    """Flatten the nested ``obj`` found at ``key`` (``formats.nesting.flatten``) into ``out``'s tables; its tensors
+    go into ``tensors``.
 
     ``where`` names the file for messages. Values must be what the universal format stores (None, bool, int,
-    float, str); anything else raises ``UnsupportedStateError`` naming the file and the key.
+    float, str) and tensors dense; anything else raises ``UnsupportedStateError`` naming the file and the key.
     """
-    if isinstance(obj, torch.Tensor):
-        t = obj.detach()
-        if t.layout != torch.strided or t.is_quantized:
-            raise UnsupportedStateError(f"{where}: key {key!r} holds a {t.layout} tensor of dtype {t.dtype}; only "
-                                        "dense (strided) tensors can be converted")
-        out.tensors[key] = TensorInfo.whole(key, t.dtype, tuple(t.shape))
-        tensors[key] = t
-    elif isinstance(obj, Mapping):
-        int_keys = []
-        for k, v in obj.items():
-            comp, is_int = K.component(k, f"{where}: key {key!r}")
-            if is_int:
-                int_keys.append(comp)
-            flatten_into(v, K.join(key, comp), out, where, tensors)
-        out.containers[key] = ContainerEntry(key, "dict", 0, tuple(int_keys))
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            flatten_into(v, K.join(key, str(i)), out, where, tensors)
-        out.containers[key] = ContainerEntry(key, "list" if isinstance(obj, list) else "tuple", len(obj))
-    else:
-        try:
-            encode_value(obj, key)
-        except UnsupportedStateError as e:
-            raise UnsupportedStateError(f"{where}: {e}") from None
-        out.values[key] = obj
+    flat = flatten(obj, key, where=where, dense_only=True)
+    for k, t in flat.tensors.items():
+        t = t.detach()
+        out.tensors[k] = TensorInfo.whole(k, t.dtype, tuple(t.shape))
+        tensors[k] = t
+    out.values.update(flat.values)
+    out.containers.update(flat.containers)
 
 
 def add_parents(key: str, containers: dict[str, ContainerEntry]) -> None:
@@ -151,42 +136,6 @@ def add_parents(key: str, containers: dict[str, ContainerEntry]) -> None:
         parent = "/".join(parts[:i])
         if parent not in containers:
             containers[parent] = ContainerEntry(parent, "dict")
-
-
-def nest(leaves: Mapping[str, Any], containers: Mapping[str, ContainerEntry], where: str) -> Any:
-    """Rebuild the nested object of flat ``leaves`` (key -> tensor or value) and ``containers``.
-
-    Keys whose parents no container records are placed in dicts. Linear in the number of keys.
-    """
-    children: dict[str, list[str]] = {}
-    for key in [*leaves, *containers]:
-        if key == "":
-            continue
-        parent, _, comp = key.rpartition("/")
-        children.setdefault(parent, []).append(comp)
-    for key in list(children):  # parents nobody recorded: dicts
-        k = key
-        while k:
-            parent, _, comp = k.rpartition("/")
-            if comp not in children.setdefault(parent, []):
-                children[parent].append(comp)
-            k = parent
-
-    def build(key: str) -> Any:
-        if key in leaves:
-            return leaves[key]
-        c = containers.get(key)
-        kids = sorted(set(children.get(key, [])))
-        prefix = "" if key == "" else key + "/"
-        if c is None or c.type == "dict":
-            ints = set(c.int_keys) if c is not None else set()
-            return {(int(ch) if ch in ints else K.unescape(ch)): build(prefix + ch) for ch in kids}
-        if sorted(kids) != sorted(str(i) for i in range(c.length)):
-            raise UnsupportedStateError(f"{where}: {c.type} {key!r} of length {c.length} has items {kids}")
-        items = [build(prefix + str(i)) for i in range(c.length)]
-        return items if c.type == "list" else tuple(items)
-
-    return build("")
 
 
 def is_bare_model(keys: Iterable[str], values: Mapping[str, Any]) -> bool:

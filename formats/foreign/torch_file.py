@@ -25,7 +25,8 @@ import torch
 
 from ckpt.errors import CheckpointExistsError, CorruptCheckpointError, UnsafeCheckpointError
 from formats.foreign.pickle_guard import refused_import
-from formats.foreign.source import Source, flatten_into, is_bare_model, leaf_path, nest, read_as
+from formats.foreign.source import Source, flatten_into, is_bare_model, leaf_path, read_as
+from formats.nesting import nest
 
 Progress = Callable[[int], None]
 

@@ -1,6 +1,8 @@
 """Box arithmetic: n-dimensional boxes of a logical tensor (global offsets + sizes).
 
-Pure functions on plain tuples; no torch, no I/O. Used by the planners and, through them, by save and load.
+Pure functions on plain tuples; no torch, no I/O. The geometry of the universal format, below every layer that
+cuts, plans or reads boxes: the reader (``formats.reader``), the writers' chunking (``split_bytes``), the planners
+(``resharding``) and, through them, save and load.
 """
 
 from __future__ import annotations
@@ -107,6 +109,14 @@ class Box:
             out.append(Box(tuple(offs), tuple(sizes)))
             start += size
         return out
+
+
+def split_bytes(box: Box, itemsize: int, max_bytes: int, at_least: int = 1) -> list[Box]:
+    """``box`` split (``Box.split``) into parts of at most about ``max_bytes`` each, and at least ``at_least``
+    parts: how every writer of the universal format cuts a large box into chunks."""
+    nbytes = box.numel * itemsize
+    parts = math.ceil(nbytes / max_bytes) if nbytes > max_bytes else 1
+    return box.split(max(parts, at_least))
 
 
 def row_major_strides(sizes: tuple[int, ...]) -> tuple[int, ...]:
