@@ -99,7 +99,7 @@ def verify_checkpoint(reader: Any, workers: int = 4, progress: bool = False) -> 
     def check(job: Any) -> str | None:
         t, c = job
         try:
-            reader._chunks.verify_chunk(t, c)
+            reader.verify_chunk(t, c)
         except CheckpointError as e:
             return str(e)
         except FileNotFoundError as e:

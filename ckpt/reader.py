@@ -13,7 +13,7 @@ from ckpt.errors import CorruptCheckpointError
 from ckpt.loading import read_into
 from ckpt.state import unflatten
 from formats.dtypes import dtype_from_name
-from formats.manifest import Manifest, TensorEntry
+from formats.manifest import ChunkEntry, Manifest, TensorEntry
 from formats.reader import ChunkReader, read_manifest
 from formats.storage import Storage, open_storage
 from formats.box import Box
@@ -70,6 +70,14 @@ class CheckpointReader:
         lay = TensorLayout(tuple(entry.shape), out, (LocalPiece(tuple(0 for _ in box.sizes), box),), None)
         read_into(self._chunks, self.manifest, {key: lay}, self.num_threads)
         return out[squeeze] if squeeze else out
+
+    def verify_chunk(self, entry: TensorEntry, chunk: ChunkEntry) -> None:
+        """Re-read every stored byte of ``chunk`` of tensor ``entry`` and check its checksums (and, for a compressed
+        chunk, that it decompresses to the declared size). Raises ``CorruptCheckpointError`` naming the file, key
+        and byte range of the first damage (a missing or short data file included).
+
+        Called by ``ckpt verify`` for every chunk of ``manifest``, from a thread pool (thread-safe)."""
+        self._chunks.verify_chunk(entry, chunk)
 
     def state(self) -> Any:
         """The whole checkpoint as nested containers of tensors and values (reads every tensor)."""

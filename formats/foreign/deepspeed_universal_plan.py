@@ -148,8 +148,22 @@ def plan_deepspeed_universal(source: Source, dst: str) -> DeepSpeedUniversalPlan
                                     "name is the tag that latest_universal names")
     where = source.path
     all_keys = [*source.tensors, *source.values]
-    model: dict[str, str] = {}  # name -> key
-    skipped: list[str] = []
+    model = _model_names(source, where)
+    groups = _param_groups(source)
+    _require_weights_and_state(model, groups, where)
+    state_keys = _optimizer_state_keys(all_keys, where)
+    grouped = {n: g for g, names in enumerate(groups) for n in names}
+    _check_groups_complete(groups, model, state_keys, grouped, where)
+    params = _param_exports(source, model, state_keys, grouped, where)
+    client, skipped = _client_and_skipped(source, all_keys)
+    _check_client(source, client)
+    return DeepSpeedUniversalPlan(dst=dst, tag=tag, params=tuple(params), groups=tuple(tuple(n) for n in groups),
+                                  client_keys=tuple(client), skipped=tuple(sorted(skipped)))
+
+
+def _model_names(source: Source, where: str) -> dict[str, str]:
+    """Parameter name -> source key of every ``model/<fqn>`` tensor (a flat module state dict, names checked)."""
+    model: dict[str, str] = {}
     for key in source.tensors:
         if key.startswith(MODEL_PREFIX):
             comps = key[len(MODEL_PREFIX):].split("/")
@@ -157,17 +171,25 @@ def plan_deepspeed_universal(source: Source, dst: str) -> DeepSpeedUniversalPlan
                 raise UnsupportedStateError(f"{where}: key {key!r}: DeepSpeed keeps a flat module state dict "
                                             "(model/<fqn>); nested model state cannot be exported")
             model[_safe_name(K.unescape(comps[0]), key, where)] = key
-    skipped += [k for k in source.values if _top(k) == "model"]
-    groups = _param_groups(source)
-    if not groups or not model:
-        missing = ([] if model else ["model/<fqn> (the weights)"]) + \
-                  ([] if groups else [f"{PARAM_GROUPS}/<i>/params", f"{OPTIM_STATE}<fqn>/<state>"])
-        raise MissingStateError(
-            f"{where}: DeepSpeed's universal checkpoint needs the weights and the optimizer state (optimizer_state.pt "
-            f"and each parameter's exp_avg/exp_avg_sq/step files, which load_universal reads); missing: "
-            f"{', '.join(missing)}. Export a checkpoint saved as ckpt.save({{'model': model, 'optim': optimizer}}), "
-            "or convert to --to safetensors/torch for the weights alone.")
-    state_keys: dict[str, dict[str, str]] = {}  # name -> {state: key}
+    return model
+
+
+def _require_weights_and_state(model: dict[str, str], groups: list[list[str]], where: str) -> None:
+    """``MissingStateError`` unless the source has both weights and optimizer parameter groups."""
+    if groups and model:
+        return
+    missing = ([] if model else ["model/<fqn> (the weights)"]) + \
+              ([] if groups else [f"{PARAM_GROUPS}/<i>/params", f"{OPTIM_STATE}<fqn>/<state>"])
+    raise MissingStateError(
+        f"{where}: DeepSpeed's universal checkpoint needs the weights and the optimizer state (optimizer_state.pt "
+        f"and each parameter's exp_avg/exp_avg_sq/step files, which load_universal reads); missing: "
+        f"{', '.join(missing)}. Export a checkpoint saved as ckpt.save({{'model': model, 'optim': optimizer}}), "
+        "or convert to --to safetensors/torch for the weights alone.")
+
+
+def _optimizer_state_keys(all_keys: list[str], where: str) -> dict[str, dict[str, str]]:
+    """Parameter name -> {state name: source key} of every ``optim/state/<fqn>/<state>`` key."""
+    state_keys: dict[str, dict[str, str]] = {}
     for key in all_keys:
         if key.startswith(OPTIM_STATE):
             parts = key[len(OPTIM_STATE):].split("/")
@@ -175,14 +197,19 @@ def plan_deepspeed_universal(source: Source, dst: str) -> DeepSpeedUniversalPlan
                 raise UnsupportedStateError(f"{where}: key {key!r}: expected {OPTIM_STATE}<fqn>/<state> (per-parameter "
                                             "optimizer state keyed by name, as torch's get_optimizer_state_dict gives)")
             state_keys.setdefault(K.unescape(parts[0]), {})[K.unescape(parts[1])] = key
-    grouped = {n: g for g, names in enumerate(groups) for n in names}
-    missing: list[str] = []
+    return state_keys
+
+
+def _check_groups_complete(groups: list[list[str]], model: dict[str, str], state_keys: dict[str, dict[str, str]],
+                           grouped: dict[str, int], where: str) -> None:
+    """Refuse optimizer state of no group, and a group whose parameters lack a weight or a state the others have
+    (DeepSpeed loads every parameter of a group with the same state)."""
     strays = sorted(set(state_keys) - set(grouped))
     if strays:
         raise UnsupportedStateError(f"{where}: optimizer state for {_listing(strays)}, which no entry of "
                                     f"{PARAM_GROUPS} lists; the checkpoint is inconsistent")
-    params: list[ParamExport] = []
-    for g, names in enumerate(groups):
+    missing: list[str] = []
+    for names in groups:
         stems = sorted({s for n in names for s in state_keys.get(n, {}) if s != "step"})
         has_step = any("step" in state_keys.get(n, {}) for n in names)
         for n in names:
@@ -196,6 +223,12 @@ def plan_deepspeed_universal(source: Source, dst: str) -> DeepSpeedUniversalPlan
             f"{where}: DeepSpeed loads every parameter of an optimizer group with the same state, and this checkpoint "
             f"lacks: {_listing(missing)}. Convert a checkpoint saved after an optimizer step that covered every "
             "parameter.")
+
+
+def _param_exports(source: Source, model: dict[str, str], state_keys: dict[str, dict[str, str]],
+                   grouped: dict[str, int], where: str) -> list[ParamExport]:
+    """One ``ParamExport`` per weight, in the source's order, with its per-element state files and step."""
+    params: list[ParamExport] = []
     for name, key in model.items():
         g = grouped.get(name)
         if g is None:
@@ -215,6 +248,13 @@ def plan_deepspeed_universal(source: Source, dst: str) -> DeepSpeedUniversalPlan
                     "state (Adam's exp_avg, exp_avg_sq) and a step counter only")
             states.append((_safe_name(stem, skey, where), skey))
         params.append(ParamExport(name, key, g, tuple(states), st.get("step")))
+    return params
+
+
+def _client_and_skipped(source: Source, all_keys: list[str]) -> tuple[list[str], list[str]]:
+    """The keys written as client state, and those not written at all (model values, optimizer and DeepSpeed
+    entries the layout has no place for)."""
+    skipped = [k for k in source.values if _top(k) == "model"]
     client: list[str] = []
     ds_used = {*_MODEL_STATE_VALUES, *_OPTIM_VALUES, *_OTHER_DS_VALUES}
     for key in all_keys:
@@ -229,9 +269,7 @@ def plan_deepspeed_universal(source: Source, dst: str) -> DeepSpeedUniversalPlan
                 skipped.append(key)
         else:
             client.append(key)
-    _check_client(source, client)
-    return DeepSpeedUniversalPlan(dst=dst, tag=tag, params=tuple(params), groups=tuple(tuple(n) for n in groups),
-                                  client_keys=tuple(client), skipped=tuple(sorted(skipped)))
+    return client, skipped
 
 
 def _param_groups(source: Source) -> list[list[str]]:

@@ -121,22 +121,29 @@ class Storage(ABC):
 
 
 class StreamWriter:
-    """Returned by ``Storage.open_writer``. Not thread-safe: one producer thread writes one file."""
+    """Returned by ``Storage.open_writer``. Not thread-safe: one producer thread writes one file.
+
+    The base class owns the file position: ``size_bytes`` is where the next byte goes (padding included). A
+    subclass calls ``StreamWriter.__init__``, and its ``write`` advances ``size_bytes`` by the bytes it appended.
+    """
+
+    def __init__(self) -> None:
+        #: Bytes in the file so far, padding included: the offset the next byte goes to.
+        self.size_bytes: int = 0
 
     def write(self, data: "bytes | bytearray | memoryview") -> None:
-        """Append ``data`` right after the previous bytes."""
+        """Append ``data`` right after the previous bytes and advance ``size_bytes`` by its length."""
         raise NotImplementedError
 
     def append(self, data: "bytes | bytearray | memoryview") -> int:
         """Append ``data`` and return the file offset where it starts.
 
-        Unlike ``write``, a writer may leave padding before ``data`` (the direct-I/O writer aligns large pieces so
-        they go to disk without a copy); readers use only the byte ranges they were given. The default writes back
-        to back.
+        Unlike ``write``, a writer may leave padding before ``data`` (the direct-I/O writer overrides this to align
+        large pieces so they go to disk without a copy); readers use only the byte ranges they were given. The
+        default writes back to back, at ``size_bytes``.
         """
-        offset = getattr(self, "_appended_bytes", 0)
+        offset = self.size_bytes
         self.write(data)
-        self._appended_bytes = offset + memoryview(data).nbytes
         return offset
 
     def close(self) -> int:
@@ -149,12 +156,15 @@ class StreamWriter:
 
 class _BufferingWriter(StreamWriter):
     def __init__(self, storage: Storage, path: str) -> None:
+        super().__init__()
         check_relpath(path)
         self.storage, self.path = storage, path
         self.pieces: list[memoryview] = []
 
     def write(self, data: "bytes | bytearray | memoryview") -> None:
-        self.pieces.append(memoryview(data))
+        view = memoryview(data)
+        self.pieces.append(view)
+        self.size_bytes += view.nbytes
 
     def close(self) -> int:
         return self.storage.write(self.path, self.pieces)

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import errno
 import threading
 from contextlib import contextmanager
 from typing import Any, Iterable, Iterator, Sequence
@@ -48,7 +47,8 @@ from fsspec.asyn import sync
 
 from ckpt.errors import CheckpointError, StorageError
 from formats.storage.base import Buffer, Storage, check_relpath
-from formats.storage.local import as_byte_views, is_tmp_name, truncated_error
+from formats.storage.util import (as_byte_views, check_range, flat_byte_view, is_tmp_name, not_found_error,
+                                  truncated_error)
 
 __all__ = ["FsspecStorage", "DEFAULT_PART_SIZE_BYTES"]
 
@@ -147,7 +147,7 @@ class FsspecStorage(Storage):
         try:
             yield
         except FileNotFoundError as e:
-            raise FileNotFoundError(errno.ENOENT, "no such object in checkpoint storage", where) from e
+            raise not_found_error(where, "object") from e
         except CheckpointError:
             raise
         except Exception as e:  # botocore/aiohttp/fsspec errors share no base class; keep the original chained
@@ -246,8 +246,7 @@ class FsspecStorage(Storage):
         """``length`` bytes of ``path`` from ``offset`` with one GET (ranged unless reading a whole object)."""
         full = self._full(path)
         where = self._where(path)
-        if offset < 0 or (length is not None and length < 0):
-            raise ValueError(f"{where}: invalid byte range offset={offset} length={length}")
+        check_range(where, offset, length)
         with self._translate("reading", where):
             if length is None:
                 return self._read_to_end(full, where, offset)
@@ -303,9 +302,7 @@ class FsspecStorage(Storage):
 
     def readinto(self, path: str, offset: int, out: memoryview) -> None:
         """Ranged GET, then one copy into ``out`` (the HTTP client hands back ``bytes``)."""
-        view = out if isinstance(out, memoryview) else memoryview(out)
-        if view.format != "B" or view.ndim != 1:
-            view = view.cast("B")
+        view = flat_byte_view(out)
         view[:] = self.read(path, offset, len(view))
 
     def _info_size(self, full: str) -> int:

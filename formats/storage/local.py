@@ -14,18 +14,15 @@ Fast paths (why they look the way they do):
   directory: the manifest appears whole or not at all, and survives a power cut once ``commit`` returns.
   ``list`` never reports those tmp files, so a commit interrupted before the rename is invisible.
 
-The memory and fsspec backends import the helpers shared by every backend from here: ``as_byte_views`` (the
-one place that turns the caller's buffers into flat byte views), ``truncated_error`` (the one wording of
-"shorter than the read needs") and ``tmp_name``/``is_tmp_name`` (commit tmp files that ``list`` hides).
+The helpers every backend shares (byte views, range checks, the truncated and not-found errors, commit tmp
+names) live in ``formats.storage.util``.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-import re
 import threading
-import uuid
 from collections import OrderedDict
 from contextlib import contextmanager
 from typing import Any, Iterable, Iterator, Sequence
@@ -33,8 +30,10 @@ from typing import Any, Iterable, Iterator, Sequence
 from ckpt.errors import UnsafeCheckpointError, CorruptCheckpointError, StorageError
 from formats.storage.base import Buffer, Storage, StreamWriter, check_relpath
 from formats.storage.local_stream import write_with_early_writeback
+from formats.storage.util import (as_byte_views, check_range, flat_byte_view, is_tmp_name, not_found_error,
+                                  tmp_name, truncated_error)
 
-__all__ = ["LocalStorage", "as_byte_views", "is_tmp_name", "tmp_name", "truncated_error"]
+__all__ = ["LocalStorage", "writev_all"]
 
 
 def _iov_max() -> int:
@@ -51,41 +50,6 @@ _IOV_MAX: int = _iov_max()
 _MAX_IO_BYTES: int = 0x7FFFF000
 #: Open read descriptors kept per ``LocalStorage``; least recently used ones are closed beyond this.
 DEFAULT_MAX_OPEN_FDS: int = 64
-
-_TMP_RE = re.compile(r"\.tmp-[0-9a-f]{32}$")
-
-
-def tmp_name(path: str) -> str:
-    """The name a commit of ``path`` writes before renaming it: ``<path>.tmp-<uuid4 hex>``."""
-    return f"{path}.tmp-{uuid.uuid4().hex}"
-
-
-def is_tmp_name(path: str) -> bool:
-    """Whether ``path`` is a commit's temporary file (which ``list`` must never report)."""
-    return _TMP_RE.search(path) is not None
-
-
-def as_byte_views(buffers: Sequence[Buffer]) -> list[memoryview]:
-    """Flat, C-contiguous ``uint8`` views of ``buffers`` without copying; zero-length buffers are dropped.
-
-    Accepts anything with the buffer protocol (bytes, bytearray, memoryviews of numpy arrays or of
-    ``tensor.numpy()``); a non-contiguous buffer raises ``TypeError`` naming its position, because writing
-    it would need a hidden copy the caller should make explicitly.
-    """
-    views: list[memoryview] = []
-    for i, buf in enumerate(buffers):
-        view = buf if isinstance(buf, memoryview) else memoryview(buf)  # type: ignore[arg-type]
-        if view.format != "B" or view.ndim != 1 or view.itemsize != 1:
-            if not view.c_contiguous:
-                raise TypeError(f"buffer {i} ({view.format!r}, shape {view.shape}) is not C-contiguous; "
-                                "pass a contiguous copy")
-            view = view.cast("B")
-        elif not view.c_contiguous:  # a strided 1-D byte view, e.g. b[::2]
-            raise TypeError(f"buffer {i} is a strided byte view; pass a contiguous copy")
-        if len(view):
-            views.append(view)
-    return views
-
 
 def _root_from_url(url: str) -> str:
     if url[:7].lower() == "file://":
@@ -248,7 +212,7 @@ class LocalStorage(Storage):
             os.makedirs(directory, exist_ok=True)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
             try:
-                _writev_all(fd, as_byte_views([data]))
+                writev_all(fd, as_byte_views([data]))
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -267,7 +231,7 @@ class LocalStorage(Storage):
     def read(self, path: str, offset: int = 0, length: int | None = None) -> bytes:
         """``length`` bytes of ``path`` from ``offset`` (to the end when None); see ``Storage.read``."""
         full = self.full_path(path)
-        _check_range(full, offset, length)
+        check_range(full, offset, length)
         with self._opened(full) as fd:
             if length is None:
                 file_size = os.fstat(fd).st_size
@@ -284,12 +248,10 @@ class LocalStorage(Storage):
         Called by ``formats.reader`` with views of preallocated (often pinned) host buffers.
         """
         full = self.full_path(path)
-        view = out if isinstance(out, memoryview) else memoryview(out)
+        view = flat_byte_view(out)
         if view.readonly:
             raise TypeError(f"readinto({path!r}): the output buffer is read-only")
-        if view.format != "B" or view.ndim != 1:
-            view = view.cast("B")
-        _check_range(full, offset, len(view))
+        check_range(full, offset, len(view))
         with self._opened(full) as fd:
             self._preadinto(full, fd, offset, view)
 
@@ -298,7 +260,7 @@ class LocalStorage(Storage):
         try:
             return os.stat(full).st_size
         except FileNotFoundError:
-            raise _not_found(full) from None
+            raise not_found_error(full) from None
         except OSError as e:
             raise StorageError(f"stat {full}: {e}") from e
 
@@ -354,6 +316,13 @@ class LocalStorage(Storage):
         """Close cached read descriptors. Idempotent; the storage stays usable (descriptors reopen on demand)."""
         self._fds.close_all()
 
+    def invalidate_cached(self, full: str) -> None:
+        """Forget the cached read descriptor of the absolute path ``full``, if any.
+
+        Called by this storage after it rewrote, replaced or deleted ``full``, and by ``LocalStreamWriter.close``.
+        """
+        self._fds.invalidate(full)
+
     @property
     def open_fd_count(self) -> int:
         """How many read descriptors the cache holds now (for tests and diagnostics)."""
@@ -367,7 +336,7 @@ class LocalStorage(Storage):
             with self._fds.acquire(full) as fd:
                 yield fd
         except FileNotFoundError:
-            raise _not_found(full) from None
+            raise not_found_error(full) from None
         except IsADirectoryError as e:
             raise StorageError(f"reading {full}: it is a directory, expected a file") from e
         except (CorruptCheckpointError, StorageError):
@@ -402,8 +371,12 @@ def _pread_into(fd: int, view: memoryview, offset: int) -> int:
     return len(data)
 
 
-def _writev_all(fd: int, views: list[memoryview]) -> int:
-    """``os.writev`` until every byte is written (handles partial writes and the IOV_MAX limit)."""
+def writev_all(fd: int, views: list[memoryview]) -> int:
+    """``os.writev`` until every byte is written (handles partial writes and the IOV_MAX limit).
+
+    Used by ``LocalStorage`` and by ``formats.storage.local_stream``; it reads ``_IOV_MAX`` and ``_MAX_IO_BYTES``
+    of this module at each call.
+    """
     total_bytes = sum(len(v) for v in views)
     pending = list(views)
     first = 0  # pending[:first] are fully written; pending[first] may be a partially written remainder
@@ -444,25 +417,6 @@ def _fsync_dir(directory: str) -> None:
             raise
     finally:
         os.close(fd)
-
-
-def _check_range(full: str, offset: int, length: int | None) -> None:
-    if offset < 0 or (length is not None and length < 0):
-        raise ValueError(f"{full}: invalid byte range offset={offset} length={length}")
-
-
-def truncated_error(where: str, offset: int, wanted_bytes: int | None, file_size: int) -> CorruptCheckpointError:
-    """The error every backend raises when a file is shorter than a read needs."""
-    wanted = "bytes to the end" if wanted_bytes is None else f"{wanted_bytes} bytes"
-    return CorruptCheckpointError(
-        f"{where}: truncated: wanted {wanted} at offset {offset} but the file has {file_size} bytes "
-        f"(only {max(file_size - offset, 0)} available there); the file was cut short or replaced: "
-        "re-save the checkpoint or restore this file from another tier"
-    )
-
-
-def _not_found(full: str) -> FileNotFoundError:
-    return FileNotFoundError(errno.ENOENT, "no such file in checkpoint storage", full)
 
 
 def _raise_walk_error(e: OSError) -> None:

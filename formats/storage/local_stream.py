@@ -12,20 +12,20 @@ from typing import TYPE_CHECKING, Any
 
 from ckpt.errors import StorageError
 from formats.storage.base import StreamWriter
+from formats.storage.util import as_byte_views
 
 if TYPE_CHECKING:
     from formats.storage.local import LocalStorage
 
 
 def _writev_all(fd: int, views: list[memoryview]) -> int:
-    from formats.storage import local
+    # ``local`` imports this module at its top, so its writer is looked up at call time.
+    from formats.storage.local import writev_all  # noqa: PLC0415
 
-    return local._writev_all(fd, views)
+    return writev_all(fd, views)
 
 
 def _views(data: "bytes | bytearray | memoryview") -> list[memoryview]:
-    from formats.storage.local import as_byte_views
-
     return as_byte_views([data])
 
 
@@ -117,8 +117,8 @@ class LocalStreamWriter(StreamWriter):
     """
 
     def __init__(self, storage: LocalStorage, full: str, direct: bool = True) -> None:
+        super().__init__()  # size_bytes: the logical end, where the next byte goes
         self.storage, self.full = storage, full
-        self.size_bytes = 0  # the logical end: where the next byte goes
         self._unsynced_from = 0
         self.direct = False
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
@@ -159,9 +159,7 @@ class LocalStreamWriter(StreamWriter):
     def append(self, data: "bytes | bytearray | memoryview") -> int:
         views = _views(data)
         if not self.direct or len(views) != 1 or len(views[0]) < DIRECT_MIN_BYTES:
-            offset = self.size_bytes
-            self.write(data)
-            return offset
+            return super().append(data)
         assert self.fd is not None, "write after close"
         v = views[0]
         a = DIRECT_ALIGN_BYTES
@@ -222,7 +220,7 @@ class LocalStreamWriter(StreamWriter):
             self.fd = None
             if self.direct:
                 self._buf.close()
-            self.storage._fds.invalidate(self.full)
+            self.storage.invalidate_cached(self.full)
         return self.size_bytes
 
     def abort(self) -> None:

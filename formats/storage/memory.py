@@ -12,12 +12,12 @@ one dict assignment under the lock (atomic by construction).
 
 from __future__ import annotations
 
-import errno
 import threading
 from typing import Any, Iterable, Sequence
 
 from formats.storage.base import Buffer, Storage, check_relpath
-from formats.storage.local import as_byte_views, is_tmp_name, truncated_error
+from formats.storage.util import (as_byte_views, check_range, flat_byte_view, is_tmp_name, not_found_error,
+                                  truncated_error)
 
 __all__ = ["MemoryStorage", "clear_memory_storage"]
 
@@ -85,12 +85,12 @@ class MemoryStorage(Storage):
         with _LOCK:
             data = _FILES.get(key)
         if data is None:
-            raise FileNotFoundError(errno.ENOENT, "no such file in checkpoint storage", self._where(key))
+            raise not_found_error(self._where(key))
         return key, data
 
     def read(self, path: str, offset: int = 0, length: int | None = None) -> bytes:
         key, data = self._get(path)
-        _check_range(self._where(key), offset, length)
+        check_range(self._where(key), offset, length)
         end = len(data) if length is None else offset + length
         if offset > len(data) or end > len(data):
             raise truncated_error(self._where(key), offset, length, len(data))
@@ -101,10 +101,8 @@ class MemoryStorage(Storage):
     def readinto(self, path: str, offset: int, out: memoryview) -> None:
         """Copy straight from the stored bytes into ``out`` (no intermediate ``bytes``)."""
         key, data = self._get(path)
-        view = out if isinstance(out, memoryview) else memoryview(out)
-        if view.format != "B" or view.ndim != 1:
-            view = view.cast("B")
-        _check_range(self._where(key), offset, len(view))
+        view = flat_byte_view(out)
+        check_range(self._where(key), offset, len(view))
         if offset + len(view) > len(data):
             raise truncated_error(self._where(key), offset, len(view), len(data))
         view[:] = memoryview(data)[offset : offset + len(view)]
@@ -136,8 +134,3 @@ class MemoryStorage(Storage):
         with _LOCK:
             for key in keys:
                 _FILES.pop(key, None)
-
-
-def _check_range(where: str, offset: int, length: int | None) -> None:
-    if offset < 0 or (length is not None and length < 0):
-        raise ValueError(f"{where}: invalid byte range offset={offset} length={length}")
