@@ -324,24 +324,28 @@ def methods_for(k: int) -> list[Method]:
 # -- where ours spends its time ----------------------------------------------------------------------------------
 def ours_phase_targets() -> dict[str, tuple[Any, str]]:
     import ckpt.checkpointer as C
+    import ckpt.plan_cache as PC
     import ckpt.pool as P
+    import ckpt.snapshot_handle as H
     import ckpt.snapshot_layout as L
+    import ckpt.stager as ST
     import ckpt.staging as S
+    import ckpt.tiers as T
 
     return {
         "save() total (request)": (C.Checkpointer, "save"),
-        "  raise pending errors": (C.Checkpointer, "_raise_pending"),
+        "  raise pending errors": (H.BackgroundErrors, "raise_pending"),
         "  full state (adds RNG states)": (C.Checkpointer, "_full_state"),
         "  flatten_state: state_dict() calls + one walk": (C, "flatten_state"),
-        "  optimizer signature": (C.Checkpointer, "_optimizer_signature"),
+        "  optimizer signature": (PC, "optimizer_signature"),
         "  sources.update (same-memory checks)": (L.Sources, "update"),
-        "  plan / cached layout": (C.Checkpointer, "_layout_for"),
+        "  plan / cached layout": (PC.PlanCache, "layout_for"),
         "  pool.acquire (back-pressure)": (P.HostBufferPool, "acquire"),
-        "  eager copies": (C, "copy_all"),
+        "  eager copies": (ST, "copy_all"),
         "  Copier.submit": (S.Copier, "submit"),
         "wait_for_staging (pre-step hook, save)": (C.Checkpointer, "wait_for_staging"),
         "lazy copies (background thread)": (S, "copy_all"),
-        "disk flush (background thread)": (C.Checkpointer, "_flush"),
+        "disk flush (background thread)": (T.StorageTier, "flush"),
     }
 
 

@@ -74,7 +74,7 @@ class DistWrapper:
         dist.broadcast_object_list(box, src=src, group=self.group)
         return box[0]
 
-    def raise_if_any(self, outcomes: list[Any], step: str, local_exc: BaseException | None = None) -> None:
+    def raise_if_any(self, outcomes: list[Any], phase: str, local_exc: BaseException | None = None) -> None:
         """Raise on every rank if any rank's outcome is a failure.
 
         When every failing rank raised the same ``CheckpointError`` subclass, that class is raised everywhere (so
@@ -84,7 +84,7 @@ class DistWrapper:
         if not failures:
             return
         lines = "\n".join(f"  rank {r}: {f.text}" for r, f in sorted(failures.items()))
-        msg = f"{step} failed on {len(failures)} of {self.world_size} rank(s):\n{lines}"
+        msg = f"{phase} failed on {len(failures)} of {self.world_size} rank(s):\n{lines}"
         classes = {f.cls for f in failures.values()}
         cls = classes.pop() if len(classes) == 1 else None
         err: Exception = DistributedCheckpointError(msg)
@@ -96,7 +96,7 @@ class DistWrapper:
         err.failures = {r: f.text for r, f in failures.items()}  # type: ignore[attr-defined]
         raise err from local_exc
 
-    def run(self, step: str, fn: Callable[[], T]) -> T:
+    def run(self, phase: str, fn: Callable[[], T]) -> T:
         """Run ``fn`` on every rank; if any rank fails, raise the same error on all of them."""
         if self.world_size == 1:
             return fn()
@@ -106,17 +106,17 @@ class DistWrapper:
             outcome: Any = None
         except Exception as e:  # noqa: BLE001 - carried to every rank, re-raised below
             result, outcome, local_exc = None, _Failure(e), e
-        self.raise_if_any(self.all_gather(outcome), step, local_exc)
+        self.raise_if_any(self.all_gather(outcome), phase, local_exc)
         return result
 
-    def map_reduce(self, step: str, map_fn: Callable[[], T], reduce_fn: Callable[[list[T]], list[Any]]) -> Any:
+    def map_reduce(self, phase: str, map_fn: Callable[[], T], reduce_fn: Callable[[list[T]], list[Any]]) -> Any:
         """Every rank maps; the coordinator reduces the gathered results to one value per rank; each gets its own.
 
         Failures in ``map_fn`` or ``reduce_fn`` are raised on every rank.
         """
         if self.world_size == 1:
             return reduce_fn([map_fn()])[0]
-        local = self.run(step, map_fn)
+        local = self.run(phase, map_fn)
         gathered = self.all_gather(local)
         reduced: Any = None
         local_exc: BaseException | None = None
@@ -127,5 +127,5 @@ class DistWrapper:
                 reduced, local_exc = _Failure(e), e
         reduced = self.broadcast(reduced)
         if isinstance(reduced, _Failure):
-            self.raise_if_any([reduced] + [None] * (self.world_size - 1), step, local_exc)
+            self.raise_if_any([reduced] + [None] * (self.world_size - 1), phase, local_exc)
         return reduced[self.rank]

@@ -61,8 +61,8 @@ class Slot:
     step: int | None = None
     #: Tiers still flushing from this slot; it cannot be reused until this is empty.
     pending: set[str] = field(default_factory=set)
-    #: Per-snapshot data attached by the Checkpointer (regions, values, metrics).
-    info: dict[str, Any] = field(default_factory=dict)
+    #: What the slot holds now, attached by its user (the Checkpointer's ``stager.StagedSnapshot``).
+    snapshot: Any = None
     #: Views of ``buffer`` a user keeps across snapshots (the Checkpointer: one per region of its layout), keyed
     #: by what they were made for; dropped whenever ``buffer`` is replaced.
     views: dict[Any, Any] = field(default_factory=dict)
@@ -115,7 +115,7 @@ class HostBufferPool:
             self._next = (slot.index + 1) % len(self.slots)
             if slot is self._latest:
                 self._latest = None
-            slot.state, slot.step, slot.info = STAGING, None, {}
+            slot.state, slot.step, slot.snapshot = STAGING, None, None
             slot.pending = set(tiers or ())
         waited = time.perf_counter() - t0
         if slot.capacity_bytes < nbytes:

@@ -30,7 +30,7 @@ from formats.writer import ChunkWrite, WriteItem, WriteOptions, write_items
 from formats import checksum
 from formats.tensor_bytes import as_bytes
 from formats.box import Box
-from resharding.layout import LocalPiece, TensorLayout
+from resharding.layout import LocalPiece, TensorLayout, tensor_layout
 from resharding.spec_bind import SpecBinding, local_layouts, parse_parallel, replica_policies, resolve_spec
 from resharding.spec_layout import RankLayout
 from resharding.planner import WriteAssignment, WriteCandidate, plan_global_writes
@@ -58,14 +58,20 @@ class _LocalPlan:
     replica_digests: dict[tuple[str, Box], str] | None = None
 
 
-def describe(flat: FlatState, is_coordinator: bool, binding: SpecBinding | None = None, rank: int = 0,
-             bound: tuple[dict[str, TensorLayout], RankLayout | None] | None = None
-             ) -> tuple[_LocalPlan, dict[str, TensorLayout]]:
-    """This rank's write candidates and tensor meta (no copy, no I/O). Every rank, before ``plan_global``.
+@dataclass
+class BoundState:
+    """A rank's state as a spec describes it (``bind_local``): its layouts, its place in the parallel layout,
+    and the digests of the boxes the spec calls replicated (so the coordinator can check the holders agree)."""
 
-    ``bound``: this rank's layouts already computed by ``local_layouts`` (and averaged).
-    """
-    layouts, rl = bound if bound is not None else local_layouts(flat.tensors, binding, rank, for_save=True)
+    layouts: dict[str, TensorLayout]
+    rank_layout: RankLayout
+    replica_digests: dict[tuple[str, Box], str]
+
+
+def describe(flat: FlatState, is_coordinator: bool, bound: BoundState | None = None
+             ) -> tuple[_LocalPlan, dict[str, TensorLayout]]:
+    """This rank's write candidates and tensor meta (no copy, no I/O). Every rank, before ``plan_global``."""
+    layouts = bound.layouts if bound is not None else {k: tensor_layout(t) for k, t in flat.tensors.items()}
     candidates: list[WriteCandidate] = []
     meta: dict[str, TensorMeta] = {}
     for key, lay in layouts.items():
@@ -74,19 +80,20 @@ def describe(flat: FlatState, is_coordinator: bool, binding: SpecBinding | None 
         meta[key] = TensorMeta(dname, tuple(lay.global_shape), lay.description)
         for piece in lay.pieces:
             candidates.append(WriteCandidate(key, dname, lay.global_shape, piece.global_box, t.element_size()))
-    digests = None
-    if rl is not None:
-        policies = replica_policies(rl)
-        digests = {}
-        for key, lay in layouts.items():
-            for piece in lay.pieces:
-                if policies.get((key, piece.global_box)) == "replicated":
-                    digests[(key, piece.global_box)] = checksum.digest(as_bytes(piece.local_view(lay.local).contiguous()))
     return (
         _LocalPlan(candidates, meta, flat.values if is_coordinator else None,
-                   flat.containers if is_coordinator else None, digests),
+                   flat.containers if is_coordinator else None,
+                   bound.replica_digests if bound is not None else None),
         layouts,
     )
+
+
+def replica_digests(layouts: dict[str, TensorLayout], rl: RankLayout) -> dict[tuple[str, Box], str]:
+    """Checksums of this rank's boxes that the spec calls replicated (reads their bytes)."""
+    policies = replica_policies(rl)
+    return {(key, piece.global_box): checksum.digest(as_bytes(piece.local_view(lay.local).contiguous()))
+            for key, lay in layouts.items() for piece in lay.pieces
+            if policies.get((key, piece.global_box)) == "replicated"}
 
 
 def check_replicas(plans: list[_LocalPlan], where: str) -> None:
@@ -180,36 +187,39 @@ class SavePlan:
     manifest: ManifestPlan | None
 
 
-def plan_save(dw: DistWrapper, flat: FlatState, max_chunk_bytes: int, check: Any = None,
-              step: str = "ckpt.save: planning", binding: SpecBinding | None = None) -> SavePlan:
-    """Collective planning: every rank describes its boxes, the coordinator deduplicates and balances.
+def bind_local(dw: DistWrapper, flat: FlatState, binding: SpecBinding,
+               phase: str = "ckpt.save: binding the spec") -> BoundState:
+    """This rank's tensors as the spec describes them, with the replicas the spec calls averaged averaged across
+    their holders and the replicated ones digested. Collective (the averaging moves data); runs before
+    ``plan_save``."""
+    if binding.world_size != dw.world_size:
+        raise ShardMismatchError(f"{phase}: the parallel layout {binding.parallel} has {binding.world_size} ranks, "
+                                 f"the process group {dw.world_size}")
+    pre, rl = dw.run(phase, lambda: local_layouts(flat.tensors, binding, dw.rank, for_save=True))
+    assert rl is not None
+    average_replicas(dw, pre, rl)
+    return BoundState(pre, rl, replica_digests(pre, rl))
 
-    ``check(plans)`` runs on the coordinator before planning (e.g. refuse to overwrite); it may raise. With a
-    spec ``binding`` the rank's tensors are described by the spec (rank = this rank in ``dw``), replicas the spec
-    calls averaged are averaged first, and replicas it calls replicated are checked equal.
+
+def plan_save(dw: DistWrapper, flat: FlatState, max_chunk_bytes: int, phase: str = "ckpt.save: planning",
+              binding: SpecBinding | None = None, bound: BoundState | None = None) -> SavePlan:
+    """Planning, DCP's way: every rank describes its boxes (local), the coordinator deduplicates and balances them
+    (``plan_global_writes``, pure), each rank gets its assignments back. The only collective is that gather and
+    scatter; no I/O. With a spec ``binding`` (and its ``bind_local`` result ``bound``) the rank's tensors are
+    described by the spec (rank = this rank in ``dw``), and replicas it calls replicated are checked equal.
     """
+    if (binding is None) != (bound is None):
+        raise ValueError("plan_save: a spec binding needs its bind_local() result, and only then")
     layouts: dict[str, TensorLayout] = {}
     fixed: list[ManifestPlan] = []  # set by plan_global, on the coordinator only
-    if binding is not None:
-        if binding.world_size != dw.world_size:
-            raise ShardMismatchError(f"{step}: the parallel layout {binding.parallel} has {binding.world_size} ranks, "
-                                     f"the process group {dw.world_size}")
-        pre, rl = dw.run(step, lambda: local_layouts(flat.tensors, binding, dw.rank, for_save=True))
-        assert rl is not None
-        average_replicas(dw, pre, rl)
-        bound: tuple[dict[str, TensorLayout], RankLayout | None] | None = (pre, rl)
-    else:
-        bound = None
 
     def plan_local() -> _LocalPlan:
-        lp, lay = describe(flat, dw.is_coordinator, binding, dw.rank, bound)
+        lp, lay = describe(flat, dw.is_coordinator, bound)
         layouts.update(lay)
         return lp
 
     def plan_global(plans: list[_LocalPlan]) -> list[tuple[str, list[WriteAssignment]]]:
-        if check is not None:
-            check(plans)
-        check_replicas(plans, step)
+        check_replicas(plans, phase)
         assignments = plan_global_writes([p.candidates for p in plans], max_chunk_bytes,
                                          overlapping_replicas=binding is not None)
         meta: dict[str, TensorMeta] = {}
@@ -221,12 +231,12 @@ def plan_save(dw: DistWrapper, flat: FlatState, max_chunk_bytes: int, check: Any
         save_id = new_save_id()
         return [(save_id, a) for a in assignments]
 
-    save_id, mine = dw.map_reduce(step, plan_local, plan_global)
+    save_id, mine = dw.map_reduce(phase, plan_local, plan_global)
     return SavePlan(save_id, mine, layouts, fixed[0] if fixed else None)
 
 
 def write_and_commit(dw: DistWrapper, storage: Storage, save_id: str, items: "list[WriteItem]",
-                     manifest: ManifestPlan | None, wopts: WriteOptions, step: str = "ckpt.save: writing and committing",
+                     manifest: ManifestPlan | None, wopts: WriteOptions, phase: str = "ckpt.save: writing and committing",
                      tool: str = "ckpt.save") -> int:
     """Every rank executes its items; the coordinator commits (``formats.commit``) once all succeeded. Returns the
     total bytes written. Collective over ``dw``; ``manifest`` is the coordinator's plan (None elsewhere)."""
@@ -242,7 +252,7 @@ def write_and_commit(dw: DistWrapper, storage: Storage, save_id: str, items: "li
         commit(storage, m)
         return [sum(f.size_bytes for f in m.files.values())] * len(results)
 
-    return int(dw.map_reduce(step, write_local, commit_all))
+    return int(dw.map_reduce(phase, write_local, commit_all))
 
 
 def save(state: Any, path: "str | Storage", *, process_group: Any = None, storage_options: dict[str, Any] | None = None,
@@ -268,14 +278,17 @@ def save(state: Any, path: "str | Storage", *, process_group: Any = None, storag
     storage = open_storage(path, storage_options)
     flat = flatten_state(state)
 
-    def refuse_overwrite(plans: list[_LocalPlan]) -> None:
-        if not overwrite and storage.exists(MANIFEST_NAME):
+    def refuse_overwrite() -> None:  # the coordinator looks; every rank raises the same error
+        if dw.is_coordinator and storage.exists(MANIFEST_NAME):
             raise CheckpointExistsError(
                 f"{storage.url}: a committed checkpoint is already there; pass overwrite=True to replace it, "
                 "or save to a new path"
             )
 
-    plan = plan_save(dw, flat, opts.max_chunk_bytes, refuse_overwrite, binding=binding)
+    if not overwrite:
+        dw.run("ckpt.save: checking the destination", refuse_overwrite)
+    bound = bind_local(dw, flat, binding) if binding is not None else None
+    plan = plan_save(dw, flat, opts.max_chunk_bytes, binding=binding, bound=bound)
     wopts = WriteOptions(opts.codec, opts.zstd_level, opts.block_bytes, opts.files_per_rank)
     items = [ChunkWrite(a.key, a.box.offsets, a.box.sizes, chunk_data(plan.layouts[a.key], a)) for a in plan.assignments]
     total = write_and_commit(dw, storage, plan.save_id, items, plan.manifest, wopts)

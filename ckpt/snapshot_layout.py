@@ -61,7 +61,7 @@ def _signature(entries: Any) -> tuple[Any, ...]:
 def build(dw: DistWrapper, flat: Any, layouts: dict[str, TensorLayout], sig: tuple[Any, ...],
           max_chunk_bytes: int) -> SnapshotLayout:
     """Plan the writes (collective over ``dw``) and place every local piece in a slot."""
-    plan = plan_save(dw, flat, max_chunk_bytes, step="ckpt.Checkpointer: planning")
+    plan = plan_save(dw, flat, max_chunk_bytes, phase="ckpt.Checkpointer: planning")
     regions, offset = [], 0
     for key, t in flat.tensors.items():
         for i, piece in enumerate(layouts[key].pieces):
@@ -92,7 +92,7 @@ def storage_ptr(t: torch.Tensor) -> int:
 
 
 @dataclass
-class Source:
+class SourceViews:
     """What one key's snapshot copies from: its layout, each local piece's view, and whether the copy is lazy."""
 
     ident: tuple[Any, ...] | None
@@ -101,13 +101,13 @@ class Source:
     dtype: torch.dtype
     lazy: bool = False
 
-    def same_layout(self, other: "Source") -> bool:
+    def same_layout(self, other: "SourceViews") -> bool:
         return (self.dtype == other.dtype and self.layout.global_shape == other.layout.global_shape
                 and self.layout.pieces == other.layout.pieces)
 
 
 class Sources:
-    """Per key of a snapshot's flat state, its ``Source``, kept from one ``Checkpointer.save`` to the next.
+    """Per key of a snapshot's flat state, its ``SourceViews``, kept from one ``Checkpointer.save`` to the next.
 
     A key's source is rebuilt when its tensor is not the same memory as before (``memory_identity``), such as
     RNG states, which are new tensors at every save. Which keys are lazy is decided anew, from the optimizers'
@@ -117,7 +117,7 @@ class Sources:
     """
 
     def __init__(self) -> None:
-        self.by_key: dict[str, Source] = {}
+        self.by_key: dict[str, SourceViews] = {}
         self.keys: tuple[str, ...] = ()
         self.optim_sig: Any = None
         self.signature: tuple[Any, ...] | None = None
@@ -128,14 +128,14 @@ class Sources:
         self.__init__()  # type: ignore[misc]
 
     def update(self, tensors: dict[str, torch.Tensor], optim_sig: Any,
-               lazy_ptrs: Callable[[], set[int]]) -> dict[str, Source]:
+               lazy_ptrs: Callable[[], set[int]]) -> dict[str, SourceViews]:
         """This save's sources; ``lazy_ptrs()`` gives the storage addresses only ``optimizer.step()`` changes
         (called only when the lazy keys must be decided anew). ``self.signature`` is then this state's."""
         keys = tuple(tensors)
         classify = keys != self.keys or optim_sig != self.optim_sig
         relayout = classify or self.signature is None
         old = {} if classify else self.by_key
-        new: dict[str, Source] = {}
+        new: dict[str, SourceViews] = {}
         for k, t in tensors.items():
             ident = memory_identity(t)
             prev = old.get(k)
@@ -143,7 +143,7 @@ class Sources:
                 new[k] = prev
                 continue
             lay = tensor_layout(t)
-            src = new[k] = Source(ident, lay, tuple(p.local_view(lay.local) for p in lay.pieces), t.dtype)
+            src = new[k] = SourceViews(ident, lay, tuple(p.local_view(lay.local) for p in lay.pieces), t.dtype)
             if prev is not None:
                 classify = classify or prev.lazy
                 relayout = relayout or not src.same_layout(prev)
@@ -158,6 +158,6 @@ class Sources:
         return new
 
 
-def signature_of(sources: dict[str, Source]) -> tuple[Any, ...]:
+def signature_of(sources: dict[str, SourceViews]) -> tuple[Any, ...]:
     """``signature`` of the state the sources were made of."""
     return _signature((k, s.dtype, s.layout) for k, s in sources.items())

@@ -36,6 +36,8 @@ class StagingHandle:
     _cuda_event: Any = None
     error: BaseException | None = None
     copy_secs: float = 0.0
+    #: ``perf_counter()`` when the CUDA path queued the copies; the copier thread measures ``copy_secs`` from it.
+    queued_at: float | None = None
     waited_secs: float = 0.0
     _callbacks: list[Callable[["StagingHandle"], None]] = field(default_factory=list)
 
@@ -184,7 +186,7 @@ class Copier:
         # copies, so no source is freed (and its device memory handed to the compute stream) before the side
         # stream has read it; that replaces a ``record_stream`` per tensor, most of this call's cost on a GPU host.
         self._queue.put((handle, copies))
-        handle.copy_secs = -t0  # completed in _run
+        handle.queued_at = t0  # copy_secs is measured in _run, once the event completed
 
     def _ensure_thread(self) -> None:
         if self._thread is None or not self._thread.is_alive():
@@ -203,7 +205,8 @@ class Copier:
             try:
                 if handle._cuda_event is not None:
                     handle._cuda_event.synchronize()
-                    handle.copy_secs = time.perf_counter() + handle.copy_secs
+                    assert handle.queued_at is not None
+                    handle.copy_secs = time.perf_counter() - handle.queued_at
                 else:
                     copy_all(copies, handle._advance)
                     handle.copy_secs = time.perf_counter() - t0

@@ -4,6 +4,10 @@ A tier is a root (directory or object-store prefix) of committed steps ``step_<n
 checkpoint) and a ``latest`` pointer. A flush thread per tier writes snapshots from their host slots, in step
 order, and commits them collectively over the tier's own gloo group (background collectives never share a group
 with training or with another tier). ``latest`` and retention move only after a commit.
+
+Tiers are found by URL scheme (``register_tier``): ``open_tier`` builds the class registered for the URL's scheme
+and a ``StorageTier`` (any ``formats.storage`` URL) otherwise, so a tier that lives elsewhere (the snapshot
+daemon's) plugs in without ``ckpt`` importing it. The interface every tier offers is ``Tier``.
 """
 
 from __future__ import annotations
@@ -13,15 +17,18 @@ import re
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
+
+import torch.distributed as dist
 
 from ckpt.dist import DistWrapper
 from ckpt.options import SaveOptions
 from ckpt.policies import RetentionPolicy, SavePolicy
+from ckpt.saving import ManifestPlan, write_and_commit
 from ckpt.staging import set_background_priority
 from formats.manifest import MANIFEST_NAME
 from formats.storage import Storage, open_storage
-from formats.writer import WriteOptions
+from formats.writer import WriteItem, WriteOptions
 
 STEP_DIR = re.compile(r"^step_(\d{9,})$")
 LATEST = "latest"
@@ -35,13 +42,17 @@ def join_url(root: str, name: str) -> str:
     return root.rstrip("/") + "/" + name
 
 
-@dataclass
-class FlushJob:
-    """Write one staged snapshot to this tier. ``write(storage, dw)`` returns bytes this rank wrote."""
+class Snapshot(Protocol):
+    """What a tier flushes (``ckpt.stager.StagedSnapshot``): one step's write items and manifest plan."""
 
     step: int
-    write: Callable[[Storage, DistWrapper], int]
-    done: Callable[["FlushResult"], None]
+
+    @property
+    def save_id(self) -> str: ...
+
+    def items(self) -> "list[WriteItem]": ...
+
+    def manifest(self) -> ManifestPlan | None: ...
 
 
 @dataclass
@@ -54,33 +65,105 @@ class FlushResult:
     error: BaseException | None = None
 
 
+@dataclass
+class FlushJob:
+    """Write ``snapshot`` to the tier, then call ``done`` with the result (on the tier's thread)."""
+
+    snapshot: Snapshot
+    done: Callable[[FlushResult], None]
+
+
+@dataclass
+class _Drain:
+    """Queued behind every submitted job: set once they are all done."""
+
+    event: threading.Event
+
+
+class Tier(Protocol):
+    """The interface a Checkpointer tier offers (docs/design.md "Tiers"); ``StorageTier`` is the built-in one."""
+
+    name: str
+
+    def due(self, step: int) -> bool: ...
+
+    def submit(self, job: FlushJob) -> None: ...
+
+    def committed_steps(self) -> list[int]: ...
+
+    def storage_for(self, step: int) -> Storage: ...
+
+    def drain(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+#: A tier class or factory, called as ``StorageTier`` is (see ``open_tier``).
+TierFactory = Callable[..., Tier]
+_TIERS: dict[str, TierFactory] = {}
+
+
+def register_tier(scheme: str, factory: TierFactory) -> None:
+    """Make ``open_tier`` build ``factory(...)`` for URLs ``scheme://...`` (replacing an earlier registration)."""
+    if not re.fullmatch(r"[a-z][a-z0-9+.-]*", scheme):
+        raise ValueError(f"register_tier({scheme!r}): expected a URL scheme such as 'daemon'")
+    _TIERS[scheme] = factory
+
+
+def open_tier(name: str, url: str, cadence: SavePolicy, retention: RetentionPolicy, group: Any = None,
+              storage_options: dict[str, Any] | None = None, priority: str = "normal", codec: str = "raw",
+              save_options: SaveOptions | None = None) -> Tier:
+    """The tier for ``url``: the factory registered for its scheme, else a ``StorageTier``."""
+    scheme = url.split("://", 1)[0] if "://" in url else "file"
+    factory = _TIERS.get(scheme, StorageTier)
+    return factory(name, url, cadence, retention, group, storage_options, priority, codec, save_options)
+
+
+def tier_group(dw: DistWrapper, process_group: Any) -> Any:
+    """A gloo group of ``process_group``'s ranks for one tier's background collectives (collective over the
+    world; None in a single process)."""
+    if dw.world_size == 1:
+        return None
+    ranks = dist.get_process_group_ranks(process_group) if process_group is not None else None
+    return dist.new_group(ranks=ranks, backend="gloo")
+
+
 class StorageTier:
     """One persistent tier: it knows when it is due (``cadence``, a public ``SavePolicy``), how its chunks are
     encoded (``codec``: ``raw`` on fast tiers, ``zstd`` where bandwidth is scarce) and what it keeps
     (``retention``). ``name`` is ``"disk"`` or ``"remote"`` (reports and errors); ``group`` is its own gloo group
-    (or None)."""
+    (or None); ``save_options`` gives the rest of how its chunks are laid down."""
 
     def __init__(self, name: str, url: str, cadence: SavePolicy, retention: RetentionPolicy, group: Any = None,
                  storage_options: dict[str, Any] | None = None, priority: str = "normal",
-                 codec: str = "raw") -> None:
+                 codec: str = "raw", save_options: SaveOptions | None = None) -> None:
         self.name = name
         self.priority = priority
         self.url = url
         self.cadence = cadence
         self.codec = codec
         self.retention = retention
+        self.save_options = save_options or SaveOptions()
         self.storage_options = storage_options
         self.root: Storage = open_storage(url, storage_options)
         self.dw = DistWrapper(group)
-        self._queue: queue.Queue[FlushJob | None] = queue.Queue()
+        self._queue: queue.Queue[FlushJob | _Drain | None] = queue.Queue()
         self._thread: threading.Thread | None = None
 
     def due(self, step: int) -> bool:
         return self.cadence.should_save(step)
 
-    def write_options(self, save: SaveOptions) -> WriteOptions:
-        """How this tier's executor lays bytes down: ``save``'s layout settings with this tier's codec."""
-        return WriteOptions(self.codec, save.zstd_level, save.block_bytes, save.files_per_rank)
+    def write_options(self) -> WriteOptions:
+        """How this tier's executor lays bytes down: its ``save_options`` with its own codec."""
+        o = self.save_options
+        return WriteOptions(self.codec, o.zstd_level, o.block_bytes, o.files_per_rank)
+
+    def flush(self, snapshot: Snapshot, storage: Storage) -> int:
+        """Write and commit ``snapshot`` into ``storage`` (collective over the tier's group); bytes written."""
+        items = snapshot.items()
+        write_and_commit(self.dw, storage, snapshot.save_id, items, snapshot.manifest(), self.write_options(),
+                         phase=f"ckpt tier {self.name!r} step {snapshot.step}", tool="ckpt.Checkpointer")
+        return sum(i.nbytes for i in items)
 
     def storage_for(self, step: int) -> Storage:
         return open_storage(join_url(self.url, step_dir(step)), self.storage_options)
@@ -108,17 +191,19 @@ class StorageTier:
             job = self._queue.get()
             if job is None:
                 return
-            if job.step < 0:  # a drain marker: everything before it is done
-                job.done(FlushResult(self.name, job.step, True, 0.0, 0))
+            if isinstance(job, _Drain):  # everything queued before it is done
+                job.event.set()
                 continue
-            t0 = time.perf_counter()
-            try:
-                nbytes = job.write(self.storage_for(job.step), self.dw)
-                self.dw.run(f"ckpt tier {self.name!r} step {job.step}: retention", lambda: self._after_commit(job.step))
-                res = FlushResult(self.name, job.step, True, time.perf_counter() - t0, nbytes)
-            except BaseException as e:  # noqa: BLE001 - reported to the Checkpointer, raised on its next call
-                res = FlushResult(self.name, job.step, False, time.perf_counter() - t0, 0, e)
-            job.done(res)
+            job.done(self._flush_one(job.snapshot))
+
+    def _flush_one(self, snapshot: Snapshot) -> FlushResult:
+        step, t0 = snapshot.step, time.perf_counter()
+        try:
+            nbytes = self.flush(snapshot, self.storage_for(step))
+            self.dw.run(f"ckpt tier {self.name!r} step {step}: retention", lambda: self._after_commit(step))
+            return FlushResult(self.name, step, True, time.perf_counter() - t0, nbytes)
+        except BaseException as e:  # noqa: BLE001 - reported to the Checkpointer, raised on its next call
+            return FlushResult(self.name, step, False, time.perf_counter() - t0, 0, e)
 
     def _after_commit(self, step: int) -> None:
         """Coordinator only: move ``latest`` and apply retention (deleting crashed, uncommitted steps too)."""
@@ -143,9 +228,9 @@ class StorageTier:
         """Block until every submitted job finished."""
         if self._thread is None or not self._thread.is_alive():
             return
-        done = threading.Event()
-        self._queue.put(FlushJob(-1, lambda s, d: 0, lambda r: done.set()))
-        done.wait()
+        drained = _Drain(threading.Event())
+        self._queue.put(drained)
+        drained.event.wait()
 
     def close(self) -> None:
         if self._thread is not None and self._thread.is_alive():

@@ -12,7 +12,7 @@ from typing import Any, Iterable
 import pytest
 import torch
 
-import ckpt.checkpointer  # noqa: F401 - binds the eager ``copy_all`` at import, before the gate patches staging's
+import ckpt.stager  # noqa: F401 - binds the eager ``copy_all`` at import, before the gate patches staging's
 import ckpt.staging
 
 
@@ -22,7 +22,7 @@ def copier_gate(monkeypatch: pytest.MonkeyPatch) -> Iterable[threading.Event]:
     again to hold a later snapshot's copies.
 
     Patches ``ckpt.staging.copy_all`` as the copier thread sees it; the eager copies in ``save`` are bound
-    separately (``ckpt.checkpointer.copy_all``) and stay synchronous.
+    separately (``ckpt.stager.copy_all``) and stay synchronous.
     """
     ev = threading.Event()
     real = ckpt.staging.copy_all

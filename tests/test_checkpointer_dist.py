@@ -152,7 +152,7 @@ def save_run(rank: int, world_size: int, root: str, failing_remote: str | None =
             h = cp.save(step, state)
             draws[step] = torch.rand(3)  # what this rank's torch RNG gives right after the snapshot
             if step == 1:
-                first_sources = dict(cp._sources.by_key)
+                first_sources = dict(cp.plans.sources.by_key)
             if failing_remote is not None and step == 2:
                 h.wait()  # so that the failure is known on every rank before the next call
                 if not h.errors:
@@ -166,7 +166,7 @@ def save_run(rank: int, world_size: int, root: str, failing_remote: str | None =
             problems.append(f"rank {rank}: nothing was copied lazily under FSDP2")
         # The sharded parameters and optimizer state are the same memory at every step: save() reused their
         # copy sources (layouts, local views, lazy flags) instead of rebuilding them (the RNG is new every save).
-        rebuilt = [k for k, s in first_sources.items() if not k.startswith("rng/") and cp._sources.by_key[k] is not s]
+        rebuilt = [k for k, s in first_sources.items() if not k.startswith("rng/") and cp.plans.sources.by_key[k] is not s]
         if rebuilt:
             problems.append(f"rank {rank}: copy sources rebuilt under FSDP2 for {rebuilt[:3]}")
         # The memory tier, same process: training moves on, restore() brings back step 3 from host memory.

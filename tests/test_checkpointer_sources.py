@@ -57,10 +57,10 @@ def test_unchanged_state_reuses_every_tensor_source(tmp_path: Path, copier_gate:
     model, opt, sched, g = trained(0)
     with ckpt.Checkpointer(tmp_path, disk_every=1, keep_last=None) as cp:
         snapshot(cp, copier_gate, 1, state_of(model, opt, sched, 1))
-        first = dict(cp._sources.by_key)
+        first = dict(cp.plans.sources.by_key)
         train_step(model, opt, sched, g)
         snapshot(cp, copier_gate, 2, state_of(model, opt, sched, 2))
-        again = cp._sources.by_key
+        again = cp.plans.sources.by_key
         reused = {k for k in first if again[k] is first[k]}
         # Parameters, buffers and optimizer state are the same memory; RNG states are new tensors every save.
         assert reused == {k for k in first if not k.startswith("rng/")}
@@ -77,7 +77,7 @@ def test_replaced_parameter_data_is_snapshotted_and_stays_guarded(tmp_path: Path
     with ckpt.Checkpointer(tmp_path, disk_every=1, keep_last=None) as cp:
         snapshot(cp, copier_gate, 1, state_of(model, opt, sched, 1, alias=alias))
         lazy_before = cp.metrics[-1].lazy_bytes
-        assert cp._sources.by_key["alias"].lazy
+        assert cp.plans.sources.by_key["alias"].lazy
         model.fc1.weight.data = torch.randn(16, 6, generator=g)  # new memory under the same Parameter
         train_step(model, opt, sched, g)
         ref = reference(model, opt, sched)
@@ -133,13 +133,13 @@ def test_parameter_dropped_from_the_optimizer_is_copied_eagerly(tmp_path: Path, 
     train_step(model, opt, sched, g)
     with ckpt.Checkpointer(tmp_path, disk_every=1, keep_last=None) as cp:
         snapshot(cp, copier_gate, 1, state_of(model, opt, sched, 1))
-        keys = set(cp._sources.by_key)
-        assert cp._sources.by_key["model/fc1.weight"].lazy
+        keys = set(cp.plans.sources.by_key)
+        assert cp.plans.sources.by_key["model/fc1.weight"].lazy
         group = opt.param_groups[0]
         group["params"] = [p for p in group["params"] if p is not model.fc1.weight]
         expected = model.fc1.weight.detach().clone()
         snapshot(cp, copier_gate, 2, state_of(model, opt, sched, 2), edit=lambda: model.fc1.weight.mul_(-2.0))
-        assert set(cp._sources.by_key) == keys and not cp._sources.by_key["model/fc1.weight"].lazy
+        assert set(cp.plans.sources.by_key) == keys and not cp.plans.sources.by_key["model/fc1.weight"].lazy
         cp.wait()
     assert torch.equal(read(tmp_path, 2, "model/fc1.weight"), expected)
 
