@@ -4,6 +4,11 @@ Kept apart from ``ckpt.cli`` (which owns the parser and the exit-code convention
 success, 2 on bad usage or unreadable/refused input; ``diff`` 0 when the
 checkpoints are equal, 1 when they differ (every difference listed), 2 on bad usage or unreadable input.
 ``--json`` prints one JSON document on stdout; progress bars (bytes/s and ETA) go to stderr, on a terminal only.
+
+No format is special here: the source is looked up in ``formats.foreign.registry`` (Megatron rank directories
+included, registered by ``resharding.megatron_dirs``), its own options (``--spec``, ``--dims``, ...) are checked and
+passed by the registry's declaration, and what the output says about a source beyond the plan comes from the
+format's ``describe`` hook.
 """
 
 from __future__ import annotations
@@ -16,8 +21,36 @@ from typing import Any
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
-SOURCE_CHOICES = ("auto", "universal", "dcp", "torch", "safetensors", "deepspeed", "megatron")
 TARGET_CHOICES = ("universal", "dcp", "torch", "safetensors", "deepspeed-universal")
+#: Flags that set a source format's own options (dest = the option's name); which format takes which is the
+#: registry's business (``formats.foreign.registry``), checked once the source format is known.
+SOURCE_OPTIONS = ("spec", "dims", "source_layout", "target")
+
+
+def _load_sources() -> None:
+    """Make sure every source format the command line offers is registered: the built-ins, and the readers that live
+    above ``formats`` and register themselves on import."""
+    import resharding.megatron_dirs  # noqa: F401, PLC0415 - registers "megatron"
+
+
+class _SourceChoices:
+    """``--from`` / ``--a-format`` / ``--b-format`` choices: ``auto`` and every registered source format, looked
+    up only when argparse checks a given value or prints help (building the parser imports no reader)."""
+
+    def _names(self) -> tuple[str, ...]:
+        from formats.foreign.registry import source_names
+
+        _load_sources()
+        return ("auto", *source_names())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names()
+
+    def __iter__(self) -> Any:
+        return iter(self._names())
+
+
+SOURCE_CHOICES = _SourceChoices()
 
 
 def _mib(n: float) -> str:
@@ -51,6 +84,21 @@ def _workers(text: str) -> int:
     return n
 
 
+def _source(args: argparse.Namespace, path: str, fmt: str, opts: dict[str, Any] | None) -> tuple[Any, dict[str, Any]]:
+    """The registered format of ``path`` (detected for ``auto``) and the source options given on the command line
+    (flags not given left out), parsed by that format where it declares them."""
+    from formats.foreign.detect import detect_format, unregistered
+    from formats.foreign.registry import find_source, source_names
+
+    if fmt == "auto":
+        fmt = detect_format(path, opts)
+    entry = find_source(fmt)
+    if entry is None:
+        raise unregistered(path, fmt, source_names())
+    given = {n: getattr(args, n) for n in SOURCE_OPTIONS if getattr(args, n, None) is not None}
+    return entry, given
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from ckpt.cli import _storage_options
     from formats.foreign import PLANNED_TARGETS, open_source, plan_conversion, run_conversion
@@ -62,27 +110,19 @@ def cmd_convert(args: argparse.Namespace) -> int:
         print(f"ckpt convert: --max-shard-size applies to --to safetensors only (the target is {args.to})",
               file=sys.stderr)
         return EXIT_USAGE
+    _load_sources()
     opts = _storage_options(args)
-    src_format = args.src_format
-    if src_format == "auto":
-        from formats.foreign.detect import detect_format
-
-        src_format = detect_format(args.src, opts)
-    if src_format == "megatron":
-        return _convert_megatron(args, opts)
-    spec_options = [f"--{n}" for n in ("spec", "dims", "source-layout", "target")
-                    if getattr(args, n.replace("-", "_"), None) is not None]
-    if spec_options:
-        verb = "applies" if len(spec_options) == 1 else "apply"
-        print(f"ckpt convert: {', '.join(spec_options)} {verb} to Megatron rank directories (--from megatron) only; "
-              f"the source is {src_format}. To reshard a universal checkpoint use ckpt reshard SRC DST --to LAYOUT.",
-              file=sys.stderr)
-        return EXIT_USAGE
-    with open_source(args.src, src_format, allow_pickle=args.allow_pickle, storage_options=opts) as source:
+    entry, given = _source(args, args.src, args.src_format, opts)
+    entry.check_options(given)
+    entry.check_target(given, args.to)
+    options = entry.from_text(given)
+    with open_source(args.src, entry.name, allow_pickle=args.allow_pickle, storage_options=opts,
+                     **options) as source:
+        notes = entry.notes(source)
         plan = plan_conversion(source, args.dst, args.to, dtype=args.dtype, max_shard_bytes=args.max_shard_size,
                                storage_options=opts)
         if args.dry_run:
-            _print_plan(args, plan)
+            _print_plan(args, plan, notes)
             return EXIT_OK
         bar = _bar(args, plan.bytes_out, "convert")
         try:
@@ -92,91 +132,22 @@ def cmd_convert(args: argparse.Namespace) -> int:
             if bar is not None:
                 bar.close()
     if args.json:
-        print(json.dumps(result.to_json(), indent=1))
+        print(json.dumps({**result.to_json(), **notes.json}, indent=1))
         return EXIT_OK
     if plan.skipped:
         print(f"note: {len(plan.skipped)} key(s) not written ({plan.dst_format} cannot hold them): "
               f"{', '.join(plan.skipped[:5])}{', ...' if len(plan.skipped) > 5 else ''}", file=sys.stderr)
     rate = plan.bytes_out / max(result.elapsed_secs, 1e-9)
     cast = f", {plan.cast} cast to {plan.dtype}" if plan.cast else ""
-    print(f"OK: {plan.src_format} {plan.src} -> {plan.dst_format} {plan.dst}: {plan.tensors} tensors{cast}, "
-          f"{plan.values} values, {_mib(plan.bytes_out)} in {result.elapsed_secs:.2f} s ({_mib(rate)}/s)")
+    print(f"OK: {plan.src_format} {plan.src}{notes.label} -> {plan.dst_format} {plan.dst}{notes.written_as}: "
+          f"{plan.tensors} tensors{cast}, {plan.values} values, {_mib(plan.bytes_out)} in {result.elapsed_secs:.2f} s "
+          f"({_mib(rate)}/s)")
     return EXIT_OK
 
 
-def _dims(args: argparse.Namespace, cmd: str) -> "dict[str, Any] | None | int":
-    """``--dims`` parsed (None when absent), or ``EXIT_USAGE`` after printing why it is not a JSON object."""
-    if args.dims is None:
-        return None
-    try:
-        dims = json.loads(args.dims)
-    except json.JSONDecodeError as e:
-        dims = e
-    if not isinstance(dims, dict):
-        print(f"ckpt {cmd}: --dims must be a JSON object such as '{{\"vocab\": 50257}}' (got {args.dims!r})",
-              file=sys.stderr)
-        return EXIT_USAGE
-    return dims
-
-
-def _convert_megatron(args: argparse.Namespace, opts: dict[str, Any] | None) -> int:
-    """``--from megatron``: the rank directories read through a spec (``resharding.megatron_dirs``), written to any
-    format; with ``--target``, resharded to that layout (universal only)."""
-    from formats.foreign import plan_conversion
-    from resharding.megatron_dirs import MegatronSource
-    from resharding.megatron_import import run_import, target_binding
-
-    if args.spec is None:
-        print("ckpt convert: Megatron rank directories are read through a spec that says how the ranks cut each "
-              "tensor: pass --spec gpt|llama|mixtral or a YAML path (and --dims JSON for dims the files' args do not "
-              "record)", file=sys.stderr)
-        return EXIT_USAGE
-    if args.target is not None and args.to != "universal":
-        print(f"ckpt convert: --target writes a universal checkpoint; it cannot be combined with --to {args.to}",
-              file=sys.stderr)
-        return EXIT_USAGE
-    dims = _dims(args, "convert")
-    if isinstance(dims, int):
-        return dims
-    with MegatronSource(args.src, args.spec, dims=dims, parallel=args.source_layout,
-                        allow_pickle=args.allow_pickle) as source:
-        target = None if args.target is None else target_binding(source, args.target).parallel
-        plan = plan_conversion(source, args.dst, args.to, dtype=args.dtype, max_shard_bytes=args.max_shard_size,
-                               storage_options=opts)
-        info = {"spec": source.binding.spec.name, "source_layout": source.binding.parallel,
-                "dims": source.binding.dims, "target": target}
-        if args.dry_run:
-            if args.json:
-                print(json.dumps({**plan.to_json(), "megatron": info, "dry_run": True}, indent=1))
-                return EXIT_OK
-            _print_plan(args, plan)
-            print(f"  read under {_layout(source.binding.parallel)} with spec '{info['spec']}'"
-                  + (f"; then resharded to {_layout(target)}" if target else ""))
-            return EXIT_OK
-        bar = _bar(args, plan.bytes_out, "convert")
-        try:
-            result = run_import(source, plan, target=target, workers=args.workers, overwrite=args.overwrite,
-                                progress=bar.update if bar is not None else None, storage_options=opts)
-        finally:
-            if bar is not None:
-                bar.close()
+def _print_plan(args: argparse.Namespace, plan: Any, notes: Any) -> None:
     if args.json:
-        print(json.dumps({**result.to_json(), "megatron": info}, indent=1))
-        return EXIT_OK
-    to = f" as {_layout(target)}" if target else ""
-    print(f"OK: megatron {plan.src} ({_layout(source.binding.parallel)}, spec '{info['spec']}') -> {plan.dst_format} "
-          f"{plan.dst}{to}: {plan.tensors} tensors, {plan.values} values, {_mib(plan.bytes_out)} in "
-          f"{result.elapsed_secs:.2f} s")
-    return EXIT_OK
-
-
-def _layout(parallel: dict[str, Any]) -> str:
-    return ",".join(f"{k}={v}" for k, v in parallel.items())
-
-
-def _print_plan(args: argparse.Namespace, plan: Any) -> None:
-    if args.json:
-        print(json.dumps({**plan.to_json(), "dry_run": True}, indent=1))
+        print(json.dumps({**plan.to_json(), **notes.json, "dry_run": True}, indent=1))
         return
     print(f"dry run: {plan.src_format} {plan.src} -> {plan.dst_format} {plan.dst}")
     cast = f"; {plan.cast} cast to {plan.dtype}" if plan.cast else ""
@@ -190,44 +161,26 @@ def _print_plan(args: argparse.Namespace, plan: Any) -> None:
               f"{', '.join(plan.skipped[:5])}{', ...' if len(plan.skipped) > 5 else ''}")
     if plan.dst_exists:
         print("  the destination already holds a checkpoint: the conversion needs --overwrite")
-
-
-def _open_side(path: str, fmt: str, args: argparse.Namespace, dims: "dict[str, Any] | None",
-               opts: dict[str, Any] | None) -> Any:
-    """One side of ``ckpt diff``: Megatron rank directories through ``--spec``, anything else by ``open_source``."""
-    from formats.foreign import open_source
-
-    if fmt == "megatron":
-        from resharding.megatron_dirs import MegatronSource
-
-        return MegatronSource(path, args.spec, dims=dims, parallel=args.source_layout, allow_pickle=args.allow_pickle)
-    return open_source(path, fmt, allow_pickle=args.allow_pickle, storage_options=opts)
+    for line in notes.dry_run:
+        print(line)
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
+    """Both sides opened by ``open_source``; each gets the source options (``--spec``, ...) its format takes."""
     from ckpt.cli import _storage_options
-    from formats.foreign import detect_format, diff
-    from formats.storage import split_scheme
+    from formats.foreign import diff, open_source
 
     if args.atol < 0 or args.rtol < 0:
         print(f"ckpt diff: --atol and --rtol must be >= 0 (got {args.atol}, {args.rtol})", file=sys.stderr)
         return EXIT_USAGE
+    _load_sources()
     opts = _storage_options(args)
-    dims = _dims(args, "diff")
-    if isinstance(dims, int):
-        return dims
-    sides = []
-    for path, fmt in ((args.a, args.a_format), (args.b, args.b_format)):
-        if fmt == "auto" and split_scheme(path)[0] == "file" and detect_format(path, opts) == "megatron":
-            fmt = "megatron"
-        if fmt == "megatron" and args.spec is None:
-            print(f"ckpt diff: {path} holds Megatron rank directories, which are read through a spec: pass --spec "
-                  "gpt|llama|mixtral or a YAML path (and --dims JSON, --source-layout LAYOUT where the files' args "
-                  "do not say)", file=sys.stderr)
-            return EXIT_USAGE
-        sides.append((path, fmt))
+    sides = [_source(args, path, fmt, opts) + (path,) for path, fmt in ((args.a, args.a_format),
+                                                                         (args.b, args.b_format))]
     with contextlib.ExitStack() as stack:
-        a, b = (stack.enter_context(_open_side(path, fmt, args, dims, opts)) for path, fmt in sides)
+        a, b = (stack.enter_context(open_source(path, entry.name, allow_pickle=args.allow_pickle, storage_options=opts,
+                                                **entry.from_text(entry.take(given))))
+                for entry, given, path in sides)
         common = set(a.tensors) & set(b.tensors)
         bar = _bar(args, sum(a.tensors[k].nbytes + b.tensors[k].nbytes for k in common), "diff")
         try:
@@ -261,8 +214,8 @@ def add_parsers(sub: Any, storage_option: Any) -> None:
                     "layout, written; DeepSpeed loads it with load_universal).")
     sp.add_argument("src", help="source checkpoint: directory, file, or URL (URLs for universal checkpoints only)")
     sp.add_argument("dst", help="destination: a directory (universal, dcp, safetensors) or a file path (torch)")
-    sp.add_argument("--from", dest="src_format", choices=SOURCE_CHOICES, default="auto",
-                    help="source format (default auto: manifest.json -> universal, .metadata -> dcp, *.safetensors "
+    sp.add_argument("--from", dest="src_format", choices=SOURCE_CHOICES, default="auto", metavar="FORMAT",
+                    help="source format, one of %(choices)s (default auto: manifest.json -> universal, .metadata -> dcp, *.safetensors "
                          "or model.safetensors.index.json -> safetensors, one .pt/.pth/.bin file -> torch); "
                          "latest + global_step*/ or *_model_states.pt -> deepspeed; mp_rank_*/ or iter_*/ -> "
                          "megatron (needs --spec))")
@@ -304,8 +257,10 @@ def add_parsers(sub: Any, storage_option: Any) -> None:
     sp.add_argument("b", help="second checkpoint (any supported format)")
     sp.add_argument("--atol", type=float, default=0.0, help="absolute tolerance (default 0: bit-exact)")
     sp.add_argument("--rtol", type=float, default=0.0, help="relative tolerance (default 0: bit-exact)")
-    sp.add_argument("--a-format", choices=SOURCE_CHOICES, default="auto", help="format of A (default auto)")
-    sp.add_argument("--b-format", choices=SOURCE_CHOICES, default="auto", help="format of B (default auto)")
+    sp.add_argument("--a-format", choices=SOURCE_CHOICES, default="auto", metavar="FORMAT",
+                    help="format of A, one of %(choices)s (default auto)")
+    sp.add_argument("--b-format", choices=SOURCE_CHOICES, default="auto", metavar="FORMAT",
+                    help="format of B (default auto)")
     sp.add_argument("--allow-pickle", action="store_true", help="as for convert: trusted files only")
     sp.add_argument("--spec", metavar="SPEC", help="for a Megatron side: as for convert (a shipped spec or a YAML path)")
     sp.add_argument("--dims", metavar="JSON", help="for a Megatron side: as for convert")

@@ -20,8 +20,11 @@ spec's pieces overlap other than as identical replicas, a boolean mask of its si
 (``ShardMismatchError`` naming the key, the ranks and their files), averaged ones are replaced by their mean.
 Copies that are one and the same file entry (data-parallel ranks sharing ``model_optim_rng.pt``) are read once.
 
-Writing (a universal checkpoint that records the spec, other formats, a target layout) is
-``resharding.megatron_import``.
+Registered as source format ``megatron`` (``formats.foreign.registry``) when this module is imported, so
+``open_source(path, "megatron", spec=..., dims=..., source_layout=..., target=...)``, ``ckpt convert`` and
+``ckpt diff`` read it as any other format (``open_megatron``). ``target`` presents the tensors chunked as every
+rank of that layout would save them (``MegatronSource.retarget``): the generic universal writer then writes that
+layout's checkpoint. ``resharding.megatron_import`` is the Python entry point for the whole conversion.
 
 Nothing unpickles code: the files are loaded by ``resharding.megatron_files`` (inert stand-ins for the few classes
 Megatron files hold; any other class raises ``UnsafeCheckpointError`` unless ``allow_pickle=True``), which also
@@ -33,6 +36,7 @@ thread-safe (converters read from one thread per output file).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import threading
@@ -43,6 +47,7 @@ import torch
 from ckpt.errors import CorruptCheckpointError, IncompleteCheckpointError, ShardMismatchError, SpecError
 from formats import keys as K
 from formats.dtypes import dtype_name
+from formats.foreign.registry import SourceNotes, SourceOption, SourceOptionError, register_source
 from formats.foreign.source import Source, TensorInfo, add_parents, flatten_into
 from formats.box import Box, boxes_tile
 from resharding.grid import DEFAULT_ORDER, Grid
@@ -93,6 +98,8 @@ class MegatronSource(Source):
         parallel_all = parse_parallel(scan.infer(known, model_empty))
         self.binding = SpecBinding(spec_obj, {**found_dims, **given_dims}, parallel_all)
         self.root = root
+        #: The layout the tensors are presented for, after ``retarget`` (None: the files' own).
+        self.target: SpecBinding | None = None
         self._grid = Grid.of(self.binding.parallel)
         self.layout = {"world_size": self.binding.world_size, "dtensor_mesh_shapes": [],
                        "spec": self.binding.to_json_dict()}
@@ -240,6 +247,7 @@ class MegatronSource(Source):
             self.tensors[key] = TensorInfo(key, info.dtype, info.shape,
                                            tuple((tuple(b.offsets), tuple(b.sizes)) for b in bs))
         self.layout = {"world_size": binding.world_size, "dtensor_mesh_shapes": [], "spec": binding.to_json_dict()}
+        self.target = binding
 
     # -- reading ---------------------------------------------------------------------------------------------------
 
@@ -319,3 +327,68 @@ def _walk(obj: Any, key: str, rel: str, path: tuple[Any, ...], tensors: dict[str
 
 def _text(parallel: Mapping[str, Any]) -> str:
     return ",".join(f"{k}={v}" for k, v in parallel.items() if k != "order" or v != DEFAULT_ORDER)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The source format ``megatron`` (formats.foreign.registry).
+
+
+def target_binding(source: MegatronSource, target: "str | Mapping[str, Any]") -> SpecBinding:
+    """The source's spec and dims under ``target``, checked (every rank laid out) before anything is written."""
+    binding = source.binding.with_parallel(parse_parallel(target))
+    for rank in range(binding.world_size):
+        binding.rank_layout(rank)
+    return binding
+
+
+def open_megatron(path: str, *, spec: Any, dims: Mapping[str, Any] | None = None,
+                  source_layout: "str | Mapping[str, Any] | None" = None,
+                  target: "str | Mapping[str, Any] | None" = None, allow_pickle: bool = False) -> MegatronSource:
+    """The opener of format ``megatron``: ``MegatronSource(path, spec, dims=, parallel=source_layout)``, retargeted
+    to ``target`` when given (checked against the spec before anything is read)."""
+    source = MegatronSource(path, spec, dims=dims, parallel=source_layout, allow_pickle=allow_pickle)
+    if target is not None:
+        try:
+            source.retarget(target_binding(source, target))
+        except BaseException:
+            source.close()
+            raise
+    return source
+
+
+def _dims_from_text(text: str) -> dict[str, Any]:
+    try:
+        dims = json.loads(text)
+    except json.JSONDecodeError as e:
+        dims = e
+    if not isinstance(dims, dict):
+        raise SourceOptionError(f"--dims must be a JSON object such as '{{\"vocab\": 50257}}' (got {text!r})")
+    return dims
+
+
+def _notes(source: Source) -> SourceNotes:
+    """What ``ckpt convert`` reports of a Megatron import: the spec, the files' layout and the target."""
+    assert isinstance(source, MegatronSource)
+    b, target = source.binding, None if source.target is None else source.target.parallel
+    info = {"spec": b.spec.name, "source_layout": b.parallel, "dims": b.dims, "target": target}
+    return SourceNotes(json={"megatron": info}, label=f" ({_text(b.parallel)}, spec '{b.spec.name}')",
+                       written_as=f" as {_text(target)}" if target else "",
+                       dry_run=(f"  read under {_text(b.parallel)} with spec '{b.spec.name}'"
+                                + (f"; then resharded to {_text(target)}" if target else ""),))
+
+
+register_source(
+    "megatron", open_megatron, description="Megatron rank directories", describe=_notes,
+    misuse_hint="To reshard a universal checkpoint use ckpt reshard SRC DST --to LAYOUT.",
+    options=(
+        "allow_pickle",
+        SourceOption("spec", help="how the ranks cut each tensor: a shipped spec (gpt, llama, mixtral) or a YAML path",
+                     required="Megatron rank directories are read through a spec that says how the ranks cut each "
+                              "tensor: pass --spec gpt|llama|mixtral or a YAML path (and --dims JSON, --source-layout "
+                              "LAYOUT for what the files' args do not record)"),
+        SourceOption("dims", help="model dims for the spec (default: from the files' args)", from_text=_dims_from_text),
+        SourceOption("source_layout", help="the layout the files were written under (default: the files' args, else "
+                                           "the directory names and files)"),
+        SourceOption("target", help="present the tensors as this layout's ranks would save them",
+                     targets=("universal",)),
+    ))

@@ -41,7 +41,10 @@ Progress = Callable[[int], None]
 
 
 @dataclass(frozen=True)
-class ConvertResult:
+class OfflineWriteResult:
+    """A universal checkpoint that ``reshard`` or ``import_ranks`` wrote (or, dry, would write) for every rank of a
+    layout: where, its save id, the ranks, and the bytes moved."""
+
     path: str
     save_id: str
     ranks: int
@@ -106,7 +109,7 @@ def _candidates(binding: SpecBinding, tables: Tables, rank: int, where: str) -> 
 def reshard(src: Storage, dst: Storage, target: "SpecBinding | Mapping[str, Any] | str", *,
             max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES, options: WriteOptions | None = None,
             progress: Progress | None = None, dry_run: bool = False,
-            on_plan: Callable[[int], None] | None = None) -> ConvertResult:
+            on_plan: Callable[[int], None] | None = None) -> OfflineWriteResult:
     """Write at ``dst`` the checkpoint every rank of ``target`` would have saved; ``src`` stays untouched.
 
     ``target`` is a full binding, or a parallel layout (the spec and dims come from ``src``'s manifest). Keys the
@@ -132,7 +135,7 @@ def reshard(src: Storage, dst: Storage, target: "SpecBinding | Mapping[str, Any]
                 for ranks in assignments for a in ranks)
     save_id = new_save_id()
     if dry_run:
-        return ConvertResult(dst.url, save_id, n, total, 0, time.perf_counter() - t0)
+        return OfflineWriteResult(dst.url, save_id, n, total, 0, time.perf_counter() - t0)
     if on_plan is not None:
         on_plan(total)
     reader = ChunkReader(src, manifest)
@@ -151,7 +154,7 @@ def reshard(src: Storage, dst: Storage, target: "SpecBinding | Mapping[str, Any]
     commit_offline(dst, save_id, results, target, {k: TensorMeta(e.dtype, tuple(e.shape))
                                                    for k, e in manifest.tensors.items()},
                    manifest.values, manifest.containers, "ckpt reshard")
-    return ConvertResult(dst.url, save_id, n, total, reader.bytes_read, time.perf_counter() - t0)
+    return OfflineWriteResult(dst.url, save_id, n, total, reader.bytes_read, time.perf_counter() - t0)
 
 
 class _SourceBox:
@@ -234,7 +237,7 @@ def export_rank(src: Storage, binding: SpecBinding, rank: int, manifest: Manifes
 
 def import_ranks(states: Mapping[int, Mapping[str, torch.Tensor]], dst: Storage, binding: SpecBinding, *,
                  values: Mapping[str, Any] | None = None, max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
-                 options: WriteOptions | None = None, progress: Progress | None = None) -> ConvertResult:
+                 options: WriteOptions | None = None, progress: Progress | None = None) -> OfflineWriteResult:
     """A universal checkpoint at ``dst`` from every rank's flattened local tensors (rank -> key -> tensor).
 
     Replicas the spec calls replicated must be bit-identical (else ``ShardMismatchError`` naming the key and the
@@ -280,7 +283,7 @@ def import_ranks(states: Mapping[int, Mapping[str, torch.Tensor]], dst: Storage,
     meta = {k: TensorMeta(dtype_name(lay.local.dtype), tuple(lay.global_shape))
             for lays in layouts for k, lay in lays.items()}
     commit_offline(dst, save_id, results, binding, meta, values or {}, {}, "ckpt import")
-    return ConvertResult(dst.url, save_id, n, written, 0, time.perf_counter() - t0)
+    return OfflineWriteResult(dst.url, save_id, n, written, 0, time.perf_counter() - t0)
 
 
 def _reconcile(layouts: list[dict[str, TensorLayout]], policies: Mapping[tuple[str, Box], str], where: str) -> None:

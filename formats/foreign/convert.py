@@ -1,8 +1,8 @@
 """Conversion between checkpoint formats: open a source, plan (pure), then write.
 
-``open_source(path, fmt)`` opens any supported format as a ``Source``; ``plan_conversion`` says what a conversion
-would write (no I/O beyond what opening did); ``run_conversion`` writes it, tensor by tensor; ``convert`` does all
-three. Every pair of formats converts directly (safetensors -> DCP needs no universal copy in between); the
+``open_source(path, fmt, **options)`` opens any registered format (``formats.foreign.registry``) as a ``Source``;
+``plan_conversion`` says what a conversion would write (no I/O beyond what opening did); ``run_conversion`` writes
+it, tensor by tensor; ``convert`` does all three. Every pair of formats converts directly (safetensors -> DCP needs no universal copy in between); the
 universal format is the hub only in that every key follows its conventions.
 
 Who calls it: ``ckpt convert`` (``ckpt.cli_convert``) and scripts. Single process; ``workers`` threads write
@@ -20,8 +20,9 @@ from typing import Any, Callable
 import torch
 
 from ckpt.errors import CheckpointExistsError
-from formats.foreign.detect import (PLANNED_SOURCES, PLANNED_TARGETS, SOURCE_FORMATS, TARGETS, UnknownFormatError,
-                                    _is_local, _local, detect_format, not_implemented, torch_files)
+from formats.foreign.detect import (PLANNED_SOURCES, PLANNED_TARGETS, TARGETS, UnknownFormatError, detect_format,
+                                    not_implemented, unregistered)
+from formats.foreign.registry import find_source, source_names
 from formats.foreign.source import MODEL_PREFIX, Source
 
 Progress = Callable[[int], None]
@@ -42,46 +43,22 @@ def parse_dtype(name: "str | torch.dtype | None") -> torch.dtype | None:
 
 
 def open_source(path: str, fmt: str = "auto", *, allow_pickle: bool = False,
-                storage_options: dict[str, Any] | None = None) -> Source:
-    """Open ``path`` as format ``fmt`` (``auto`` detects it). Reads and validates metadata only."""
+                storage_options: dict[str, Any] | None = None, **options: Any) -> Source:
+    """Open ``path`` as format ``fmt`` (``auto`` detects it). Reads and validates metadata only.
+
+    ``fmt`` is any registered format (``formats.foreign.registry``); ``options`` are that format's own (Megatron's
+    ``spec``, ``dims``, ``source_layout``, ``target``), checked against what it declares: one it does not take, or
+    one it requires and did not get, raises ``SourceOptionError``. Options given as None count as not given.
+    """
     path = str(path)
     if fmt in PLANNED_SOURCES:
         raise not_implemented(fmt, "reading")
     if fmt == "auto":
         fmt = detect_format(path, storage_options)
-    if fmt not in SOURCE_FORMATS:
-        raise UnknownFormatError(f"unknown format {fmt!r}; expected auto or one of {', '.join(SOURCE_FORMATS)}")
-    if fmt == "megatron":
-        raise UnknownFormatError(f"{path}: Megatron rank directories are read together with a spec that says how "
-                                 "the ranks cut each tensor: ckpt convert SRC DST --from megatron --spec SPEC "
-                                 "(Python: resharding.megatron_dirs)")
-    if fmt == "universal":
-        from formats.foreign.universal import UniversalSource
-
-        return UniversalSource(path, storage_options)
-    if not _is_local(path):
-        raise UnknownFormatError(f"{path}: {fmt} checkpoints are read from local paths only")
-    local = _local(path)
-    if fmt == "deepspeed":
-        from formats.foreign.deepspeed import open_deepspeed
-
-        return open_deepspeed(local, allow_pickle=allow_pickle)
-    if fmt == "dcp":
-        from formats.foreign.dcp import DcpSource
-
-        return DcpSource(local, allow_pickle=allow_pickle)
-    if fmt == "torch":
-        from formats.foreign.torch_file import TorchSource
-
-        if os.path.isdir(local):
-            files = torch_files(local)
-            if len(files) != 1:
-                raise UnknownFormatError(f"{path}: expected one .pt/.pth/.bin file in the directory, found {files[:10]}")
-            local = os.path.join(local, files[0])
-        return TorchSource(local, allow_pickle=allow_pickle)
-    from formats.foreign.hf_safetensors import SafetensorsSource
-
-    return SafetensorsSource(local)
+    entry = find_source(fmt)
+    if entry is None:
+        raise unregistered(path, fmt, source_names())
+    return entry.open(path, allow_pickle=allow_pickle, storage_options=storage_options, **options)
 
 
 @dataclass
@@ -115,6 +92,8 @@ class ConvertPlan:
 
 @dataclass(frozen=True)
 class ConvertResult:
+    """What ``run_conversion`` wrote: the plan, the files written and the time it took (``--json`` output)."""
+
     plan: ConvertPlan
     written: list[str]
     elapsed_secs: float
@@ -241,11 +220,20 @@ def run_conversion(source: Source, plan: ConvertPlan, *, workers: int = 1, overw
 def convert(src: str, dst: str, *, src_format: str = "auto", dst_format: str = "universal",
             dtype: "str | torch.dtype | None" = None, workers: int = 1, max_shard_bytes: int | None = None,
             allow_pickle: bool = False, overwrite: bool = False, dry_run: bool = False,
-            progress: Progress | None = None, storage_options: dict[str, Any] | None = None) -> ConvertResult:
-    """Convert the checkpoint at ``src`` into ``dst_format`` at ``dst``; with ``dry_run`` only plan it."""
+            progress: Progress | None = None, storage_options: dict[str, Any] | None = None,
+            **options: Any) -> ConvertResult:
+    """Convert the checkpoint at ``src`` into ``dst_format`` at ``dst``; with ``dry_run`` only plan it. ``options``
+    are the source format's own, as for ``open_source``."""
     if dst_format in PLANNED_TARGETS:
         raise not_implemented(dst_format, "writing")
-    with open_source(src, src_format, allow_pickle=allow_pickle, storage_options=storage_options) as source:
+    if src_format == "auto":
+        src_format = detect_format(src, storage_options)
+    entry = find_source(src_format)
+    if entry is not None:  # before anything is read (open_source raises for an unregistered format)
+        entry.check_options(options)
+        entry.check_target(options, dst_format)
+    with open_source(src, src_format, allow_pickle=allow_pickle, storage_options=storage_options,
+                     **options) as source:
         plan = plan_conversion(source, dst, dst_format, dtype=dtype, max_shard_bytes=max_shard_bytes,
                                storage_options=storage_options)
         if dry_run:

@@ -13,7 +13,10 @@ Rules, checked on the path itself (nothing is unpickled or read beyond a file's 
 * ``deepspeed``: a DeepSpeed ``save_checkpoint`` directory: the root (``latest`` and ``global_step*/``) or one tag
   directory (``*_model_states.pt`` / ``*_optim_states.pt``).
 * ``megatron``: Megatron-LM rank directories: ``mp_rank_*/`` (or a root with ``iter_*/`` and
-  ``latest_checkpointed_iteration.txt``). Reading them needs a spec (``ckpt convert --from megatron --spec``).
+  ``latest_checkpointed_iteration.txt``). Reading them needs a spec (``ckpt convert --from megatron --spec``); the
+  reader registers itself from ``resharding.megatron_dirs`` (``formats`` only recognises the directories).
+* a format registered with a ``detect`` hook (``formats.foreign.registry.register_source``): a path none of the
+  rules above recognises and its hook claims.
 
 Anything else raises ``UnknownFormatError`` listing what was found.
 """
@@ -25,12 +28,21 @@ from typing import Any
 
 from ckpt.errors import (CheckpointError, CheckpointNotFoundError, FormatNotImplementedError,  # noqa: F401 - re-exported
                          IncompleteCheckpointError, UnknownFormatError)
+from formats.foreign.registry import detected_sources
 from formats.storage import open_storage, split_scheme
 
 #: Formats read and written by ``formats.foreign`` alone.
 FORMATS = ("universal", "dcp", "torch", "safetensors")
-#: Every format ``detect_format`` can return (``megatron`` is read by ``resharding.megatron_dirs``, with a spec).
+#: Every format the built-in rules of ``detect_format`` can return (``megatron`` is read by
+#: ``resharding.megatron_dirs``, with a spec, once that module has registered it); registered formats with a
+#: ``detect`` hook come on top (``formats.foreign.registry.source_names``).
 SOURCE_FORMATS = (*FORMATS, "deepspeed", "megatron")
+#: What to do when a recognised format's reader is not registered (it lives a layer above ``formats``).
+UNREGISTERED = {
+    "megatron": "Megatron rank directories are read together with a spec that says how the ranks cut each tensor: "
+                "ckpt convert SRC DST --from megatron --spec SPEC (Python: import resharding.megatron_dirs, which "
+                "registers the format, then open_source(path, 'megatron', spec=SPEC))",
+}
 #: Recognised names whose converters do not exist yet (``ckpt convert`` exits 2 with "not implemented yet").
 PLANNED_SOURCES: tuple[str, ...] = ()
 PLANNED_TARGETS: tuple[str, ...] = ()
@@ -49,6 +61,13 @@ _NEEDS = ("manifest.json (universal), .metadata (dcp), *.safetensors or model.sa
 def not_implemented(name: str, direction: str) -> FormatNotImplementedError:
     return FormatNotImplementedError(
         f"{direction} {name!r} is not implemented yet (it is planned); supported formats are {', '.join(FORMATS)}")
+
+
+def unregistered(path: str, fmt: str, known: tuple[str, ...]) -> UnknownFormatError:
+    """The error for a format no reader is registered for: what to do, for a format the rules recognise."""
+    if fmt in UNREGISTERED:
+        return UnknownFormatError(f"{path}: {UNREGISTERED[fmt]}")
+    return UnknownFormatError(f"unknown format {fmt!r}; expected auto or one of {', '.join(known)}")
 
 
 def _is_local(path: str) -> bool:
@@ -74,7 +93,8 @@ def torch_files(directory: str) -> list[str]:
 
 
 def detect_format(path: str, storage_options: dict[str, Any] | None = None) -> str:
-    """The format of ``path``: one of ``SOURCE_FORMATS``. Raises ``UnknownFormatError`` listing what was found,
+    """The format of ``path``: one of ``SOURCE_FORMATS``, or a registered format whose ``detect`` hook claims it
+    (asked only where the built-in rules recognise nothing). Raises ``UnknownFormatError`` listing what was found,
     ``CheckpointNotFoundError`` if nothing exists there, and ``IncompleteCheckpointError`` for a universal
     checkpoint that never committed."""
     path = str(path)
@@ -99,6 +119,9 @@ def detect_format(path: str, storage_options: dict[str, Any] | None = None) -> s
             return "safetensors"
         if name.endswith(TORCH_SUFFIXES) or _sniff_torch(local):
             return "torch"
+        claimed = _claimed(path, local)
+        if claimed is not None:
+            return claimed
         size = os.path.getsize(local)
         raise UnknownFormatError(f"{path}: cannot tell the format of this file ({size} bytes, name {name!r}); "
                                  f"recognised: {_NEEDS}. Pass --from to say which it is.")
@@ -119,6 +142,9 @@ def detect_format(path: str, storage_options: dict[str, Any] | None = None) -> s
     framework = _framework(names)
     if framework is not None:
         return framework
+    claimed = _claimed(path, local)
+    if claimed is not None:
+        return claimed
     if "data" in names and os.path.isdir(os.path.join(local, "data")) and not tfiles:
         raise IncompleteCheckpointError(f"{path}: data/ exists but {MANIFEST} does not: a universal checkpoint whose "
                                         "save never committed. Use an earlier checkpoint.")
@@ -129,6 +155,15 @@ def detect_format(path: str, storage_options: dict[str, Any] | None = None) -> s
     listing = ", ".join(names[:10]) + (f", ... ({len(names)} entries)" if len(names) > 10 else "")
     raise UnknownFormatError(f"{path}: no checkpoint format recognised; found [{listing or 'an empty directory'}], "
                              f"expected one of: {_NEEDS}. Pass --from to say which it is.")
+
+
+def _claimed(path: str, local: str) -> str | None:
+    """The registered format whose ``detect`` hook claims ``local`` (None if none does)."""
+    claimed = detected_sources(local)
+    if len(claimed) > 1:
+        raise UnknownFormatError(f"{path}: ambiguous, several registered formats claim it ({', '.join(claimed)}); "
+                                 "pass --from to say which to read")
+    return claimed[0] if claimed else None
 
 
 def _framework(names: list[str]) -> str | None:
