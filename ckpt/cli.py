@@ -179,15 +179,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--workers", type=int, default=4, help="parallel chunk reads (default 4)")
     sp.set_defaults(func=cmd_verify)
 
-    def storage_option(sp: argparse.ArgumentParser) -> None:
+    def finish(sp: argparse.ArgumentParser, func: Any, progress: bool = True) -> None:
+        """The options a command that reads checkpoints ends with (``--no-progress`` where it shows a bar), and the
+        function that runs it."""
+        if progress:
+            sp.add_argument("--no-progress", action="store_true", help="no progress bar")
+        sp.add_argument("--json", action="store_true", help="print one JSON document for scripts")
         sp.add_argument("--storage-options", metavar="JSON", help="fsspec options as JSON")
+        sp.set_defaults(func=func)
 
     from ckpt.cli_reshard import add_parsers  # noqa: PLC0415
 
-    add_parsers(sub, storage_option)
+    add_parsers(sub, finish)
     from ckpt.cli_convert import add_parsers as add_convert_parsers  # noqa: PLC0415
 
-    add_convert_parsers(sub, storage_option)
+    add_convert_parsers(sub, finish)
     return p
 
 

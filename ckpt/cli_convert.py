@@ -202,7 +202,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
     return EXIT_OK if report.equal else EXIT_FAILED
 
 
-def add_parsers(sub: Any, storage_option: Any) -> None:
+def add_parsers(sub: Any, finish: Any) -> None:
     sp = sub.add_parser(
         "convert", help="convert between the universal format, PyTorch DCP, torch.save files, safetensors, "
                         "DeepSpeed ZeRO and Megatron rank directories",
@@ -246,10 +246,7 @@ def add_parsers(sub: Any, storage_option: Any) -> None:
     sp.add_argument("--target", metavar="LAYOUT",
                     help="--from megatron: write the universal checkpoint as this layout's ranks would have saved it, "
                          "e.g. tp=1,pp=4,dp=2[,ep=..][,zero=..]")
-    sp.add_argument("--no-progress", action="store_true", help="no progress bar")
-    sp.add_argument("--json", action="store_true", help="print one JSON document for scripts")
-    storage_option(sp)
-    sp.set_defaults(func=cmd_convert)
+    finish(sp, cmd_convert)
 
     sp = sub.add_parser("diff", help="compare two checkpoints of any supported formats key by key (exit 1 if they "
                                      "differ)")
@@ -265,7 +262,4 @@ def add_parsers(sub: Any, storage_option: Any) -> None:
     sp.add_argument("--spec", metavar="SPEC", help="for a Megatron side: as for convert (a shipped spec or a YAML path)")
     sp.add_argument("--dims", metavar="JSON", help="for a Megatron side: as for convert")
     sp.add_argument("--source-layout", metavar="LAYOUT", help="for a Megatron side: as for convert")
-    sp.add_argument("--no-progress", action="store_true", help="no progress bar")
-    sp.add_argument("--json", action="store_true", help="print one JSON document for scripts")
-    storage_option(sp)
-    sp.set_defaults(func=cmd_diff)
+    finish(sp, cmd_diff)

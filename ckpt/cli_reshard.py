@@ -140,7 +140,7 @@ def _keys_of(args: argparse.Namespace, spec: Any) -> tuple[list[str], dict[str, 
     return sorted(keys), {k: int(v) for k, v in b.parallel.items() if k != "order"}
 
 
-def add_parsers(sub: Any, storage_option: Any) -> None:
+def add_parsers(sub: Any, finish: Any) -> None:
     sp = sub.add_parser("reshard", help="rewrite a checkpoint as another parallel layout would have saved it")
     sp.add_argument("src", help="source checkpoint (directory or URL)")
     sp.add_argument("dst", help="destination (must not hold a committed checkpoint unless --overwrite)")
@@ -151,10 +151,7 @@ def add_parsers(sub: Any, storage_option: Any) -> None:
     sp.add_argument("--dims", metavar="JSON", help="model dimensions for --spec; default: the source's")
     sp.add_argument("--overwrite", action="store_true", help="replace a committed checkpoint at DST")
     sp.add_argument("--dry-run", action="store_true", help="plan only: print what would be written")
-    sp.add_argument("--no-progress", action="store_true", help="no progress bar")
-    sp.add_argument("--json", action="store_true", help="print one JSON document for scripts")
-    storage_option(sp)
-    sp.set_defaults(func=cmd_reshard)
+    finish(sp, cmd_reshard)
 
     sp = sub.add_parser("spec", help="resharding specs: check one")
     spsub = sp.add_subparsers(dest="spec_command", required=True)
@@ -163,6 +160,4 @@ def add_parsers(sub: Any, storage_option: Any) -> None:
     c.add_argument("spec", help="spec YAML path, or a shipped name (gpt, llama, mixtral)")
     c.add_argument("--against", metavar="CHECKPOINT", help="a checkpoint whose keys the spec should describe")
     c.add_argument("--dims", metavar="JSON", help="model dimensions (default: those the checkpoint records)")
-    c.add_argument("--json", action="store_true", help="print one JSON document for scripts")
-    storage_option(c)
-    c.set_defaults(func=cmd_spec_check)
+    finish(c, cmd_spec_check, progress=False)

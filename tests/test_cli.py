@@ -8,6 +8,8 @@ import subprocess
 import sys
 
 import pytest
+
+from tests.cli_utils import run_cli
 import torch
 
 import ckpt
@@ -16,20 +18,7 @@ pytestmark = pytest.mark.timeout(120)
 CKPT = [sys.executable, "-m", "ckpt.cli"]
 
 
-def _run(*args: str) -> subprocess.CompletedProcess:
-    """Run the CLI in-process (a torch import per subprocess would cost seconds each)."""
-    import contextlib
-    import io
-
-    from ckpt.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            rc = main(list(args))
-        except SystemExit as e:  # argparse usage errors
-            rc = e.code if isinstance(e.code, int) else 2
-    return subprocess.CompletedProcess(list(args), rc, out.getvalue(), err.getvalue())
+_run = run_cli
 
 
 def test_module_entry_point_runs_as_a_process(tmp_path):

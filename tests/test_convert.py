@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.cli_utils import run_cli
 import torch
 
 import ckpt
@@ -26,17 +28,7 @@ from formats.foreign import UnknownFormatError, convert, detect_format, open_sou
 pytestmark = pytest.mark.timeout(180)
 
 
-def _run(*args: str) -> subprocess.CompletedProcess:
-    """The CLI in-process (a torch import per subprocess would cost seconds)."""
-    from ckpt.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            rc = main(list(args))
-        except SystemExit as e:
-            rc = e.code if isinstance(e.code, int) else 2
-    return subprocess.CompletedProcess(list(args), rc, out.getvalue(), err.getvalue())
+_run = run_cli
 
 
 def _assert_same(got: Any, want: Any, where: str = "") -> None:

@@ -9,8 +9,6 @@ The ``toy`` format here is a unit-test imitation (a JSON file of nested lists); 
 from __future__ import annotations
 
 import ast
-import contextlib
-import io
 import json
 import subprocess
 import sys
@@ -26,6 +24,7 @@ from formats.foreign import detect_format, open_source
 from formats.foreign.registry import (SourceOption, SourceOptionError, find_source, register_source, source_names,
                                       unregister_source)
 from formats.foreign.source import Source, TensorInfo, add_parents
+from tests.cli_utils import run_cli
 
 pytestmark = pytest.mark.timeout(120)
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,15 +63,8 @@ def toy(tmp_path: Path) -> Iterator[Path]:
 
 
 def _cli(*args: str) -> tuple[int, str, str]:
-    from ckpt.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            rc = main(list(args))
-        except SystemExit as e:
-            rc = e.code if isinstance(e.code, int) else 2
-    return rc, out.getvalue(), err.getvalue()
+    r = run_cli(*args)
+    return r.returncode, r.stdout, r.stderr
 
 
 def test_a_registered_format_is_opened_and_detected(toy: Path) -> None:
