@@ -375,9 +375,8 @@ def profile_reshard(src: str, dst: str, target: str, cache: rep.CacheControl) ->
         "read manifest": (off, "read_manifest"),
         "plan: target rank layouts (_candidates)": (off, "_candidates"),
         "plan: plan_global_writes": (off, "plan_global_writes"),
-        "read: _LazyItem.load (alloc + read_box)": (off._LazyItem, "load"),
-        "read: read_box": (off, "read_box"),
-        "read: plan_reads": (off, "plan_reads"),
+        "read: _SourceBox.materialize (alloc + read_box)": (off._SourceBox, "materialize"),
+        "read: ChunkReader.read_box": (R.ChunkReader, "read_box"),
         "read: ChunkReader.read_region": (R.ChunkReader, "read_region"),
         "read: pread (LocalStorage.readinto)": (LS.LocalStorage, "readinto"),
         "read: verify xxh3 (ChunkReader._verify)": (R.ChunkReader, "_verify"),
@@ -641,7 +640,7 @@ def analysis(result: dict[str, Any]) -> str:
     if not prof:
         return ""
     ph, calls = prof["phase_secs"], prof["phase_calls"]
-    load = ph["read: _LazyItem.load (alloc + read_box)"]
+    load = ph["read: _SourceBox.materialize (alloc + read_box)"]
     region = ph["read: ChunkReader.read_region"]
     pread = ph["read: pread (LocalStorage.readinto)"]
     verify = ph["read: verify xxh3 (ChunkReader._verify)"]
@@ -670,7 +669,7 @@ def analysis(result: dict[str, Any]) -> str:
                  + ", ".join(f"{k.split(': ', 1)[1]} ({d:+.2f} s)" for d, k in grew) + "."]
     return "\n".join([
         "What limits the result (from the phases above and the tables):",
-        f"- Reads and writes do not overlap: one thread reads a box ({load:.2f} s in `_LazyItem.load`), then "
+        f"- Reads and writes do not overlap: one thread reads a box ({load:.2f} s in `_SourceBox.materialize`), then "
         f"writes it ({write:.2f} s in `append`/`close`), box after box: together {load + write:.2f} s of the "
         f"{prof['wall_secs']:.2f} s wall. The disk work alone is {pread:.2f} s of `pread` ({gb_r / pread:.2f} GB/s "
         f"cold) plus {pwrite:.2f} s of O_DIRECT `pwrite` ({gb_w / pwrite:.2f} GB/s); reading box *n+1* while box *n* "

@@ -30,7 +30,7 @@ SOURCE_OPTIONS = ("spec", "dims", "source_layout", "target")
 def _load_sources() -> None:
     """Make sure every source format the command line offers is registered: the built-ins, and the readers that live
     above ``formats`` and register themselves on import."""
-    import resharding.megatron_dirs  # noqa: F401, PLC0415 - registers "megatron"
+    import resharding.megatron_register  # noqa: F401, PLC0415 - registers "megatron"
 
 
 class _SourceChoices:

@@ -47,7 +47,7 @@ import torch
 from ckpt.errors import CorruptCheckpointError, IncompleteCheckpointError, ShardMismatchError, SpecError
 from formats import keys as K
 from formats.dtypes import dtype_name
-from formats.foreign.registry import SourceNotes, SourceOption, SourceOptionError, register_source
+from formats.foreign.registry import SourceNotes
 from formats.foreign.source import Source, TensorInfo, add_parents, flatten_into
 from formats.box import Box, boxes_tile
 from resharding.grid import DEFAULT_ORDER, Grid
@@ -356,16 +356,6 @@ def open_megatron(path: str, *, spec: Any, dims: Mapping[str, Any] | None = None
     return source
 
 
-def _dims_from_text(text: str) -> dict[str, Any]:
-    try:
-        dims = json.loads(text)
-    except json.JSONDecodeError as e:
-        dims = e
-    if not isinstance(dims, dict):
-        raise SourceOptionError(f"--dims must be a JSON object such as '{{\"vocab\": 50257}}' (got {text!r})")
-    return dims
-
-
 def _notes(source: Source) -> SourceNotes:
     """What ``ckpt convert`` reports of a Megatron import: the spec, the files' layout and the target."""
     assert isinstance(source, MegatronSource)
@@ -377,18 +367,4 @@ def _notes(source: Source) -> SourceNotes:
                                 + (f"; then resharded to {_text(target)}" if target else ""),))
 
 
-register_source(
-    "megatron", open_megatron, description="Megatron rank directories", describe=_notes,
-    misuse_hint="To reshard a universal checkpoint use ckpt reshard SRC DST --to LAYOUT.",
-    options=(
-        "allow_pickle",
-        SourceOption("spec", help="how the ranks cut each tensor: a shipped spec (gpt, llama, mixtral) or a YAML path",
-                     required="Megatron rank directories are read through a spec that says how the ranks cut each "
-                              "tensor: pass --spec gpt|llama|mixtral or a YAML path (and --dims JSON, --source-layout "
-                              "LAYOUT for what the files' args do not record)"),
-        SourceOption("dims", help="model dims for the spec (default: from the files' args)", from_text=_dims_from_text),
-        SourceOption("source_layout", help="the layout the files were written under (default: the files' args, else "
-                                           "the directory names and files)"),
-        SourceOption("target", help="present the tensors as this layout's ranks would save them",
-                     targets=("universal",)),
-    ))
+import resharding.megatron_register  # noqa: E402,F401 - importing the reader registers its format too
