@@ -22,6 +22,10 @@ from ckpt.errors import (
     UnsafeCheckpointError,
     UnknownFormatError,
     FormatNotImplementedError,
+    DaemonError,
+    DaemonUnavailableError,
+    DaemonBudgetError,
+    DaemonProtocolError,
 )
 
 __version__ = "0.1.0"
@@ -52,6 +56,7 @@ __all__ = [
     "CheckpointError", "CheckpointNotFoundError", "IncompleteCheckpointError", "CorruptCheckpointError",
     "ShardMismatchError", "UnsafeCheckpointError", "StorageError", "SpecError", "DistributedCheckpointError",
     "CheckpointExistsError", "UnsupportedStateError", "UnknownFormatError", "FormatNotImplementedError",
+    "DaemonError", "DaemonUnavailableError", "DaemonBudgetError", "DaemonProtocolError",
 ]
 
 

@@ -194,7 +194,21 @@ def build_parser() -> argparse.ArgumentParser:
     from ckpt.cli_convert import add_parsers as add_convert_parsers  # noqa: PLC0415
 
     add_convert_parsers(sub, finish)
+    for add in plugin_commands():
+        add(sub, finish)
     return p
+
+
+#: Entry-point group of commands that live in higher layers (``ckpt daemon``: ``snapshot_daemon.cli``), found at
+#: run time so that ``ckpt`` never imports them (DESIGN.md, Layers).
+COMMANDS_GROUP = "ckpt.commands"
+
+
+def plugin_commands() -> list[Any]:
+    """The ``add_parsers(sub, finish)`` functions registered under ``ckpt.commands``, by name."""
+    from importlib.metadata import entry_points  # noqa: PLC0415
+
+    return [ep.load() for ep in sorted(entry_points(group=COMMANDS_GROUP), key=lambda ep: ep.name)]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -21,6 +21,10 @@ __all__ = [
     "DistributedCheckpointError",
     "CheckpointExistsError",
     "UnsupportedStateError",
+    "DaemonError",
+    "DaemonUnavailableError",
+    "DaemonBudgetError",
+    "DaemonProtocolError",
 ]
 
 
@@ -81,3 +85,21 @@ class DistributedCheckpointError(CheckpointError):
     def __init__(self, message: str, failures: dict[int, str] | None = None) -> None:
         super().__init__(message)
         self.failures: dict[int, str] = dict(failures or {})
+
+
+class DaemonError(CheckpointError):
+    """The per-node snapshot daemon refused a request or could not be reached; the message names the daemon's
+    directory and what to do."""
+
+
+class DaemonUnavailableError(DaemonError):
+    """No daemon runs in the directory (never started, stopped, or died)."""
+
+
+class DaemonBudgetError(DaemonError):
+    """A snapshot does not fit in the daemon's memory budget (or ``/dev/shm`` is smaller than the budget); the
+    message gives the budget, what is in use and what was asked."""
+
+
+class DaemonProtocolError(DaemonError):
+    """A message to or from the daemon is malformed: bad framing, oversized, not JSON, or failing validation."""

@@ -11,7 +11,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LIBRARY_PACKAGES = ("ckpt", "formats", "resharding", "spec_lang")
+LIBRARY_PACKAGES = ("ckpt", "formats", "resharding", "spec_lang", "snapshot_daemon")
 MAX_FUNCTION_LINES = 80
 MAX_MODULE_LINES = 500
 MAX_CHECKPOINTER_METHODS = 14
