@@ -12,7 +12,6 @@ import time
 from typing import Any
 
 from ckpt.errors import DaemonError, DaemonUnavailableError
-from formats.foreign.hf_safetensors import parse_size
 from snapshot_daemon import client
 from snapshot_daemon.paths import ENV_DIR
 from snapshot_daemon.store import _human
@@ -21,6 +20,8 @@ EXIT_NONE, EXIT_REFUSED = 1, 2
 
 
 def _size(text: str) -> int:
+    from formats.foreign.hf_safetensors import parse_size  # noqa: PLC0415 - formats.foreign imports torch
+
     try:
         return parse_size(text)
     except ValueError as e:
