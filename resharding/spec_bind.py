@@ -108,10 +108,10 @@ class SpecBinding:
 
     def rank_layout(self, rank: int, local_shapes: Mapping[str, tuple[int, ...]] | None = None) -> RankLayout:
         """``rank``'s layout (cached); with ``local_shapes``, also checked against the rank's real state."""
-        layout = _rank_layout(self._key(), rank)
+        rl = _rank_layout(self._key(), rank)
         if local_shapes is not None:
-            check_against(self.spec, layout, local_shapes)
-        return layout
+            check_against(self.spec, rl, local_shapes)
+        return rl
 
     def logical_shapes(self) -> dict[str, tuple[int, ...]]:
         """Logical key -> shape (cached; do not modify the returned dict)."""
@@ -129,7 +129,7 @@ def _logical_shapes(spec: Spec, dims: tuple[tuple[str, Any], ...]) -> dict[str, 
     return logical_shapes(spec, dict(dims))
 
 
-def bind_tensors(tensors: Mapping[str, torch.Tensor], layout: RankLayout, shapes: Mapping[str, tuple[int, ...]],
+def bind_tensors(tensors: Mapping[str, torch.Tensor], rl: RankLayout, shapes: Mapping[str, tuple[int, ...]],
                  spec: Spec, *, for_save: bool) -> dict[str, TensorLayout]:
     """Logical key -> ``TensorLayout`` over this rank's ``tensors`` (flattened local key -> tensor).
 
@@ -140,7 +140,7 @@ def bind_tensors(tensors: Mapping[str, torch.Tensor], layout: RankLayout, shapes
     kinds = {s.match: s.kind for s in spec.state}
     pieces: dict[str, list[tuple[LocalPiece, bool]]] = {}
     dtypes: dict[str, torch.dtype] = {}
-    for lt in layout:
+    for lt in rl:
         t = tensors[lt.key]
         if tuple(t.shape) != lt.shape:
             raise ShardMismatchError(f"local key {lt.key!r}: the spec expects shape {list(lt.shape)}, the state "
@@ -190,10 +190,10 @@ def local_layouts(tensors: Mapping[str, torch.Tensor], binding: SpecBinding | No
     return layouts, rl
 
 
-def replica_policies(layout: RankLayout) -> dict[tuple[str, Box], str]:
+def replica_policies(rl: RankLayout) -> dict[tuple[str, Box], str]:
     """(logical key, box) -> ``replicated`` or ``averaged`` for the pieces other ranks also hold."""
     out: dict[tuple[str, Box], str] = {}
-    for lt in layout:
+    for lt in rl:
         for p in lt.pieces:
             if p.policy in (REPLICATED, AVERAGED):
                 out[(p.logical_key, p.box)] = p.policy

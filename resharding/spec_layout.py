@@ -150,10 +150,10 @@ def rank_layout(spec: Spec, dims: Mapping[str, Any] | Any, parallel: Grid | Mapp
                                  fix="make the key patterns disjoint")
             seen[t.key] = s
         tensors += made
-    layout = RankLayout(rank, coords, ctx.grid, tuple(tensors))
+    rl = RankLayout(rank, coords, ctx.grid, tuple(tensors))
     if local_shapes is not None:
-        check_against(spec, layout, local_shapes)
-    return layout
+        check_against(spec, rl, local_shapes)
+    return rl
 
 
 def _policy(pp: ParamPiece, more_holders: bool) -> str:
@@ -209,10 +209,10 @@ def _flat_tensor(ctx: LayoutContext, s: StateRule, buf: FlatBuffer, multi: bool)
     return LocalTensor(key, (buf.numel,), tuple(out), s.match, names)
 
 
-def check_against(spec: Spec, layout: RankLayout, local_shapes: Mapping[str, tuple[int, ...]]) -> None:
-    """Raise one ``SpecError`` listing every difference between ``layout`` and a rank's real tensor shapes."""
+def check_against(spec: Spec, rl: RankLayout, local_shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """Raise one ``SpecError`` listing every difference between ``rl`` and a rank's real tensor shapes."""
     problems = []
-    for t in layout.tensors:
+    for t in rl.tensors:
         if t.key not in local_shapes:
             problems.append(f"{t.key}: the spec expects a local tensor of shape {list(t.shape)} (rule '{t.rule}'), "
                             "the state has none")
@@ -220,9 +220,9 @@ def check_against(spec: Spec, layout: RankLayout, local_shapes: Mapping[str, tup
             problems.append(f"{t.key}: the spec expects shape {list(t.shape)} (rule '{t.rule}'), the state has "
                             f"{list(local_shapes[t.key])}")
     for key in local_shapes:
-        if key not in layout and not any(p.pattern.match(key) is not None for p in spec.plain):
-            problems.append(f"{key}: no rule of the spec predicts this key on rank {layout.rank}")
+        if key not in rl and not any(p.pattern.match(key) is not None for p in spec.plain):
+            problems.append(f"{key}: no rule of the spec predicts this key on rank {rl.rank}")
     if problems:
-        raise SpecError(f"spec '{spec.name}' ({spec.file}) does not describe the state of rank {layout.rank} "
-                        f"(coords {layout.coords}); {len(problems)} problem(s):\n  " + "\n  ".join(problems)
+        raise SpecError(f"spec '{spec.name}' ({spec.file}) does not describe the state of rank {rl.rank} "
+                        f"(coords {rl.coords}); {len(problems)} problem(s):\n  " + "\n  ".join(problems)
                         + "\nFix the spec (or the dims and parallel settings passed in) so that they match the state.")
