@@ -11,6 +11,7 @@ and a remote URL on their own cadence, each tier committing on its own gloo grou
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -34,6 +35,7 @@ from ckpt.tiers import FlushJob, FlushResult, Tier, open_tier, tier_group
 __all__ = ["Checkpointer", "SnapshotHandle", "SnapshotMetrics", "TierError"]
 
 RNG_KEY = "rng"
+DAEMON = "daemon"
 
 
 class Checkpointer:
@@ -50,7 +52,8 @@ class Checkpointer:
                  storage_options: dict[str, Any] | None = None, disk_storage_options: dict[str, Any] | None = None,
                  save_options: SaveOptions | None = None,
                  save_rng: bool = True, lazy: bool = True, metrics: bool = True,
-                 allocator: SegmentAllocator | None = None, background_priority: str = "normal") -> None:
+                 allocator: SegmentAllocator | None = None, background_priority: str = "normal",
+                 daemon: str | None = None) -> None:
         for name, v in (("memory_every", memory_every), ("disk_every", disk_every), ("remote_every", remote_every)):
             if v < 0:
                 raise ValueError(f"Checkpointer({name}={v}): expected >= 0 (0 disables that tier)")
@@ -69,9 +72,17 @@ class Checkpointer:
         self.process_group = process_group
         self.memory_cadence = EveryNSteps(memory_every)
         self.plans = PlanCache(self.dw, self.save_options.max_chunk_bytes)
+        self.tiers: list[Tier] = []
+        if daemon is not None:  # the memory tier in the per-node daemon: the pool stages into its segments
+            where = "auto" if daemon == "auto" else os.path.abspath(daemon)
+            run = self.root if "://" in self.root else os.path.abspath(self.root)
+            self.tiers.append(open_tier(DAEMON, f"daemon://{where}", self.memory_cadence, retention_from(keep_last, None),
+                                        tier_group(self.dw, process_group),
+                                        {"run": run, "rank": self.dw.rank, "world": self.dw.world_size},
+                                        background_priority, save_options=self.save_options))
+            allocator = getattr(self.tiers[0], "allocator", allocator)
         self.stager = Stager(HostBufferPool(memory_slots, allocator), Copier(background_priority))
         self.pool, self.copier = self.stager.pool, self.stager.copier
-        self.tiers: list[Tier] = []
         if disk_every:
             self.tiers.append(open_tier("disk", self.root, EveryNSteps(disk_every), retention_from(keep_last, keep_every),
                                         tier_group(self.dw, process_group), disk_storage_options, background_priority,
@@ -87,6 +98,9 @@ class Checkpointer:
         self.metrics: list[SnapshotMetrics] = self.log.all
         self._handles: dict[int, SnapshotHandle] = {}
         self._unlisted: dict[str, str] = {}  # tiers the last listing could not reach, and why
+        #: What the last ``restore`` did: ``step``, ``source`` (``memory``, ``daemon``, ``disk``, ``remote``),
+        #: ``secs`` and ``storage_bytes_read`` (0 from memory and the daemon; None where not counted: disk, remote).
+        self.last_restore: dict[str, Any] | None = None
 
     def _full_state(self, state: Any) -> Any:
         if self.save_rng and isinstance(state, dict) and RNG_KEY not in state:
@@ -202,7 +216,7 @@ class Checkpointer:
     def restore(self, state: Any, step: int | None = None) -> int:
         """Load the latest committed step (or ``step``) into ``state`` from the fastest tier that has it.
 
-        Order: this process's memory snapshot, local disk, remote. Returns the step restored; raises
+        Order: this process's memory snapshot, the snapshot daemon, local disk, remote. Returns the step restored; raises
         ``CheckpointNotFoundError`` when no tier has it (collective).
         """
         self.wait()
@@ -216,14 +230,19 @@ class Checkpointer:
             )
         want = every[-1] if step is None else step
         full = self._full_state(state)
+        t0 = time.perf_counter()
         try:
             if want in per[MEMORY] and all(self.dw.all_gather(self.stager.restore(full, want, dry_run=True))):
                 self.stager.restore(full, want)
+                self.last_restore = {"step": want, "source": MEMORY, "secs": time.perf_counter() - t0,
+                                     "storage_bytes_read": 0}
                 return want
             for tier in self.tiers:
                 if want in per.get(tier.name, []):
                     load_checkpoint(full, tier.storage_for(want), process_group=self.process_group,
                                     lenient_prefixes=(RNG_KEY + "/",))
+                    self.last_restore = {"step": want, "source": tier.name, "secs": time.perf_counter() - t0,
+                                         "storage_bytes_read": 0 if tier.name == DAEMON else None}
                     return want
         finally:
             if full is not state:  # values loaded into the top level of the copy that carries the RNG entry

@@ -32,6 +32,9 @@ class SegmentAllocator(Protocol):
     def free(self, segment: torch.Tensor, name: str) -> None:
         """Give ``segment`` back."""
 
+    # Optional: ``begin(segment, step)``, called when a snapshot of ``step`` is about to be copied into ``segment``
+    # (whatever it held is no longer a snapshot). The snapshot daemon's allocator tells the daemon.
+
 
 class HostAllocator:
     """Plain (or pinned, when CUDA is available) host tensors, zero-filled once to fault the pages in."""
@@ -90,10 +93,11 @@ class HostBufferPool:
         return slot.state != STAGING and not slot.pending and (slot is not self._latest or len(self.slots) == 1)
 
     def acquire(self, nbytes: int, tiers: "set[str] | None" = None,
-                timeout_secs: float | None = None) -> tuple[Slot, float]:
+                timeout_secs: float | None = None, step: int | None = None) -> tuple[Slot, float]:
         """A slot of at least ``nbytes`` for a new snapshot, and the seconds spent waiting for one.
 
-        ``tiers`` will flush from the slot (each calls ``release`` when done); it is not reused before.
+        ``tiers`` will flush from the slot (each calls ``release`` when done); it is not reused before. ``step``:
+        the snapshot about to be copied in, passed to the allocator's ``begin`` when it has one.
 
         Grows the slot's segment only when the state grew (a new layout); otherwise reuses it untouched.
         Raises ``TimeoutError`` after ``timeout_secs``.
@@ -126,6 +130,9 @@ class HostBufferPool:
                 self.allocated_bytes -= int(old.numel())
             slot.buffer = self.allocator.allocate(nbytes, f"{self.name}-{slot.index}")
             self.allocated_bytes += nbytes
+        begin = getattr(self.allocator, "begin", None)
+        if begin is not None and step is not None:
+            begin(slot.buffer, step)
         return slot, waited
 
     def mark_staged(self, slot: Slot, step: int) -> None:

@@ -44,6 +44,11 @@ class StagedSnapshot:
     def save_id(self) -> str:
         return f"{self.layout.plan.save_id}-s{self.step}"
 
+    @property
+    def buffer(self) -> torch.Tensor:
+        """The host segment the snapshot's bytes live in (every item is a view of it)."""
+        return self.slot.buffer
+
     def items(self) -> list[ChunkWrite]:
         """This rank's write items: every assigned box as a view of the slot. A lazily copied region streams out
         as soon as the copier has staged it (``until``); an eagerly copied one is final already."""
@@ -104,7 +109,7 @@ class Stager:
               on_staged: Callable[[StagedSnapshot, StagingHandle], None], cuda: bool) -> StagedSnapshot:
         """Copy ``flat`` into a free slot (waiting for one: back-pressure), the lazy part in the background;
         ``on_staged`` runs on the copier thread once every copy is done. ``tiers`` will flush from the slot."""
-        slot, m.backpressure_wait_secs = self.pool.acquire(lay.total_bytes, tiers)
+        slot, m.backpressure_wait_secs = self.pool.acquire(lay.total_bytes, tiers, step=step)
         snap = StagedSnapshot(step, slot, lay, dict(flat.values), dict(flat.containers))
         eager, lazy = [], []
         for i, (r, dst) in enumerate(zip(lay.regions, snapshot_layout.slot_views(slot, lay))):

@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
+import torch
 import torch.distributed as dist
 
 from ckpt.dist import DistWrapper
@@ -49,6 +50,9 @@ class Snapshot(Protocol):
 
     @property
     def save_id(self) -> str: ...
+
+    @property
+    def buffer(self) -> "torch.Tensor": ...
 
     def items(self) -> "list[WriteItem]": ...
 
@@ -81,7 +85,10 @@ class _Drain:
 
 
 class Tier(Protocol):
-    """The interface a Checkpointer tier offers (docs/design.md "Tiers"); ``StorageTier`` is the built-in one."""
+    """The interface a Checkpointer tier offers (docs/design.md "Tiers"); ``StorageTier`` is the built-in one.
+
+    A tier that keeps snapshots in memory it owns (the snapshot daemon's) also has ``allocator``, a
+    ``ckpt.pool.SegmentAllocator`` the Checkpointer's pool then stages into."""
 
     name: str
 
@@ -115,8 +122,23 @@ def open_tier(name: str, url: str, cadence: SavePolicy, retention: RetentionPoli
               save_options: SaveOptions | None = None) -> Tier:
     """The tier for ``url``: the factory registered for its scheme, else a ``StorageTier``."""
     scheme = url.split("://", 1)[0] if "://" in url else "file"
+    if scheme not in _TIERS:
+        _load_plugin_tiers(scheme)
     factory = _TIERS.get(scheme, StorageTier)
     return factory(name, url, cadence, retention, group, storage_options, priority, codec, save_options)
+
+
+#: Entry-point group of tiers that live in higher layers (``daemon``: ``snapshot_daemon.tier:register``), loaded
+#: when a URL of their scheme is first opened, so that ``ckpt`` never imports them (DESIGN.md, Layers).
+TIERS_GROUP = "ckpt.tiers"
+
+
+def _load_plugin_tiers(scheme: str) -> None:
+    from importlib.metadata import entry_points  # noqa: PLC0415
+
+    for ep in entry_points(group=TIERS_GROUP):
+        if ep.name == scheme:
+            ep.load()()  # registers the scheme
 
 
 def tier_group(dw: DistWrapper, process_group: Any) -> Any:
@@ -166,7 +188,12 @@ class StorageTier:
         return sum(i.nbytes for i in items)
 
     def storage_for(self, step: int) -> Storage:
+        """Where a committed ``step`` is read from."""
         return open_storage(join_url(self.url, step_dir(step)), self.storage_options)
+
+    def target_for(self, step: int) -> Storage:
+        """Where ``step`` is written to (the same place, for a storage tier)."""
+        return self.storage_for(step)
 
     def committed_steps(self) -> list[int]:
         """Steps whose manifest exists, ascending (lists the tier; call on one rank and broadcast)."""
@@ -199,7 +226,7 @@ class StorageTier:
     def _flush_one(self, snapshot: Snapshot) -> FlushResult:
         step, t0 = snapshot.step, time.perf_counter()
         try:
-            nbytes = self.flush(snapshot, self.storage_for(step))
+            nbytes = self.flush(snapshot, self.target_for(step))
             self.dw.run(f"ckpt tier {self.name!r} step {step}: retention", lambda: self._after_commit(step))
             return FlushResult(self.name, step, True, time.perf_counter() - t0, nbytes)
         except BaseException as e:  # noqa: BLE001 - reported to the Checkpointer, raised on its next call

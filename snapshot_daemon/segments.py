@@ -54,6 +54,20 @@ class DaemonAllocator:
     def segment_name(self, segment: torch.Tensor) -> str:
         return self._maps[segment.data_ptr()][0]
 
+    def begin(self, segment: torch.Tensor, step: int) -> None:
+        """A snapshot of ``step`` is about to be copied into ``segment``: the daemon forgets what it held."""
+        self.client.request("begin", segment=self.segment_name(segment), step=step)
+
+    def locate(self, view: torch.Tensor) -> tuple[str, int, int]:
+        """(segment name, byte offset, segment bytes) of a contiguous CPU ``view`` into one of these segments."""
+        if view.device.type != "cpu" or not view.is_contiguous():
+            raise DaemonError(f"a {tuple(view.shape)} view is not a contiguous host view of a daemon segment")
+        ptr, n = view.data_ptr(), view.numel() * view.element_size()
+        for base, (name, mm) in self._maps.items():
+            if base <= ptr and ptr + n <= base + len(mm):
+                return name, ptr - base, len(mm)
+        raise DaemonError(f"a {tuple(view.shape)} view at {ptr:#x} lies in no segment of this daemon allocator")
+
     def free(self, segment: torch.Tensor, name: str) -> None:
         entry: Any = self._maps.pop(segment.data_ptr(), None)
         if entry is None:

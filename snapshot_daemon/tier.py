@@ -1,0 +1,200 @@
+"""The snapshot daemon as a tier of the Checkpointer: ``Checkpointer(root, daemon="auto" | DIR)``.
+
+``ckpt`` finds it through the ``ckpt.tiers`` entry point (scheme ``daemon``), never by import. The tier gives the
+Checkpointer's pool its ``allocator`` (``DaemonAllocator``): slots are daemon segments, so the stager copies
+straight into daemon memory and a killed trainer loses nothing. Its flush writes nothing: every chunk of the
+snapshot already lies in a segment, so each rank only checksums its items where they are (the pipeline's execute
+step, in place), the coordinator builds the manifest from every rank's chunk list (``formats.commit``), and every
+rank seals its segment for the step, the coordinator's seal carrying the manifest. A step is on this tier once
+every rank sealed it.
+
+``storage_for(step)`` is a read-only ``Storage`` over the sealed segments (``manifest.json`` from the coordinator's
+seal, ``data/seg-...`` from the segment files), so a restore is an ordinary ``ckpt.load``: checksums verified, any
+layout (load-time resharding), no byte read from disk.
+
+Shards are keyed ``rank/world`` of the Checkpointer's group, and runs by the Checkpointer's root, so the restarted
+job (any process) finds them. All ranks of a job must reach the daemon holding a step's shards: one node today;
+reading other nodes' shards is the next issue's (peers, erasure coding).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+from typing import Any, Iterable, Sequence
+
+from ckpt.dist import DistWrapper
+from ckpt.errors import DaemonError, StorageError
+from ckpt.options import SaveOptions
+from ckpt.policies import RetentionPolicy, SavePolicy
+from ckpt.tiers import Snapshot, StorageTier, register_tier
+from formats import checksum
+from formats.commit import build_manifest
+from formats.tensor_bytes import as_bytes
+from formats.manifest import DATA_DIR, MANIFEST_NAME, ChunkEntry
+from formats.storage.base import Buffer, Storage
+from snapshot_daemon import client as daemon_client
+from snapshot_daemon.client import DaemonClient
+from snapshot_daemon.segments import DaemonAllocator
+
+SCHEME = "daemon"
+
+
+class SegmentStorage(Storage):
+    """A sealed step read-only: ``manifest.json`` from memory, ``data/<segment>`` from the daemon's segment files."""
+
+    def __init__(self, url: str, manifest: bytes, files: dict[str, tuple[str, int]]) -> None:
+        self.url = url
+        self._manifest = manifest
+        self._files = files  # relative path -> (segment file, size)
+        self.bytes_read = 0
+
+    def _path(self, path: str) -> tuple[str, int]:
+        if path not in self._files:
+            raise FileNotFoundError(f"{self.url}/{path}: not a segment of this sealed step")
+        return self._files[path]
+
+    def read(self, path: str, offset: int = 0, length: int | None = None) -> bytes:
+        if path == MANIFEST_NAME:
+            data = self._manifest[offset:] if length is None else self._manifest[offset:offset + length]
+            return data
+        file, size = self._path(path)
+        n = size - offset if length is None else length
+        with open(file, "rb", buffering=0) as f:
+            data = os.pread(f.fileno(), n, offset)
+        self.bytes_read += len(data)
+        return data
+
+    def readinto(self, path: str, offset: int, out: memoryview) -> None:
+        file, _ = self._path(path)
+        fd = os.open(file, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            got = os.preadv(fd, [out], offset)
+        finally:
+            os.close(fd)
+        if got != len(out):
+            raise StorageError(f"{self.url}/{path}: {got} of {len(out)} bytes at offset {offset}")
+        self.bytes_read += got
+
+    def size(self, path: str) -> int:
+        return len(self._manifest) if path == MANIFEST_NAME else self._path(path)[1]
+
+    def exists(self, path: str) -> bool:
+        return path == MANIFEST_NAME or path in self._files
+
+    def list(self, prefix: str = "") -> list[str]:
+        return sorted(p for p in [MANIFEST_NAME, *self._files] if p.startswith(prefix))
+
+    def write(self, path: str, buffers: Sequence[Buffer]) -> int:
+        raise StorageError(f"{self.url}: a sealed daemon snapshot is read-only")
+
+    def commit(self, path: str, data: bytes) -> None:
+        raise StorageError(f"{self.url}: a sealed daemon snapshot is read-only")
+
+    def delete(self, paths: Iterable[str]) -> None:
+        raise StorageError(f"{self.url}: a sealed daemon snapshot is read-only")
+
+
+class DaemonTier(StorageTier):
+    """Tier ``daemon``: snapshots sealed in the per-node daemon's shared memory (see the module docstring).
+
+    ``url`` is ``daemon://DIR`` (``daemon://auto``: ``$CKPT_DAEMON_DIR`` or the default directory, starting a daemon
+    when none runs); ``storage_options`` carries ``run`` (the Checkpointer's root), ``rank`` and ``world``."""
+
+    def __init__(self, name: str, url: str, cadence: SavePolicy, retention: RetentionPolicy, group: Any = None,
+                 storage_options: dict[str, Any] | None = None, priority: str = "normal", codec: str = "raw",
+                 save_options: SaveOptions | None = None) -> None:
+        opts = dict(storage_options or {})
+        where = url.split("://", 1)[1]
+        self.daemon_dir = None if where in ("", "auto") else where
+        if where == "auto" or opts.get("start"):
+            daemon_client.start(self.daemon_dir)
+        self.name, self.priority, self.url, self.cadence = name, priority, url, cadence
+        self.codec, self.retention = "raw", retention
+        self.save_options = save_options or SaveOptions()
+        self.storage_options = opts
+        self.run, self.rank, self.world = str(opts["run"]), int(opts.get("rank", 0)), int(opts.get("world", 1))
+        self.client = DaemonClient(self.daemon_dir, client=f"ckpt rank {self.rank} of {self.run}")
+        self.allocator = DaemonAllocator(self.client, self.run, f"{self.rank}/{self.world}")
+        self.dw = DistWrapper(group)
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self._thread = None
+
+    # -- flush: checksum in place, build the manifest, seal ----------------------------------------------------
+    def _describe_in_place(self, snapshot: Snapshot) -> tuple[dict[str, int], list[tuple[str, ChunkEntry]]]:
+        """The execute step without a write: every item's bytes are already in this rank's segment."""
+        block = self.save_options.block_bytes
+        files: dict[str, int] = {}
+        entries: list[tuple[str, ChunkEntry]] = []
+        for item in snapshot.items():
+            data = item.materialize()  # waits until the copier staged this region
+            name, offset, seg_bytes = self.allocator.locate(data)
+            raw = as_bytes(data)
+            entries.append((item.key, ChunkEntry(item.offsets, item.sizes, f"{DATA_DIR}/{name}", offset, len(raw),
+                                                 "raw", len(raw), block, tuple(checksum.block_digests(raw, block)))))
+            files[f"{DATA_DIR}/{name}"] = seg_bytes
+            item.release()
+        return files, entries
+
+    def target_for(self, step: int) -> None:  # type: ignore[override]
+        """Nothing is written anywhere: the bytes are in the segment already."""
+        return None
+
+    def flush(self, snapshot: Snapshot, storage: Storage | None) -> int:
+        step, segment = snapshot.step, self.allocator.segment_name(snapshot.buffer)
+        mine = self._describe_in_place(snapshot)
+        plan = snapshot.manifest()
+
+        def commit_all(results: list[Any]) -> list[str]:
+            assert plan is not None, "the coordinator holds the manifest plan"
+            m = build_manifest(save_id=snapshot.save_id, results=results, tensors=plan.tensors, values=plan.values,
+                               containers=plan.containers, layout=plan.layout(self.dw.world_size),
+                               tool="ckpt.Checkpointer (daemon)", where=self.url)
+            return [m.to_json().decode()] + [""] * (len(results) - 1)
+
+        manifest = self.dw.map_reduce(f"ckpt tier {self.name!r} step {step}: checksums and manifest",
+                                      lambda: mine, commit_all)
+        meta = {"save_id": snapshot.save_id, **({"manifest": manifest} if manifest else {})}
+        self.dw.run(f"ckpt tier {self.name!r} step {step}: sealing",
+                    lambda: self.client.request("seal", segment=segment, step=step, world=self.dw.world_size,
+                                                meta=meta))
+        return sum(e.byte_length for _, e in mine[1])
+
+    def _after_commit(self, step: int) -> None:
+        """Nothing to move: the daemon keeps the newest sealed steps of the run (its ``keep_last``)."""
+
+    # -- listing and reading -----------------------------------------------------------------------------------
+    def committed_steps(self) -> list[int]:
+        steps = self.client.request("list", run=self.run)["steps"]
+        return sorted(int(s) for s, e in steps.items() if e["complete"])
+
+    def storage_for(self, step: int) -> Storage:
+        entry = self.client.request("list", run=self.run)["steps"].get(str(step))
+        if entry is None or not entry["complete"]:
+            raise DaemonError(f"snapshot daemon {self.client.dir}: step {step} of run {self.run!r} is not sealed by "
+                              "every rank")
+        files: dict[str, tuple[str, int]] = {}
+        manifest = None
+        for shard in entry["shards"]:
+            got = self.client.request("open", run=self.run, step=step, shard=shard)
+            files[f"{DATA_DIR}/{got['segment']}"] = (got["path"], got["nbytes"])
+            manifest = got["meta"].get("manifest") or manifest
+        if manifest is None:
+            raise DaemonError(f"snapshot daemon {self.client.dir}: step {step} of run {self.run!r} has no manifest "
+                              "(its coordinator's seal is missing)")
+        return SegmentStorage(f"{self.url}/{self.run}/step_{step}", manifest.encode(), files)
+
+    def close(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        self._thread = None
+        self.client.close()
+
+
+def register() -> None:
+    """Entry point ``ckpt.tiers: daemon``: make ``daemon://`` URLs open a ``DaemonTier``."""
+    register_tier(SCHEME, DaemonTier)
+
+
+__all__ = ["DaemonTier", "SegmentStorage", "register"]

@@ -1,0 +1,155 @@
+"""``Checkpointer(root, daemon=DIR)``: the memory tier in the snapshot daemon, restored after the trainer died.
+
+* A trainer (one process) snapshots every step with ``disk_every=0`` and is SIGKILLed by its parent at a random
+  moment (before, during or after a copy or a seal): a new process restores from the daemon (``source ==
+  "daemon"``, no byte from storage), bit-exact to the synchronous copy the trainer wrote of that step, and never
+  older than the last step the trainer saw sealed.
+* 2 gloo ranks with an FSDP2 model: snapshots into the daemon, the job ends without closing anything, a new job
+  restores on both ranks from the daemon (``storage_bytes_read == 0``) and trains on; the result equals an
+  uninterrupted run bit for bit.
+
+Every daemon is killed by its pid and its directory removed afterwards (tests/daemon_utils.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.daemon_utils import daemon, ddir  # noqa: F401
+from tests.distributed_utils import run_distributed
+from tests.test_checkpointer_dist import build, compare, full_reference, train_step
+
+pytestmark = pytest.mark.timeout(300)
+ROOT = Path(__file__).resolve().parents[1]
+
+TRAINER = """
+import json, sys, torch, ckpt
+d, root, refs = sys.argv[1], sys.argv[2], sys.argv[3]
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Embedding(37, 11), torch.nn.LayerNorm(11), torch.nn.Linear(11, 7))
+opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+state = {"model": model, "optim": opt, "step": 0}
+cp = ckpt.Checkpointer(root, disk_every=0, daemon=d, memory_slots=2)
+step = 0
+while True:
+    step += 1
+    g = torch.Generator().manual_seed(step)
+    model(torch.randint(0, 37, (4, 5), generator=g)).pow(2).mean().backward()
+    opt.step(); opt.zero_grad()
+    state["step"] = step
+    torch.save({"model": model.state_dict(), "optim": opt.state_dict(), "step": step}, f"{refs}/{step}.pt")
+    h = cp.save(step, state)
+    if step % 3 == 0:
+        h.wait()
+        print(json.dumps({"sealed": step}), flush=True)
+"""
+
+RESTORER = """
+import json, sys, torch, ckpt
+d, root, refs = sys.argv[1], sys.argv[2], sys.argv[3]
+torch.manual_seed(1)  # other initial values: everything must come from the snapshot
+model = torch.nn.Sequential(torch.nn.Embedding(37, 11), torch.nn.LayerNorm(11), torch.nn.Linear(11, 7))
+opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+model(torch.zeros(1, 1, dtype=torch.long)).sum().backward(); opt.step(); opt.zero_grad()  # optimizer state exists
+state = {"model": model, "optim": opt, "step": -1}
+cp = ckpt.Checkpointer(root, disk_every=0, daemon=d)
+got = cp.restore(state)
+want = torch.load(f"{refs}/{got}.pt")
+bad = [k for k, v in want["model"].items() if not torch.equal(model.state_dict()[k], v)]
+for i, st in want["optim"]["state"].items():
+    for k, v in st.items():
+        if not torch.equal(opt.state_dict()["state"][i][k], v):
+            bad.append(f"optim/{i}/{k}")
+if state["step"] != got:
+    bad.append(f"step {state['step']} != {got}")
+print(json.dumps({"step": got, "last_restore": cp.last_restore, "bad": bad}))
+cp.close()
+"""
+
+
+def _py(code: str, *args: str, **kw: Any) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT, stdout=subprocess.PIPE, text=True, **kw)
+
+
+def _sigkill_trials(ddir: Path, tmp_path: Path, trials: int, seed: int) -> None:
+    r = random.Random(seed)
+    for trial in range(trials):
+        root, refs = tmp_path / f"run{trial}", tmp_path / f"refs{trial}"
+        root.mkdir()
+        refs.mkdir()
+        p = _py(TRAINER, str(ddir), str(root), str(refs))
+        sealed = 0
+        line = p.stdout.readline()  # the first sealed step: the trainer is in its loop
+        sealed = json.loads(line)["sealed"]
+        time.sleep(r.uniform(0.0, 1.5))
+        os.kill(p.pid, signal.SIGKILL)
+        out = p.communicate(timeout=30)[0]
+        for ln in out.splitlines():
+            sealed = max(sealed, json.loads(ln)["sealed"])
+        q = _py(RESTORER, str(ddir), str(root), str(refs))
+        res = json.loads(q.communicate(timeout=120)[0].strip().splitlines()[-1])
+        assert q.returncode == 0
+        where = f"trial {trial} (killed after step {sealed} was sealed)"
+        assert res["bad"] == [], (where, res)
+        assert res["step"] >= sealed, (where, res)
+        lr = res["last_restore"]
+        assert lr["source"] == "daemon" and lr["storage_bytes_read"] == 0 and lr["step"] == res["step"], (where, lr)
+        assert not any(root.glob("step_*")), f"{where}: disk_every=0 wrote a step directory"
+
+
+def test_a_sigkilled_trainer_resumes_from_the_daemon_bit_exact(daemon: dict, ddir: Path, tmp_path: Path) -> None:
+    _sigkill_trials(ddir, tmp_path, trials=4, seed=16)
+
+
+@pytest.mark.slow
+def test_sigkill_soak(daemon: dict, ddir: Path, tmp_path: Path) -> None:
+    _sigkill_trials(ddir, tmp_path, trials=8, seed=17)
+
+
+# -- 2 ranks -------------------------------------------------------------------------------------------------------
+def _train(rank: int, world_size: int, root: str | None, ddir: str | None, first: int, last: int,
+           restore: bool = False) -> dict[str, Any]:
+    import ckpt
+
+    state = build(world_size, seed=0 if not restore else 1)
+    out: dict[str, Any] = {}
+    cp = ckpt.Checkpointer(root, disk_every=0, daemon=ddir) if root is not None else None
+    if restore:
+        assert cp is not None
+        for step in range(1, 2):  # give the optimizer state to restore into
+            train_step(state, step)
+        out["restored"] = cp.restore(state)
+        out["last_restore"] = cp.last_restore
+    for step in range(first, last + 1):
+        train_step(state, step)
+        state["step"] = step
+        if cp is not None and not restore:
+            cp.save(step, state)
+    if cp is not None and not restore:
+        cp.wait()  # every snapshot sealed; then the job ends without close(), as a killed one would
+    out["final"] = full_reference(state)
+    return out
+
+
+def test_two_ranks_restart_from_the_daemon_and_continue_bit_identically(daemon: dict, ddir: Path,
+                                                                         tmp_path: Path) -> None:
+    root = str(tmp_path / "run")
+    want = run_distributed(_train, 2, None, None, 1, 6)
+    run_distributed(_train, 2, root, str(ddir), 1, 4)
+    assert not any(Path(root).glob("step_*"))
+    second = run_distributed(_train, 2, root, str(ddir), 5, 6, True)
+    for rank in range(2):
+        lr = second[rank]["last_restore"]
+        assert second[rank]["restored"] == 4 and lr["source"] == "daemon" and lr["storage_bytes_read"] == 0, lr
+        assert compare(second[rank]["final"], want[rank]["final"], f"rank {rank}") == []
