@@ -153,7 +153,13 @@ class Checkpointer:
         return handle
 
     def _flushed(self, res: FlushResult, snap: StagedSnapshot, handle: SnapshotHandle, m: SnapshotMetrics) -> None:
-        """A tier finished ``snap`` (tier thread): free its hold on the slot, record the result."""
+        """A tier finished ``snap`` (tier thread): free its hold on the slot, record the result.
+
+        A tier whose committed steps are the slot's own bytes (``holds_slot``: the daemon) keeps its newest one
+        from reuse before the slot is released, so a killed trainer always leaves a sealed step behind."""
+        holder = next((t for t in self.tiers if t.name == res.tier), None)
+        if getattr(holder, "holds_slot", False):
+            self.pool.hold(snap.slot if res.ok else None, res.step)
         self.pool.release(snap.slot, res.tier)
         m.tiers[res.tier] = {"ok": res.ok, "flush_secs": res.flush_secs, "bytes": res.bytes_written}
         if not res.ok:

@@ -3,8 +3,9 @@
 Allocating once matters: first-touch allocation costs several times a memcpy (DESIGN.md measured about 15 GB/s
 for a copy into a touched buffer against 2.9 GB/s for ``clone()``). Each slot holds one whole snapshot of this
 rank's state. Slots are handed out in a ring; the slot holding the latest committed in-memory snapshot is never
-handed out (it is the memory tier), and when every other slot is still being staged or flushed, ``acquire``
-blocks: that is back-pressure, and its wait is measured.
+handed out (it is the memory tier), nor the slot a tier holds (``hold``: the snapshot daemon's newest sealed step,
+whose bytes are that slot's, until a newer one is sealed), and when every other slot is still being staged or
+flushed, ``acquire`` blocks: that is back-pressure, and its wait is measured.
 
 Memory comes from a ``SegmentAllocator``. The default one allocates torch host tensors (pinned when CUDA is
 available, for asynchronous device-to-host copies). The snapshot daemon will provide an allocator whose
@@ -86,11 +87,14 @@ class HostBufferPool:
         self.slots = [Slot(i, torch.empty(0, dtype=torch.uint8)) for i in range(num_slots)]
         self._cond = threading.Condition()
         self._latest: Slot | None = None  # the memory tier's committed snapshot
+        self._held: Slot | None = None  # a tier's newest committed snapshot that lives in the slot itself (hold)
         self._next = 0
         self.allocated_bytes = 0
 
     def _reusable(self, slot: Slot) -> bool:
-        return slot.state != STAGING and not slot.pending and (slot is not self._latest or len(self.slots) == 1)
+        if slot.state == STAGING or slot.pending:
+            return False
+        return len(self.slots) == 1 or (slot is not self._latest and slot is not self._held)
 
     def acquire(self, nbytes: int, tiers: "set[str] | None" = None,
                 timeout_secs: float | None = None, step: int | None = None) -> tuple[Slot, float]:
@@ -119,6 +123,8 @@ class HostBufferPool:
             self._next = (slot.index + 1) % len(self.slots)
             if slot is self._latest:
                 self._latest = None
+            if slot is self._held:
+                self._held = None
             slot.state, slot.step, slot.snapshot = STAGING, None, None
             slot.pending = set(tiers or ())
         waited = time.perf_counter() - t0
@@ -150,6 +156,17 @@ class HostBufferPool:
                 self._latest = None
             self._cond.notify_all()
 
+    def hold(self, slot: Slot | None, step: int | None = None) -> None:
+        """A tier committed ``step`` in ``slot``'s own bytes (the daemon sealed the segment): keep the slot from
+        reuse until a newer step is held, so a committed step exists at every moment. ``None`` drops the hold (the
+        tier failed: nothing of it is worth blocking the ring for). Older steps than the one held are ignored."""
+        with self._cond:
+            if slot is None:
+                self._held = None
+            elif self._held is None or step is None or self._held.step is None or step >= self._held.step:
+                self._held = slot
+            self._cond.notify_all()
+
     def release(self, slot: Slot, tier: str) -> None:
         """``tier`` finished flushing from ``slot`` (successfully or not)."""
         with self._cond:
@@ -169,5 +186,5 @@ class HostBufferPool:
                     self.allocator.free(slot.buffer, f"{self.name}-{slot.index}")
                 slot.buffer = torch.empty(0, dtype=torch.uint8)
                 slot.state = FREE
-            self._latest = None
+            self._latest = self._held = None
             self.allocated_bytes = 0

@@ -101,6 +101,9 @@ class DaemonTier(StorageTier):
     ``url`` is ``daemon://DIR`` (``daemon://auto``: ``$CKPT_DAEMON_DIR`` or the default directory, starting a daemon
     when none runs); ``storage_options`` carries ``run`` (the Checkpointer's root), ``rank`` and ``world``."""
 
+    #: A committed step is the pool slot's own bytes: the Checkpointer keeps the newest from reuse (pool.hold).
+    holds_slot = True
+
     def __init__(self, name: str, url: str, cadence: SavePolicy, retention: RetentionPolicy, group: Any = None,
                  storage_options: dict[str, Any] | None = None, priority: str = "normal", codec: str = "raw",
                  save_options: SaveOptions | None = None) -> None:

@@ -117,6 +117,59 @@ def test_sigkill_soak(daemon: dict, ddir: Path, tmp_path: Path) -> None:
     _sigkill_trials(ddir, tmp_path, trials=8, seed=17)
 
 
+def test_a_sealed_step_exists_at_every_moment_while_the_next_seal_is_slow(daemon: dict, ddir: Path, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pool must not begin the segment of the newest sealed step while the next one is still unsealed: CI
+    once killed a trainer in exactly that window (2 slots, step N+2 staged over step N while N+1 was checksumming)
+    and the daemon held no step. Here the seal of step 2 is held back; save(3) must wait for it, not take step 1's
+    segment."""
+    import threading
+
+    import ckpt
+    from snapshot_daemon.client import DaemonClient
+    from snapshot_daemon.tier import DaemonTier
+
+    gate, sealing = threading.Event(), threading.Event()
+    flush = DaemonTier.flush
+
+    def slow_flush(self: DaemonTier, snapshot: Any, storage: Any) -> int:
+        if snapshot.step == 2:
+            sealing.set()
+            assert gate.wait(60)
+        return flush(self, snapshot, storage)
+
+    monkeypatch.setattr(DaemonTier, "flush", slow_flush)
+    model = torch.nn.Sequential(torch.nn.Embedding(37, 11), torch.nn.Linear(11, 7))
+    state = {"model": model, "step": 0}
+    root = str(tmp_path / "run")
+    cp = ckpt.Checkpointer(root, disk_every=0, daemon=str(ddir), memory_slots=2, lazy=False)
+    client = DaemonClient(str(ddir))
+
+    def complete() -> list[int]:
+        steps = client.request("list", run=os.path.abspath(root))["steps"]
+        return sorted(int(k) for k, e in steps.items() if e["complete"])
+
+    try:
+        cp.save(1, state).wait()
+        with torch.no_grad():
+            model[1].bias.add_(1)
+        cp.save(2, state)
+        assert sealing.wait(60)
+        third = threading.Thread(target=lambda: cp.save(3, state))
+        third.start()
+        third.join(0.5)
+        assert complete() == [1], "step 1 must stay sealed while step 2 is not"
+        assert third.is_alive(), "save(3) took the segment of the only sealed step"
+        gate.set()
+        third.join(60)
+        cp.wait()
+        assert complete()[-1] == 3
+    finally:
+        gate.set()
+        cp.close()
+        client.close()
+
+
 # -- 2 ranks -------------------------------------------------------------------------------------------------------
 def _train(rank: int, world_size: int, root: str | None, ddir: str | None, first: int, last: int,
            restore: bool = False) -> dict[str, Any]:
