@@ -35,6 +35,8 @@ class SegmentAllocator(Protocol):
 
     # Optional: ``begin(segment, step)``, called when a snapshot of ``step`` is about to be copied into ``segment``
     # (whatever it held is no longer a snapshot). The snapshot daemon's allocator tells the daemon.
+    # Optional: ``close()``, called by ``HostBufferPool.close`` instead of ``free`` on every segment: the pool is
+    # done, but what the segments hold may outlive it (the daemon keeps the sealed ones for the next job).
 
 
 class HostAllocator:
@@ -179,12 +181,15 @@ class HostBufferPool:
             return self._latest
 
     def close(self) -> None:
+        close = getattr(self.allocator, "close", None)
         with self._cond:
             for slot in self.slots:
                 slot.views = {}
-                if slot.buffer.numel():
+                if slot.buffer.numel() and close is None:
                     self.allocator.free(slot.buffer, f"{self.name}-{slot.index}")
                 slot.buffer = torch.empty(0, dtype=torch.uint8)
                 slot.state = FREE
             self._latest = self._held = None
             self.allocated_bytes = 0
+        if close is not None:
+            close()

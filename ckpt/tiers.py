@@ -167,10 +167,14 @@ class StorageTier:
         self.retention = retention
         self.save_options = save_options or SaveOptions()
         self.storage_options = storage_options
-        self.root: Storage = open_storage(url, storage_options)
+        self.root: Any = self._open_root()
         self.dw = DistWrapper(group)
         self._queue: queue.Queue[FlushJob | _Drain | None] = queue.Queue()
         self._thread: threading.Thread | None = None
+
+    def _open_root(self) -> Any:
+        """What the tier keeps open and closes with it: the ``Storage`` at ``url`` (a plugin tier: its client)."""
+        return open_storage(self.url, self.storage_options)
 
     def due(self, step: int) -> bool:
         return self.cadence.should_save(step)

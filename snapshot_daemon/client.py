@@ -20,7 +20,7 @@ from typing import Any
 
 from ckpt.errors import DaemonBudgetError, DaemonError, DaemonProtocolError, DaemonUnavailableError
 from snapshot_daemon import protocol
-from snapshot_daemon.paths import LOG, SOCKET, check_private, prepare_dir, resolve_dir
+from snapshot_daemon.paths import LOG, SEGMENTS, SOCKET, check_private, prepare_dir, resolve_dir
 
 DEFAULT_BUDGET_FRACTION = 0.5
 START_TIMEOUT_SECS = 30.0
@@ -41,8 +41,23 @@ class DaemonClient:
             sock.close()
             raise DaemonUnavailableError(f"no snapshot daemon runs in {self.dir} ({type(e).__name__}); start one "
                                          f"with: ckpt daemon start --dir {self.dir}") from None
+        try:
+            pid, uid = protocol.peer_uid(sock)
+        except OSError as e:
+            sock.close()
+            raise DaemonProtocolError(f"{self.socket_path}: no peer credentials ({e}); not a snapshot daemon") from None
+        if uid != os.getuid():  # a socket another user put there: never hand it our snapshots
+            sock.close()
+            raise DaemonProtocolError(f"{self.socket_path}: the process listening (pid {pid}) runs as uid {uid}, "
+                                      f"not this user's ({os.getuid()}); remove the directory and start a daemon")
         self.sock = sock
         self.hello = self.request("hello", client=client, pid=os.getpid())
+
+    def segment_path(self, name: str) -> Path:
+        """Where segment ``name`` (validated: ``seg-<16 hex>``) lies: in this daemon's directory, never elsewhere."""
+        if not protocol.SEGMENT_NAME.match(name):
+            raise DaemonProtocolError(f"snapshot daemon {self.dir}: {name!r} is not a segment name")
+        return self.dir / SEGMENTS / name
 
     def request(self, op: str, **fields: Any) -> dict[str, Any]:
         """Send one request; the reply's fields, or ``DaemonError`` with the daemon's message."""
@@ -53,14 +68,23 @@ class DaemonClient:
             except (OSError, protocol.FramingError) as e:
                 raise DaemonUnavailableError(f"snapshot daemon {self.dir}: connection lost during {op!r} "
                                              f"({type(e).__name__}: {e}); it may have died, see {self.dir / LOG}") from None
+            except DaemonProtocolError as e:  # a frame that is not a JSON object: the stream itself is still whole
+                raise DaemonProtocolError(f"snapshot daemon {self.dir}: reply to {op!r}: {e}") from None
         if reply is None:
             raise DaemonUnavailableError(f"snapshot daemon {self.dir}: closed the connection during {op!r}; see "
                                          f"{self.dir / LOG}")
         if "ok" not in reply:
             raise DaemonError(f"snapshot daemon {self.dir}: malformed reply to {op!r}: {str(reply)[:200]}")
-        if not reply["ok"]:
+        if reply["ok"] is False:
             cls = {"budget": DaemonBudgetError, "protocol": DaemonProtocolError}.get(reply.get("kind"), DaemonError)
             raise cls(f"snapshot daemon {self.dir}: {op}: {reply.get('error')}")
+        if reply["ok"] is not True:
+            raise DaemonProtocolError(f"snapshot daemon {self.dir}: reply to {op!r} has 'ok' {reply['ok']!r}, "
+                                      "expected true or false")
+        try:
+            protocol.validate_reply(op, reply)
+        except DaemonProtocolError as e:
+            raise DaemonProtocolError(f"snapshot daemon {self.dir}: {e}") from None
         return {k: v for k, v in reply.items() if k != "ok"}
 
     def close(self) -> None:

@@ -40,11 +40,11 @@ OPS: dict[str, dict[str, str]] = {
 }
 
 
-def _check_field(op: str, name: str, kind: str, value: Any) -> None:
+def _check_field(where: str, name: str, kind: str, value: Any) -> None:
     def bad(expected: str) -> DaemonProtocolError:
         shown = repr(value)
         shown = shown if len(shown) <= 80 else shown[:77] + "..."
-        return DaemonProtocolError(f"op {op!r}: field {name!r} must be {expected}, found {shown}")
+        return DaemonProtocolError(f"{where}: field {name!r} must be {expected}, found {shown}")
 
     if kind == "name":
         if not isinstance(value, str) or not value or len(value) > MAX_NAME_CHARS or "\x00" in value:
@@ -77,8 +77,53 @@ def validate(msg: Any) -> dict[str, Any]:
     for name, kind in fields.items():
         if name not in msg:
             raise DaemonProtocolError(f"op {op!r}: missing field {name!r}")
-        _check_field(op, name, kind, msg[name])
+        _check_field(f"op {op!r}", name, kind, msg[name])
     return msg
+
+
+#: op -> reply field -> kind, for the replies a client acts on (more fields may come: replies can grow). A reply
+#: never names a path: the client makes a segment's path itself from its validated name (``DIR/segments/NAME``).
+REPLIES: dict[str, dict[str, str]] = {
+    "hello": {"daemon_pid": "pos", "version": "int"},
+    "alloc": {"segment": "segment", "nbytes": "pos"},
+    "list": {"steps": "steps"},
+    "open": {"segment": "segment", "nbytes": "int", "world": "pos", "meta": "object"},
+}
+
+
+def validate_reply(op: str, reply: dict[str, Any]) -> dict[str, Any]:
+    """``reply`` (``ok`` true) if its fields for ``op`` are present and well-typed, else ``DaemonProtocolError``
+    naming the field, what was expected and what was found."""
+    for name, kind in REPLIES.get(op, {}).items():
+        if name not in reply:
+            raise DaemonProtocolError(f"reply to {op!r}: missing field {name!r}")
+        if kind == "steps":
+            _check_steps(op, reply[name])
+        else:
+            _check_field(f"reply to {op!r}", name, kind, reply[name])
+    return reply
+
+
+def _check_steps(op: str, steps: Any) -> None:
+    """``list``'s ``steps``: step (decimal text) -> {world, complete, shards: shard name -> bytes}."""
+    where = f"reply to {op!r}: field 'steps'"
+    if not isinstance(steps, dict):
+        raise DaemonProtocolError(f"{where} must be a JSON object, found {type(steps).__name__}")
+    for key, e in steps.items():
+        if not (isinstance(key, str) and key.isdigit() and len(key) <= 19):
+            raise DaemonProtocolError(f"{where}: step {key!r} is not a decimal step number")
+        if not (isinstance(e, dict) and isinstance(e.get("complete"), bool) and isinstance(e.get("shards"), dict)):
+            raise DaemonProtocolError(f"{where}: step {key}: expected {{'complete': bool, 'shards': {{...}}, ...}}, "
+                                      f"found {str(e)[:80]}")
+        for shard, nbytes in e["shards"].items():
+            _check_field(f"reply to {op!r}", f"steps/{key}/shards key", "name", shard)
+            _check_field(f"reply to {op!r}", f"steps/{key}/shards/{shard}", "int", nbytes)
+
+
+def peer_uid(conn: socket.socket) -> tuple[int, int]:
+    """(pid, uid) of the process at the other end of a Unix socket (``SO_PEERCRED``)."""
+    pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    return pid, uid
 
 
 #: Reply ``kind`` of an error -> the exception the client raises (``DaemonError`` for any other).

@@ -47,7 +47,7 @@ class DaemonAllocator:
 
     def allocate(self, nbytes: int, name: str) -> torch.Tensor:
         reply = self.client.request("alloc", run=self.run, shard=self.shard, nbytes=max(1, nbytes))
-        seg, mm = map_segment(reply["path"], nbytes)
+        seg, mm = map_segment(str(self.client.segment_path(reply["segment"])), nbytes)
         self._maps[seg.data_ptr()] = (reply["segment"], mm)
         return seg
 
@@ -67,6 +67,17 @@ class DaemonAllocator:
             if base <= ptr and ptr + n <= base + len(mm):
                 return name, ptr - base, len(mm)
         raise DaemonError(f"a {tuple(view.shape)} view at {ptr:#x} lies in no segment of this daemon allocator")
+
+    def close(self) -> None:
+        """The pool is done: unmap every segment but give none back. The daemon reclaims the unsealed ones and keeps
+        the sealed ones (its ``keep_last`` newest of the run) when this client's connection closes, so a job that
+        ends cleanly leaves its snapshots to the next one, as a killed one does."""
+        for _, mm in self._maps.values():
+            try:
+                mm.close()
+            except BufferError:  # a view still exports it: the mapping goes when the last view does
+                pass
+        self._maps.clear()
 
     def free(self, segment: torch.Tensor, name: str) -> None:
         entry: Any = self._maps.pop(segment.data_ptr(), None)

@@ -20,7 +20,6 @@ import logging
 import os
 import signal
 import socket
-import struct
 import sys
 import threading
 import time
@@ -36,12 +35,6 @@ MAX_CLIENTS = 1024
 EXIT_REFUSED = 3
 
 log = logging.getLogger("ckpt.daemon")
-
-
-def peer_uid(conn: socket.socket) -> tuple[int, int]:
-    """(pid, uid) of the process at the other end of a Unix socket (``SO_PEERCRED``)."""
-    pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
-    return pid, uid
 
 
 def check_shm(root: Path, budget: int) -> None:
@@ -116,7 +109,7 @@ class Daemon:
     def serve_client(self, conn: socket.socket) -> None:
         with conn:
             try:
-                pid, uid = peer_uid(conn)
+                pid, uid = protocol.peer_uid(conn)
             except OSError as e:
                 log.warning("refused a connection: no peer credentials (%s)", e)
                 return

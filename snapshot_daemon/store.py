@@ -78,11 +78,7 @@ class Store:
 
     def _complete_steps(self, run: str) -> list[int]:
         """Steps of ``run`` sealed by every shard of their save, newest first."""
-        by_step: dict[int, list[Segment]] = {}
-        for s in self.segments.values():
-            if s.run == run and s.sealed and s.step is not None:
-                by_step.setdefault(s.step, []).append(s)
-        return sorted((st for st, segs in by_step.items() if len(segs) >= max(x.world for x in segs)), reverse=True)
+        return sorted((st for st, e in self._snapshots(run).items() if e["complete"]), reverse=True)
 
     def _delete(self, seg: Segment) -> None:
         self.segments.pop(seg.name, None)
@@ -183,15 +179,18 @@ class Store:
     def snapshots(self, run: str) -> dict[int, dict[str, Any]]:
         """Sealed steps of ``run``: step -> world, complete, and the sealed shards (shard -> bytes)."""
         with self._lock:
-            out: dict[int, dict[str, Any]] = {}
-            for s in self.segments.values():
-                if s.run == run and s.sealed and s.step is not None:
-                    e = out.setdefault(s.step, {"world": s.world, "shards": {}})
-                    e["shards"][s.shard] = s.nbytes
-                    e["world"] = max(e["world"], s.world)
-            for e in out.values():
-                e["complete"] = len(e["shards"]) >= e["world"]
-            return out
+            return self._snapshots(run)
+
+    def _snapshots(self, run: str) -> dict[int, dict[str, Any]]:
+        out: dict[int, dict[str, Any]] = {}
+        for s in self.segments.values():
+            if s.run == run and s.sealed and s.step is not None:
+                e = out.setdefault(s.step, {"world": s.world, "shards": {}})
+                e["shards"][s.shard] = s.nbytes
+                e["world"] = max(e["world"], s.world)
+        for e in out.values():
+            e["complete"] = len(e["shards"]) >= e["world"]
+        return out
 
     def open(self, run: str, step: int, shard: str) -> Segment:
         with self._lock:
@@ -201,12 +200,12 @@ class Store:
         raise DaemonError(f"no sealed snapshot of run {run!r} step {step} shard {shard!r} in {self.dir.parent}")
 
     def status(self) -> dict[str, Any]:
-        runs = sorted({s.run for s in self.segments.values()})
-        with self._lock:
-            used, count = self.used_bytes, len(self.segments)
-        return {"memory_budget": self.budget_bytes, "memory_used": used, "segments": count,
-                "keep_last": self.keep_last, "evicted": self.evicted, "reclaimed": self.reclaimed,
-                "runs": {r: {str(k): v for k, v in sorted(self.snapshots(r).items())} for r in runs}}
+        with self._lock:  # one consistent picture: connection threads change segments meanwhile
+            runs = sorted({s.run for s in self.segments.values()})
+            return {"memory_budget": self.budget_bytes, "memory_used": self.used_bytes,
+                    "segments": len(self.segments), "keep_last": self.keep_last, "evicted": self.evicted,
+                    "reclaimed": self.reclaimed,
+                    "runs": {r: {str(k): v for k, v in sorted(self._snapshots(r).items())} for r in runs}}
 
     def close(self) -> int:
         """Free every segment; the bytes freed."""

@@ -20,11 +20,10 @@ reading other nodes' shards is the next issue's (peers, erasure coding).
 from __future__ import annotations
 
 import os
-import queue
 from typing import Any, Iterable, Sequence
 
 from ckpt.dist import DistWrapper
-from ckpt.errors import DaemonError, StorageError
+from ckpt.errors import DaemonError, DaemonProtocolError, StorageError
 from ckpt.options import SaveOptions
 from ckpt.policies import RetentionPolicy, SavePolicy
 from ckpt.tiers import Snapshot, StorageTier, register_tier
@@ -60,8 +59,14 @@ class SegmentStorage(Storage):
             return data
         file, size = self._path(path)
         n = size - offset if length is None else length
-        with open(file, "rb", buffering=0) as f:
-            data = os.pread(f.fileno(), n, offset)
+        fd = os.open(file, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            data = os.pread(fd, n, offset)
+        finally:
+            os.close(fd)
+        if len(data) != n:
+            raise StorageError(f"{self.url}/{path} ({file}): {len(data)} of {n} bytes at offset {offset}; the "
+                               "segment is shorter than sealed")
         self.bytes_read += len(data)
         return data
 
@@ -73,7 +78,8 @@ class SegmentStorage(Storage):
         finally:
             os.close(fd)
         if got != len(out):
-            raise StorageError(f"{self.url}/{path}: {got} of {len(out)} bytes at offset {offset}")
+            raise StorageError(f"{self.url}/{path} ({file}): {got} of {len(out)} bytes at offset {offset}; the "
+                               "segment is shorter than sealed")
         self.bytes_read += got
 
     def size(self, path: str) -> int:
@@ -110,18 +116,15 @@ class DaemonTier(StorageTier):
         opts = dict(storage_options or {})
         where = url.split("://", 1)[1]
         self.daemon_dir = None if where in ("", "auto") else where
-        if where == "auto" or opts.get("start"):
+        if where == "auto":
             daemon_client.start(self.daemon_dir)
-        self.name, self.priority, self.url, self.cadence = name, priority, url, cadence
-        self.codec, self.retention = "raw", retention
-        self.save_options = save_options or SaveOptions()
-        self.storage_options = opts
         self.run, self.rank, self.world = str(opts["run"]), int(opts.get("rank", 0)), int(opts.get("world", 1))
-        self.client = DaemonClient(self.daemon_dir, client=f"ckpt rank {self.rank} of {self.run}")
+        super().__init__(name, url, cadence, retention, group, opts, priority, "raw", save_options)
+        self.client: DaemonClient = self.root
         self.allocator = DaemonAllocator(self.client, self.run, f"{self.rank}/{self.world}")
-        self.dw = DistWrapper(group)
-        self._queue: queue.Queue[Any] = queue.Queue()
-        self._thread = None
+
+    def _open_root(self) -> DaemonClient:
+        return DaemonClient(self.daemon_dir, client=f"ckpt rank {self.rank} of {self.run}")
 
     # -- flush: checksum in place, build the manifest, seal ----------------------------------------------------
     def _describe_in_place(self, snapshot: Snapshot) -> tuple[dict[str, int], list[tuple[str, ChunkEntry]]]:
@@ -180,19 +183,16 @@ class DaemonTier(StorageTier):
         manifest = None
         for shard in entry["shards"]:
             got = self.client.request("open", run=self.run, step=step, shard=shard)
-            files[f"{DATA_DIR}/{got['segment']}"] = (got["path"], got["nbytes"])
-            manifest = got["meta"].get("manifest") or manifest
+            files[f"{DATA_DIR}/{got['segment']}"] = (str(self.client.segment_path(got["segment"])), got["nbytes"])
+            m = got["meta"].get("manifest")
+            if m is not None and not isinstance(m, str):
+                raise DaemonProtocolError(f"snapshot daemon {self.client.dir}: step {step} shard {shard!r}: the "
+                                          f"seal's manifest is {type(m).__name__}, expected JSON text")
+            manifest = m or manifest
         if manifest is None:
             raise DaemonError(f"snapshot daemon {self.client.dir}: step {step} of run {self.run!r} has no manifest "
                               "(its coordinator's seal is missing)")
         return SegmentStorage(f"{self.url}/{self.run}/step_{step}", manifest.encode(), files)
-
-    def close(self) -> None:
-        if self._thread is not None and self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join()
-        self._thread = None
-        self.client.close()
 
 
 def register() -> None:
