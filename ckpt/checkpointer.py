@@ -164,6 +164,7 @@ class Checkpointer:
         m.tiers[res.tier] = {"ok": res.ok, "flush_secs": res.flush_secs, "bytes": res.bytes_written}
         if not res.ok:
             m.tiers[res.tier]["error"] = f"{type(res.error).__name__}: {res.error}"
+        if not res.ok and not res.quiet:
             self.errors.record(f"tier {res.tier!r} step {res.step}: {type(res.error).__name__}: {res.error}")
         handle._complete(res.tier, res.error)
 

@@ -35,6 +35,8 @@ class SegmentAllocator(Protocol):
 
     # Optional: ``begin(segment, step)``, called when a snapshot of ``step`` is about to be copied into ``segment``
     # (whatever it held is no longer a snapshot). The snapshot daemon's allocator tells the daemon.
+    # Optional: ``owns(segment) -> bool``: False when ``segment`` is no longer the allocator's to hand out (the
+    # daemon it came from went away and a new one answers); the pool then replaces it, as when a slot grows.
     # Optional: ``close()``, called by ``HostBufferPool.close`` instead of ``free`` on every segment: the pool is
     # done, but what the segments hold may outlive it (the daemon keeps the sealed ones for the next job).
 
@@ -130,7 +132,8 @@ class HostBufferPool:
             slot.state, slot.step, slot.snapshot = STAGING, None, None
             slot.pending = set(tiers or ())
         waited = time.perf_counter() - t0
-        if slot.capacity_bytes < nbytes:
+        owns = getattr(self.allocator, "owns", None)
+        if slot.capacity_bytes < nbytes or (owns is not None and slot.buffer.numel() and not owns(slot.buffer)):
             old = slot.buffer
             slot.views = {}  # before the free: views must not keep a released segment alive
             if old.numel():

@@ -67,6 +67,8 @@ class FlushResult:
     flush_secs: float
     bytes_written: int
     error: BaseException | None = None
+    #: A failure already reported once (the tier is still unreachable): recorded, not raised again.
+    quiet: bool = False
 
 
 @dataclass

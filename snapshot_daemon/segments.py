@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import mmap
 import os
+import time
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-from ckpt.errors import DaemonError
+from ckpt.errors import DaemonError, DaemonUnavailableError
 from snapshot_daemon.client import DaemonClient
 
 
@@ -38,15 +39,74 @@ def map_segment(path: str, nbytes: int, writable: bool = True) -> tuple[torch.Te
         return torch.frombuffer(memoryview(mm), dtype=torch.uint8), mm
 
 
-class DaemonAllocator:
-    """Pool segments from the daemon, keyed by ``run`` and ``shard`` (the saved layout's coordinates)."""
+#: Seconds between attempts to reach the daemon again after it went away (a connect is cheap; ``auto`` also starts).
+RECONNECT_SECS = 5.0
 
-    def __init__(self, client: DaemonClient, run: str, shard: str) -> None:
+
+class DaemonAllocator:
+    """Pool segments from the daemon, keyed by ``run`` and ``shard`` (the saved layout's coordinates).
+
+    It owns ``client``. If the daemon goes away (a request fails with ``DaemonUnavailableError``), training goes on:
+    the segments already mapped stay valid memory of this process (the pool keeps using them, its memory tier
+    included), new ones are plain host memory, and ``problem`` says why nothing can be sealed. Every
+    ``RECONNECT_SECS`` ``owns`` tries ``connect`` again; once a daemon answers, segments from before are no longer
+    this allocator's (``owns`` is False), so the pool replaces them with segments of the new daemon.
+    """
+
+    def __init__(self, client: DaemonClient, run: str, shard: str,
+                 connect: Callable[[], DaemonClient] | None = None) -> None:
         self.client, self.run, self.shard = client, run, shard
-        self._maps: dict[int, tuple[str, mmap.mmap]] = {}
+        self.connect = connect
+        self._maps: dict[int, tuple[str, mmap.mmap]] = {}  # this daemon's segments: data_ptr -> (name, mapping)
+        self._stale: dict[int, tuple[str | None, Any]] = {}  # from before the daemon went away, or host fallback
+        #: Why the daemon cannot be used now (None while it can), and when that was last tried.
+        self.down: str | None = None
+        self._tried = 0.0
+
+    def _lost(self, e: DaemonError) -> None:
+        if self.down is None:
+            self.down = str(e)
+            self._tried = time.monotonic()
+            self._stale.update(self._maps)
+            self._maps = {}
+
+    def _request(self, op: str, **fields: Any) -> dict[str, Any] | None:
+        """A request that marks the daemon lost, instead of raising, when it is unreachable."""
+        try:
+            return self.client.request(op, **fields)
+        except DaemonUnavailableError as e:
+            self._lost(e)
+            return None
+
+    def problem(self, segment: torch.Tensor) -> str | None:
+        """Why a snapshot in ``segment`` cannot be sealed in the daemon, or None."""
+        if self.down is not None:
+            return self.down
+        if segment.data_ptr() not in self._maps:
+            return f"this snapshot was staged while the snapshot daemon {self.client.dir} was away"
+        return None
+
+    def owns(self, segment: torch.Tensor) -> bool:
+        """Whether ``segment`` is a segment of the daemon in use (always True while it is away: keep what you have);
+        tries to reach the daemon again first when it was away long enough."""
+        if self.down is not None and self.connect is not None and time.monotonic() - self._tried >= RECONNECT_SECS:
+            self._tried = time.monotonic()
+            try:
+                fresh = self.connect()
+            except DaemonError:
+                fresh = None
+            if fresh is not None:
+                self.client.close()
+                self.client, self.down = fresh, None
+        return self.down is not None or segment.data_ptr() in self._maps
 
     def allocate(self, nbytes: int, name: str) -> torch.Tensor:
-        reply = self.client.request("alloc", run=self.run, shard=self.shard, nbytes=max(1, nbytes))
+        reply = self._request("alloc", run=self.run, shard=self.shard, nbytes=max(1, nbytes)) if self.down is None \
+            else None
+        if reply is None:  # the daemon is away: this process's own memory until it is back
+            host = torch.zeros(nbytes, dtype=torch.uint8)
+            self._stale[host.data_ptr()] = (None, host)
+            return host
         seg, mm = map_segment(str(self.client.segment_path(reply["segment"])), nbytes)
         self._maps[seg.data_ptr()] = (reply["segment"], mm)
         return seg
@@ -56,40 +116,50 @@ class DaemonAllocator:
 
     def begin(self, segment: torch.Tensor, step: int) -> None:
         """A snapshot of ``step`` is about to be copied into ``segment``: the daemon forgets what it held."""
-        self.client.request("begin", segment=self.segment_name(segment), step=step)
+        if self.down is None and segment.data_ptr() in self._maps:
+            self._request("begin", segment=self.segment_name(segment), step=step)
 
     def locate(self, view: torch.Tensor) -> tuple[str, int, int]:
         """(segment name, byte offset, segment bytes) of a contiguous CPU ``view`` into one of these segments."""
         if view.device.type != "cpu" or not view.is_contiguous():
             raise DaemonError(f"a {tuple(view.shape)} view is not a contiguous host view of a daemon segment")
         ptr, n = view.data_ptr(), view.numel() * view.element_size()
-        for base, (name, mm) in self._maps.items():
+        for base, (name, mm) in list(self._maps.items()):  # a copy: the main thread may add or drop one
             if base <= ptr and ptr + n <= base + len(mm):
                 return name, ptr - base, len(mm)
         raise DaemonError(f"a {tuple(view.shape)} view at {ptr:#x} lies in no segment of this daemon allocator")
 
-    def close(self) -> None:
-        """The pool is done: unmap every segment but give none back. The daemon reclaims the unsealed ones and keeps
-        the sealed ones (its ``keep_last`` newest of the run) when this client's connection closes, so a job that
-        ends cleanly leaves its snapshots to the next one, as a killed one does."""
-        for _, mm in self._maps.values():
+    @staticmethod
+    def _unmap(mm: Any) -> None:
+        if isinstance(mm, mmap.mmap):
             try:
                 mm.close()
             except BufferError:  # a view still exports it: the mapping goes when the last view does
                 pass
+
+    def close(self) -> None:
+        """The pool is done: unmap every segment but give none back, and close the connection. The daemon reclaims
+        the unsealed segments and keeps the sealed ones (its ``keep_last`` newest of the run) when the connection
+        closes, so a job that ends cleanly leaves its snapshots to the next one, as a killed one does."""
+        for _, mm in [*self._maps.values(), *self._stale.values()]:
+            self._unmap(mm)
         self._maps.clear()
+        self._stale.clear()
+        self.client.close()
 
     def free(self, segment: torch.Tensor, name: str) -> None:
-        entry: Any = self._maps.pop(segment.data_ptr(), None)
+        ptr = segment.data_ptr()
+        del segment
+        stale = self._stale.pop(ptr, None)
+        if stale is not None:  # the daemon that made it is gone (or it is host memory): only unmap
+            self._unmap(stale[1])
+            return
+        entry = self._maps.pop(ptr, None)
         if entry is None:
             return
         seg_name, mm = entry
-        del segment
+        self._unmap(mm)
         try:
-            mm.close()
-        except BufferError:  # a view still exports it: the mapping goes when the last view does
-            pass
-        try:
-            self.client.request("free", segment=seg_name)
+            self._request("free", segment=seg_name)
         except DaemonError:
-            pass  # the daemon is gone or already dropped it: nothing to give back
+            pass  # it already dropped it: nothing to give back

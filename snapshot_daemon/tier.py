@@ -23,16 +23,17 @@ import os
 from typing import Any, Iterable, Sequence
 
 from ckpt.dist import DistWrapper
-from ckpt.errors import DaemonError, DaemonProtocolError, StorageError
+from ckpt.errors import DaemonError, DaemonProtocolError, DaemonUnavailableError, StorageError
 from ckpt.options import SaveOptions
 from ckpt.policies import RetentionPolicy, SavePolicy
-from ckpt.tiers import Snapshot, StorageTier, register_tier
+from ckpt.tiers import FlushResult, Snapshot, StorageTier, register_tier
 from formats import checksum
 from formats.commit import build_manifest
 from formats.tensor_bytes import as_bytes
 from formats.manifest import DATA_DIR, MANIFEST_NAME, ChunkEntry
 from formats.storage.base import Buffer, Storage
 from snapshot_daemon import client as daemon_client
+from snapshot_daemon import segments
 from snapshot_daemon.client import DaemonClient
 from snapshot_daemon.segments import DaemonAllocator
 
@@ -116,15 +117,27 @@ class DaemonTier(StorageTier):
         opts = dict(storage_options or {})
         where = url.split("://", 1)[1]
         self.daemon_dir = None if where in ("", "auto") else where
-        if where == "auto":
-            daemon_client.start(self.daemon_dir)
         self.run, self.rank, self.world = str(opts["run"]), int(opts.get("rank", 0)), int(opts.get("world", 1))
+        self.auto = where == "auto"
+        self._outage = False  # the last flush found the daemon unreachable (reported once, then quiet)
         super().__init__(name, url, cadence, retention, group, opts, priority, "raw", save_options)
-        self.client: DaemonClient = self.root
-        self.allocator = DaemonAllocator(self.client, self.run, f"{self.rank}/{self.world}")
 
-    def _open_root(self) -> DaemonClient:
+    def _connect(self) -> DaemonClient:
+        if self.auto:
+            daemon_client.start(self.daemon_dir)
         return DaemonClient(self.daemon_dir, client=f"ckpt rank {self.rank} of {self.run}")
+
+    def _open_root(self) -> DaemonAllocator:
+        """The tier's root is its allocator, which owns the connection (and reconnects, see DaemonAllocator)."""
+        return DaemonAllocator(self._connect(), self.run, f"{self.rank}/{self.world}", connect=self._connect)
+
+    @property
+    def allocator(self) -> DaemonAllocator:
+        return self.root  # type: ignore[no-any-return]
+
+    @property
+    def client(self) -> DaemonClient:
+        return self.allocator.client
 
     # -- flush: checksum in place, build the manifest, seal ----------------------------------------------------
     def _describe_in_place(self, snapshot: Snapshot) -> tuple[dict[str, int], list[tuple[str, ChunkEntry]]]:
@@ -147,9 +160,23 @@ class DaemonTier(StorageTier):
         return None
 
     def flush(self, snapshot: Snapshot, storage: Storage | None) -> int:
-        step, segment = snapshot.step, self.allocator.segment_name(snapshot.buffer)
-        mine = self._describe_in_place(snapshot)
+        step, problem = snapshot.step, self.allocator.problem(snapshot.buffer)
+
+        def describe() -> tuple[dict[str, int], list[tuple[str, ChunkEntry]]]:
+            if problem is not None:  # every rank fails this step alike (map_reduce), so none seals half of it
+                raise DaemonUnavailableError(
+                    f"snapshot daemon {self.client.dir}: {problem}. Snapshots stay in this process's pool and go on "
+                    "to the disk and remote tiers; a daemon started there again is used from the next save after "
+                    f"it answers (checked every {segments.RECONNECT_SECS:g} s)")
+            return self._describe_in_place(snapshot)
+
         plan = snapshot.manifest()
+        mine: tuple[dict[str, int], list[tuple[str, ChunkEntry]]] | None = None
+
+        def map_fn() -> tuple[dict[str, int], list[tuple[str, ChunkEntry]]]:
+            nonlocal mine
+            mine = describe()
+            return mine
 
         def commit_all(results: list[Any]) -> list[str]:
             assert plan is not None, "the coordinator holds the manifest plan"
@@ -159,12 +186,29 @@ class DaemonTier(StorageTier):
             return [m.to_json().decode()] + [""] * (len(results) - 1)
 
         manifest = self.dw.map_reduce(f"ckpt tier {self.name!r} step {step}: checksums and manifest",
-                                      lambda: mine, commit_all)
+                                      map_fn, commit_all)
+        assert mine is not None
         meta = {"save_id": snapshot.save_id, **({"manifest": manifest} if manifest else {})}
-        self.dw.run(f"ckpt tier {self.name!r} step {step}: sealing",
-                    lambda: self.client.request("seal", segment=segment, step=step, world=self.dw.world_size,
-                                                meta=meta))
+        segment = self.allocator.segment_name(snapshot.buffer)
+
+        def seal() -> None:
+            try:
+                self.client.request("seal", segment=segment, step=step, world=self.dw.world_size, meta=meta)
+            except DaemonUnavailableError as e:
+                self.allocator._lost(e)
+                raise
+
+        self.dw.run(f"ckpt tier {self.name!r} step {step}: sealing", seal)
         return sum(e.byte_length for _, e in mine[1])
+
+    def _flush_one(self, snapshot: Snapshot) -> FlushResult:
+        """An unreachable daemon fails every step alike; its first failure is reported, the rest are quiet."""
+        res = super()._flush_one(snapshot)
+        if res.ok:
+            self._outage = False
+        elif isinstance(res.error, DaemonUnavailableError):
+            res.quiet, self._outage = self._outage, True
+        return res
 
     def _after_commit(self, step: int) -> None:
         """Nothing to move: the daemon keeps the newest sealed steps of the run (its ``keep_last``)."""

@@ -170,6 +170,62 @@ def test_a_sealed_step_exists_at_every_moment_while_the_next_seal_is_slow(daemon
         client.close()
 
 
+def test_the_daemon_sigkilled_mid_run(ddir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daemon dies at step 4 and a new one starts in its directory at step 8. Training never stops: one
+    ``TierError`` names the daemon (at the save after it died), the steps in between are snapshotted in the
+    trainer's own pool and committed to disk bit-exact, and from step 8 on snapshots are sealed in the new daemon,
+    from which a new process restores the last step."""
+    import ckpt
+    from ckpt.tiers import step_dir
+    from snapshot_daemon import client, segments
+    from tests.daemon_utils import kill_pid
+
+    monkeypatch.setattr(segments, "RECONNECT_SECS", 0.0)
+    pids = [client.start(ddir, memory_budget=64 * 2**20)["pid"]]
+    root = tmp_path / "run"
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Embedding(37, 11), torch.nn.LayerNorm(11), torch.nn.Linear(11, 7))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        state: dict[str, Any] = {"model": model, "optim": opt, "step": 0}
+        cp = ckpt.Checkpointer(str(root), disk_every=2, keep_last=None, daemon=str(ddir))
+        refs, errors = {}, []
+        for step in range(1, 13):
+            g = torch.Generator().manual_seed(step)
+            model(torch.randint(0, 37, (4, 5), generator=g)).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            state["step"] = step
+            refs[step] = {k: v.clone() for k, v in model.state_dict().items()}
+            if step == 4:
+                kill_pid(pids[0])
+            if step == 8:
+                pids.append(client.start(ddir, memory_budget=64 * 2**20)["pid"])
+            try:
+                cp.save(step, state).wait()
+            except ckpt.TierError as e:
+                errors.append((step, str(e)))
+        cp.wait()
+        assert len(errors) == 1, errors
+        assert errors[0][0] == 5 and "tier 'daemon' step 4" in errors[0][1] and str(ddir) in errors[0][1], errors
+        daemon_steps = cp.steps("daemon")
+        assert daemon_steps and daemon_steps[-1] == 12 and all(s >= 8 for s in daemon_steps), daemon_steps
+        assert {4, 6, 8, 10, 12} <= set(cp.steps("disk")), cp.steps("disk")
+        for step in (4, 6):  # snapshotted while the daemon was away: from the trainer's own pool, bit-exact
+            fresh = torch.nn.Sequential(torch.nn.Embedding(37, 11), torch.nn.LayerNorm(11), torch.nn.Linear(11, 7))
+            ckpt.load({"model": fresh}, str(root / step_dir(step)), strict=False)
+            for k, v in fresh.state_dict().items():
+                assert torch.equal(v, refs[step][k]), (step, k)
+        cp.close()
+        torch.save({"model": refs[12], "optim": {"state": {}}, "step": 12}, tmp_path / "12.pt")
+        q = _py(RESTORER, str(ddir), str(root), str(tmp_path))
+        res = json.loads(q.communicate(timeout=120)[0].strip().splitlines()[-1])
+        assert res["step"] == 12 and res["last_restore"]["source"] == "daemon" and res["bad"] == [], res
+    finally:
+        for pid in pids:
+            kill_pid(pid)
+
+
 # -- 2 ranks -------------------------------------------------------------------------------------------------------
 def _train(rank: int, world_size: int, root: str | None, ddir: str | None, first: int, last: int,
            restore: bool = False) -> dict[str, Any]:
