@@ -262,3 +262,25 @@ def test_two_ranks_restart_from_the_daemon_and_continue_bit_identically(daemon: 
         lr = second[rank]["last_restore"]
         assert second[rank]["restored"] == 4 and lr["source"] == "daemon" and lr["storage_bytes_read"] == 0, lr
         assert compare(second[rank]["final"], want[rank]["final"], f"rank {rank}") == []
+
+
+def test_torchrun_restarts_a_killed_worker_from_the_daemon(daemon: dict, ddir: Path, tmp_path: Path) -> None:
+    """A real ``torchrun --max-restarts 1`` job (2 gloo workers, FSDP2): rank 1 SIGKILLs itself after step 3 is
+    sealed; torchrun restarts both workers, which restore step 3 or later from the daemon (no byte from storage)
+    and end bit-identical to an uninterrupted run."""
+    want = run_distributed(_train, 2, None, None, 1, 6)
+    out = tmp_path / "out"
+    out.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "--max-restarts", "1", "--monitor-interval", "0.5", str(ROOT / "tests" / "torchrun_worker.py"), str(ddir),
+           str(tmp_path / "run"), str(out), "3", "6"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for rank in range(2):
+        got = torch.load(out / f"rank{rank}.pt", weights_only=False)
+        lr = got["last_restore"]
+        assert got["attempt"] == 1, got["attempt"]
+        assert lr is not None and lr["source"] == "daemon" and lr["storage_bytes_read"] == 0 and lr["step"] >= 3, lr
+        assert got["first"] == lr["step"] + 1
+        assert compare(got["final"], want[rank]["final"], f"rank {rank}") == []
