@@ -30,7 +30,7 @@ from ckpt.snapshot_handle import (MEMORY, BackgroundErrors, MetricsLog, Snapshot
 from ckpt.stager import StagedSnapshot, Stager
 from ckpt.staging import BACKGROUND_PRIORITIES, Copier, StagingHandle
 from ckpt.state import flatten_state, walk_objects
-from ckpt.tiers import FlushJob, FlushResult, Tier, open_tier, tier_group
+from ckpt.tiers import CopyJob, FlushJob, FlushResult, Tier, open_tier, tier_group
 
 __all__ = ["Checkpointer", "SnapshotHandle", "SnapshotMetrics", "TierError"]
 
@@ -250,12 +250,29 @@ class Checkpointer:
                                     lenient_prefixes=(RNG_KEY + "/",))
                     self.last_restore = {"step": want, "source": tier.name, "secs": time.perf_counter() - t0,
                                          "storage_bytes_read": 0 if tier.name == DAEMON else None}
+                    if tier.name == DAEMON:
+                        self._persist_from(tier, want, per)
                     return want
         finally:
             if full is not state:  # values loaded into the top level of the copy that carries the RNG entry
                 for k in state:
                     state[k] = full[k]
         raise CheckpointNotFoundError(f"{self.root}: step {want} vanished while restoring")  # pragma: no cover
+
+    def _persist_from(self, source: Tier, step: int, per: dict[str, list[int]]) -> None:
+        """``step`` was restored from the daemon: where it was due on a persistent tier that never committed it
+        (the trainer died during that flush) and that has nothing newer, copy it there in the background."""
+        for t in self.tiers:
+            done = per.get(t.name, [])
+            if t is source or not t.due(step) or step in done or (done and done[-1] > step):
+                continue
+
+            def copied(res: FlushResult) -> None:
+                if not res.ok:
+                    self.errors.record(f"tier {res.tier!r} step {res.step} (from the daemon): "
+                                       f"{type(res.error).__name__}: {res.error}")
+
+            t.submit(CopyJob(step, source.storage_for(step), copied))
 
     def close(self) -> None:
         """Finish pending work, remove the optimizer hooks, free the pool. Raises pending failures."""

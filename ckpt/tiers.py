@@ -80,6 +80,16 @@ class FlushJob:
 
 
 @dataclass
+class CopyJob:
+    """Copy committed ``step`` verbatim from ``source`` (another tier's storage of it) into the tier, then call
+    ``done`` (tier thread). Data files first, split across ranks; the manifest last, by the coordinator."""
+
+    step: int
+    source: Storage
+    done: Callable[[FlushResult], None]
+
+
+@dataclass
 class _Drain:
     """Queued behind every submitted job: set once they are all done."""
 
@@ -96,7 +106,7 @@ class Tier(Protocol):
 
     def due(self, step: int) -> bool: ...
 
-    def submit(self, job: FlushJob) -> None: ...
+    def submit(self, job: FlushJob | CopyJob) -> None: ...
 
     def committed_steps(self) -> list[int]: ...
 
@@ -171,7 +181,7 @@ class StorageTier:
         self.storage_options = storage_options
         self.root: Any = self._open_root()
         self.dw = DistWrapper(group)
-        self._queue: queue.Queue[FlushJob | _Drain | None] = queue.Queue()
+        self._queue: queue.Queue[FlushJob | CopyJob | _Drain | None] = queue.Queue()
         self._thread: threading.Thread | None = None
 
     def _open_root(self) -> Any:
@@ -212,7 +222,7 @@ class StorageTier:
         return sorted(steps)
 
     # -- flushing (background) ---------------------------------------------------------------------------------
-    def submit(self, job: FlushJob) -> None:
+    def submit(self, job: FlushJob | CopyJob) -> None:
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._run, name=f"ckpt-flush-{self.name}", daemon=True)
             self._thread.start()
@@ -227,13 +237,37 @@ class StorageTier:
             if isinstance(job, _Drain):  # everything queued before it is done
                 job.event.set()
                 continue
-            job.done(self._flush_one(job.snapshot))
+            job.done(self._copy_one(job) if isinstance(job, CopyJob) else self._flush_one(job.snapshot))
 
     def _flush_one(self, snapshot: Snapshot) -> FlushResult:
         step, t0 = snapshot.step, time.perf_counter()
         try:
             nbytes = self.flush(snapshot, self.target_for(step))
             self.dw.run(f"ckpt tier {self.name!r} step {step}: retention", lambda: self._after_commit(step))
+            return FlushResult(self.name, step, True, time.perf_counter() - t0, nbytes)
+        except BaseException as e:  # noqa: BLE001 - reported to the Checkpointer, raised on its next call
+            return FlushResult(self.name, step, False, time.perf_counter() - t0, 0, e)
+
+    def _copy_one(self, job: CopyJob) -> FlushResult:
+        """A committed step of another tier, byte for byte (collective over the tier's group): what an uncommitted
+        attempt left in the step's folder goes first, ``latest`` moves only after the manifest is committed."""
+        step, t0, phase = job.step, time.perf_counter(), f"ckpt tier {self.name!r} step {job.step} (copy)"
+        try:
+            target = self.target_for(step)
+
+            def clear() -> None:
+                if self.dw.is_coordinator:
+                    left = target.list("")
+                    if left:
+                        target.delete(left)
+
+            self.dw.run(f"{phase}: clearing an uncommitted attempt", clear)
+            files = [p for p in job.source.list("") if p != MANIFEST_NAME]
+            mine = files[self.dw.rank::self.dw.world_size]
+            nbytes = self.dw.run(f"{phase}: data", lambda: sum(target.write(p, [job.source.read(p)]) for p in mine))
+            self.dw.run(f"{phase}: manifest", lambda: target.commit(MANIFEST_NAME, job.source.read(MANIFEST_NAME))
+                        if self.dw.is_coordinator else None)
+            self.dw.run(f"{phase}: retention", lambda: self._after_commit(step))
             return FlushResult(self.name, step, True, time.perf_counter() - t0, nbytes)
         except BaseException as e:  # noqa: BLE001 - reported to the Checkpointer, raised on its next call
             return FlushResult(self.name, step, False, time.perf_counter() - t0, 0, e)

@@ -78,6 +78,36 @@ cp.close()
 """
 
 
+SLOW_DISK_TRAINER = """
+import json, sys, time, torch, ckpt
+from ckpt.tiers import StorageTier
+d, root, refs = sys.argv[1], sys.argv[2], sys.argv[3]
+flush = StorageTier.flush
+def stuck(self, snapshot, storage):  # the disk flush of step 4 is cut short by the SIGKILL
+    if self.name == "disk" and snapshot.step == 4:
+        storage.write("data/partial.bin", [b"x" * 100])
+        time.sleep(3600)
+    return flush(self, snapshot, storage)
+StorageTier.flush = stuck
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Embedding(37, 11), torch.nn.LayerNorm(11), torch.nn.Linear(11, 7))
+opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+state = {"model": model, "optim": opt, "step": 0}
+cp = ckpt.Checkpointer(root, disk_every=2, daemon=d, memory_slots=3)
+for step in range(1, 5):
+    g = torch.Generator().manual_seed(step)
+    model(torch.randint(0, 37, (4, 5), generator=g)).pow(2).mean().backward()
+    opt.step(); opt.zero_grad()
+    state["step"] = step
+    torch.save({"model": model.state_dict(), "optim": opt.state_dict(), "step": step}, f"{refs}/{step}.pt")
+    cp.save(step, state)
+while 4 not in cp.steps("daemon"):
+    time.sleep(0.02)
+print(json.dumps({"sealed": 4}), flush=True)
+time.sleep(3600)
+"""
+
+
 def _py(code: str, *args: str, **kw: Any) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT, stdout=subprocess.PIPE, text=True, **kw)
 
@@ -284,3 +314,49 @@ def test_torchrun_restarts_a_killed_worker_from_the_daemon(daemon: dict, ddir: P
         assert lr is not None and lr["source"] == "daemon" and lr["storage_bytes_read"] == 0 and lr["step"] >= 3, lr
         assert got["first"] == lr["step"] + 1
         assert compare(got["final"], want[rank]["final"], f"rank {rank}") == []
+
+
+def test_a_step_due_on_disk_gets_there_after_the_trainer_died_during_its_flush(daemon: dict, ddir: Path,
+                                                                                tmp_path: Path) -> None:
+    """The trainer is SIGKILLed while step 4 is sealed in the daemon but its disk flush (due: disk_every=2) is
+    half done. The restarted job restores step 4 from the daemon and copies it to disk from daemon memory: the
+    half-written attempt is cleared, ``latest`` moves to 4 only with the commit, and the disk copy loads
+    bit-exact."""
+    import ckpt
+    from ckpt.tiers import step_dir
+
+    root, refs = tmp_path / "run", tmp_path / "refs"
+    refs.mkdir()
+    p = _py(SLOW_DISK_TRAINER, str(ddir), str(root), str(refs))
+    assert json.loads(p.stdout.readline())["sealed"] == 4
+    assert (root / step_dir(4) / "data" / "partial.bin").exists()
+    os.kill(p.pid, signal.SIGKILL)
+    p.communicate(timeout=30)
+    assert (root / "latest").read_text().strip() == "2"
+
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Embedding(37, 11), torch.nn.LayerNorm(11), torch.nn.Linear(11, 7))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(torch.zeros(1, 1, dtype=torch.long)).sum().backward()
+    opt.step()
+    opt.zero_grad()
+    state = {"model": model, "optim": opt, "step": -1}
+    with ckpt.Checkpointer(str(root), disk_every=2, daemon=str(ddir)) as cp:
+        assert cp.restore(state) == 4 and cp.last_restore["source"] == "daemon"
+        cp.wait()
+        assert 4 in cp.steps("disk")
+    assert (root / "latest").read_text().strip() == "4"
+    assert not (root / step_dir(4) / "data" / "partial.bin").exists()
+    want = torch.load(refs / "4.pt")
+    model2 = torch.nn.Sequential(torch.nn.Embedding(37, 11), torch.nn.LayerNorm(11), torch.nn.Linear(11, 7))
+    opt2 = torch.optim.AdamW(model2.parameters(), lr=1e-2)
+    model2(torch.zeros(1, 1, dtype=torch.long)).sum().backward()
+    opt2.step()
+    got = {"model": model2, "optim": opt2, "step": -1}
+    ckpt.load(got, str(root / step_dir(4)), strict=False)
+    assert got["step"] == 4
+    for k, v in want["model"].items():
+        assert torch.equal(model2.state_dict()[k], v), k
+    for i, st in want["optim"]["state"].items():
+        for k, v in st.items():
+            assert torch.equal(opt2.state_dict()["state"][i][k], v), (i, k)
