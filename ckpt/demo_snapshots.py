@@ -1,8 +1,10 @@
 """Part two of ``make demo``: snapshots every step, a SIGKILL mid-run, an automatic resume, a stall table.
 
-The parent starts a trainer process that snapshots every step (memory every step, disk every step, keep 3),
-kills it with SIGKILL once a few steps are committed, starts a new trainer that resumes from the last committed
-step, and checks the final state against an uninterrupted run, bit for bit.
+The parent starts a snapshot daemon (``ckpt daemon start`` in a private directory on /dev/shm) and a trainer
+process that snapshots every step into it (the memory tier in the daemon, disk every step, keep 3), kills the
+trainer with SIGKILL once a few steps are committed, starts a new trainer that resumes from the daemon's memory
+(printing where the restore came from and how long it took), checks the final state against an uninterrupted
+run, bit for bit, and stops the daemon.
 """
 
 from __future__ import annotations
@@ -56,11 +58,12 @@ def train(root: str, resume: bool, sleep_secs: float, quiet: bool = False) -> di
     sched = torch.optim.lr_scheduler.StepLR(optim, step_size=4, gamma=0.5)
     data = SampleStream()
     state = {"model": model, "optim": optim, "sched": sched, "data": data, "step": 0}
-    cp = ckpt.Checkpointer(root, memory_every=1, disk_every=1, keep_last=3) if root else None
+    daemon = os.environ.get("DEMO_DAEMON") or None
+    cp = ckpt.Checkpointer(root, memory_every=1, disk_every=1, keep_last=3, daemon=daemon) if root else None
     start = 0
     if cp is not None and resume and cp.latest_step() is not None:
         start = cp.restore(state)
-        print(json.dumps({"event": "resumed", "step": start}), flush=True)
+        print(json.dumps({"event": "resumed", **(cp.last_restore or {})}), flush=True)
     for step in range(start + 1, TOTAL_STEPS + 1):
         loss = _train_step(model, optim, data.next_batch())
         sched.step()
@@ -81,11 +84,35 @@ def _trainer_cmd(root: str, resume: bool, out: str) -> list[str]:
 
 
 def run(run_dir: str) -> int:
+    import shutil
+    import tempfile
+
+    from snapshot_daemon import client
+
+    parent = tempfile.mkdtemp(prefix="ckpt-demo-daemon-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    ddir = os.path.join(parent, "d")
+    doc = client.start(ddir, memory_budget=256 * 2**20)
+    print(f"5. snapshot daemon started (pid {doc['pid']}, {ddir}); it outlives the trainers it serves")
+    try:
+        return _run(run_dir, ddir)
+    finally:
+        try:
+            stopped = client.stop(ddir)
+            print(f"  snapshot daemon stopped, {stopped.get('freed_bytes', 0)} bytes of snapshots freed")
+        except Exception as e:  # noqa: BLE001 - it is killed below either way
+            print(f"  snapshot daemon stop: {e}", file=sys.stderr)
+            os.kill(doc["pid"], signal.SIGKILL)
+        shutil.rmtree(parent, ignore_errors=True)
+
+
+def _run(run_dir: str, ddir: str) -> int:
     root = os.path.join(run_dir, "snapshots")
+    env = {**os.environ, "DEMO_DAEMON": ddir}
     kill_after = random.Random().randint(4, 8)
-    print(f"5. trainer with a snapshot every step (memory + disk, keep 3); SIGKILL after step {kill_after} ...")
+    print(f"  trainer with a snapshot every step (memory in the daemon + disk, keep 3); SIGKILL after step "
+          f"{kill_after} ...")
     proc = subprocess.Popen(_trainer_cmd(root, False, os.path.join(run_dir, "unused.pt")),
-                            stdout=subprocess.PIPE, text=True, env={**os.environ, "DEMO_SLEEP": "0.2"})
+                            stdout=subprocess.PIPE, text=True, env={**env, "DEMO_SLEEP": "0.2"})
     assert proc.stdout is not None
     for line in proc.stdout:
         ev = json.loads(line)
@@ -96,18 +123,20 @@ def run(run_dir: str) -> int:
     proc.wait()
     print(f"  trainer killed with SIGKILL (exit {proc.returncode})")
 
-    print("\n6. a new trainer resumes from the last committed step automatically ...")
+    print("\n6. a new trainer resumes from the last committed step automatically (the daemon's memory first) ...")
     resumed_out = os.path.join(run_dir, "resumed.pt")
-    out = subprocess.run(_trainer_cmd(root, True, resumed_out), capture_output=True, text=True)
+    out = subprocess.run(_trainer_cmd(root, True, resumed_out), capture_output=True, text=True, env=env)
     if out.returncode:
         print(out.stderr, file=sys.stderr)
         return 1
-    resumed_at = 0
+    resumed_at, source = 0, None
     for line in out.stdout.splitlines():
         ev = json.loads(line)
         if ev["event"] == "resumed":
-            resumed_at = ev["step"]
-            print(f"  [trainer 2] restored step {ev['step']}")
+            resumed_at, source = ev["step"], ev["source"]
+            read = ev["storage_bytes_read"]
+            print(f"  [trainer 2] restored step {ev['step']} from {ev['source']} in {ev['secs'] * 1e3:.1f} ms "
+                  f"({'no byte from storage' if read == 0 else 'storage bytes read: ' + str(read)})")
         else:
             print(f"  [trainer 2] step {ev['step']} loss {ev['loss']:.4f}")
 
@@ -116,6 +145,9 @@ def run(run_dir: str) -> int:
     resumed = torch.load(resumed_out, weights_only=True)
     same = all(torch.equal(reference[k], resumed[k]) for k in reference)
     print(f"  final parameters identical to the uninterrupted run: {same}")
+    if source != "daemon":
+        print(f"  expected the restore to come from the daemon's memory, it came from {source}", file=sys.stderr)
+        same = False
 
     print("\n8. training stall per snapshot (trainer 2, from metrics/rank_00000.jsonl):")
     print_stall_table(os.path.join(root, "metrics", "rank_00000.jsonl"), after_step=resumed_at)
