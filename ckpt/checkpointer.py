@@ -81,6 +81,7 @@ class Checkpointer:
                                         {"run": run, "rank": self.dw.rank, "world": self.dw.world_size},
                                         background_priority, save_options=self.save_options))
             allocator = getattr(self.tiers[0], "allocator", allocator)
+        import torch.distributed.checkpoint.state_dict  # noqa: F401, PLC0415 - its import (~50 ms) not in the first save
         self.stager = Stager(HostBufferPool(memory_slots, allocator), Copier(background_priority))
         self.pool, self.copier = self.stager.pool, self.stager.copier
         if disk_every:
@@ -257,6 +258,11 @@ class Checkpointer:
             if full is not state:  # values loaded into the top level of the copy that carries the RNG entry
                 for k in state:
                     state[k] = full[k]
+        if want in per[MEMORY]:  # only the in-process snapshot has it, and it does not fit this state
+            raise CheckpointNotFoundError(
+                f"{self.root}: step {want} is only in this process's memory snapshot, whose keys or shapes differ "
+                "from the state passed to restore on at least one rank; pass the state the snapshot was taken of "
+                "(same model and optimizer), or restore a step persisted on disk")
         raise CheckpointNotFoundError(f"{self.root}: step {want} vanished while restoring")  # pragma: no cover
 
     def _persist_from(self, source: Tier, step: int, per: dict[str, list[int]]) -> None:

@@ -28,7 +28,7 @@ class SegmentAllocator(Protocol):
     """Provides byte segments for slots. Called by ``HostBufferPool`` on the trainer's main thread."""
 
     def allocate(self, nbytes: int, name: str) -> torch.Tensor:
-        """A 1-D ``uint8`` CPU tensor of ``nbytes``, already touched (no page faults on first copy)."""
+        """A 1-D ``uint8`` CPU tensor of ``nbytes`` (the pool touches it off the training thread if need be)."""
 
     def free(self, segment: torch.Tensor, name: str) -> None:
         """Give ``segment`` back."""
@@ -42,15 +42,14 @@ class SegmentAllocator(Protocol):
 
 
 class HostAllocator:
-    """Plain (or pinned, when CUDA is available) host tensors, zero-filled once to fault the pages in."""
+    """Plain (or pinned, when CUDA is available) host tensors. Not touched here: the pool faults the pages in off
+    the training thread (the first slot in its first copy, on the copier thread; the others in ``prepare``)."""
 
     def __init__(self, pin_memory: bool | None = None) -> None:
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
 
     def allocate(self, nbytes: int, name: str) -> torch.Tensor:
-        seg = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin_memory)
-        seg.zero_()
-        return seg
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin_memory)
 
     def free(self, segment: torch.Tensor, name: str) -> None:
         del segment
@@ -74,6 +73,8 @@ class Slot:
     #: Views of ``buffer`` a user keeps across snapshots (the Checkpointer: one per region of its layout), keyed
     #: by what they were made for; dropped whenever ``buffer`` is replaced.
     views: dict[Any, Any] = field(default_factory=dict)
+    #: Set while a background thread sizes this free slot (``HostBufferPool._prepare_others``).
+    ready: "threading.Event | None" = None
 
     @property
     def capacity_bytes(self) -> int:
@@ -94,6 +95,7 @@ class HostBufferPool:
         self._held: Slot | None = None  # a tier's newest committed snapshot that lives in the slot itself (hold)
         self._next = 0
         self.allocated_bytes = 0
+        self._preparer: threading.Thread | None = None
 
     def _reusable(self, slot: Slot) -> bool:
         if slot.state == STAGING or slot.pending:
@@ -132,19 +134,55 @@ class HostBufferPool:
             slot.state, slot.step, slot.snapshot = STAGING, None, None
             slot.pending = set(tiers or ())
         waited = time.perf_counter() - t0
+        if slot.ready is not None:  # being sized in the background (prepare_others): that finishes first
+            slot.ready.wait()
+        self._fit(slot, nbytes)
+        self._prepare_others(nbytes)
+        begin = getattr(self.allocator, "begin", None)
+        if begin is not None and step is not None:
+            begin(slot.buffer, step)
+        return slot, waited
+
+    def _fit(self, slot: Slot, nbytes: int) -> None:
+        """Give ``slot`` a segment of at least ``nbytes`` of the allocator's (grown, or replaced when the allocator
+        no longer owns it); untouched otherwise."""
         owns = getattr(self.allocator, "owns", None)
         if slot.capacity_bytes < nbytes or (owns is not None and slot.buffer.numel() and not owns(slot.buffer)):
             old = slot.buffer
             slot.views = {}  # before the free: views must not keep a released segment alive
             if old.numel():
                 self.allocator.free(old, f"{self.name}-{slot.index}")
-                self.allocated_bytes -= int(old.numel())
+                with self._cond:
+                    self.allocated_bytes -= int(old.numel())
             slot.buffer = self.allocator.allocate(nbytes, f"{self.name}-{slot.index}")
-            self.allocated_bytes += nbytes
-        begin = getattr(self.allocator, "begin", None)
-        if begin is not None and step is not None:
-            begin(slot.buffer, step)
-        return slot, waited
+            with self._cond:
+                self.allocated_bytes += nbytes
+
+    def _prepare_others(self, nbytes: int) -> None:
+        """Size the free slots that are too small for ``nbytes`` in a background thread, so the next snapshots
+        find them allocated (pinned host memory, daemon segments: milliseconds to seconds) and no save after the
+        first pays for it. A slot being prepared is handed out only once it is ready."""
+        with self._cond:
+            todo = [s for s in self.slots if s.state == FREE and s.ready is None and s.capacity_bytes < nbytes]
+            for s in todo:
+                s.ready = threading.Event()
+        if not todo:
+            return
+
+        def work() -> None:
+            for s in todo:
+                try:
+                    self._fit(s, nbytes)
+                    s.buffer.zero_()  # fault the pages in now, not in the copy of a later snapshot
+                except Exception:  # noqa: BLE001 - acquire sizes it again on the main thread and raises there
+                    pass
+                finally:
+                    ready, s.ready = s.ready, None
+                    if ready is not None:
+                        ready.set()
+
+        self._preparer = threading.Thread(target=work, name=f"{self.name}-pool-prepare", daemon=True)
+        self._preparer.start()
 
     def mark_staged(self, slot: Slot, step: int) -> None:
         """Staging finished: ``slot`` is the newest in-memory snapshot (tiers may still be flushing from it)."""
@@ -184,6 +222,8 @@ class HostBufferPool:
             return self._latest
 
     def close(self) -> None:
+        if self._preparer is not None:
+            self._preparer.join()
         close = getattr(self.allocator, "close", None)
         with self._cond:
             for slot in self.slots:

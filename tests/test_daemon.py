@@ -302,7 +302,9 @@ def test_the_allocator_maps_daemon_segments_into_a_pool(daemon: dict, ddir: Path
         slot, _ = pool.acquire(10_000)
         slot.buffer.copy_(torch.arange(10_000, dtype=torch.int64).to(torch.uint8))
         name = alloc.segment_name(slot.buffer)
-        assert c.request("status")["segments"] == 1
+        assert pool._preparer is not None  # the other slot is sized in the background, ready for the next save
+        pool._preparer.join()
+        assert c.request("status")["segments"] == 2 and c.request("status")["memory_used"] == 20_000
         slot2, _ = pool.acquire(20_000)
         assert slot2 is not slot and c.request("status")["memory_used"] == 30_000
         pool.mark_staged(slot, 1)
