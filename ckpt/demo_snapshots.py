@@ -83,22 +83,37 @@ def _trainer_cmd(root: str, resume: bool, out: str) -> list[str]:
     return [sys.executable, "-m", "ckpt.demo_snapshots", "--trainer", root, "--out", out] + (["--resume"] if resume else [])
 
 
+def _daemon(*args: str) -> dict:
+    """``ckpt daemon ARGS --json`` in this process (the daemon is a plugin command: ckpt never imports it)."""
+    import contextlib
+    import io
+
+    from ckpt.cli import main as cli_main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = cli_main(["daemon", *args, "--json"])
+    if rc:
+        raise RuntimeError(f"ckpt daemon {' '.join(args)} exited {rc}: {out.getvalue()}")
+    return json.loads(out.getvalue())
+
+
 def run(run_dir: str) -> int:
     import shutil
     import tempfile
 
-    from snapshot_daemon import client
-
     parent = tempfile.mkdtemp(prefix="ckpt-demo-daemon-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
     ddir = os.path.join(parent, "d")
-    doc = client.start(ddir, memory_budget=256 * 2**20)
-    print(f"5. snapshot daemon started (pid {doc['pid']}, {ddir}); it outlives the trainers it serves")
+    doc = _daemon("start", "--dir", ddir, "--memory-budget", "256MiB")
+    print(f"5. snapshot daemon started (ckpt daemon start: pid {doc['pid']}, {ddir}); it outlives the trainers "
+          "it serves")
     try:
         return _run(run_dir, ddir)
     finally:
         try:
-            stopped = client.stop(ddir)
-            print(f"  snapshot daemon stopped, {stopped.get('freed_bytes', 0)} bytes of snapshots freed")
+            stopped = _daemon("stop", "--dir", ddir)
+            print(f"  snapshot daemon stopped (ckpt daemon stop), {stopped.get('freed_bytes', 0)} bytes of "
+                  "snapshots freed")
         except Exception as e:  # noqa: BLE001 - it is killed below either way
             print(f"  snapshot daemon stop: {e}", file=sys.stderr)
             os.kill(doc["pid"], signal.SIGKILL)
