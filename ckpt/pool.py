@@ -136,7 +136,13 @@ class HostBufferPool:
         waited = time.perf_counter() - t0
         if slot.ready is not None:  # being sized in the background (prepare_others): that finishes first
             slot.ready.wait()
-        self._fit(slot, nbytes)
+        try:
+            self._fit(slot, nbytes)
+        except BaseException:  # the slot holds nothing: hand it out again, or the next acquire waits forever
+            self.abandon(slot)
+            with self._cond:
+                slot.pending = set()
+            raise
         self._prepare_others(nbytes)
         begin = getattr(self.allocator, "begin", None)
         if begin is not None and step is not None:

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import torch
 
-from ckpt.errors import DaemonError, DaemonUnavailableError
+from ckpt.errors import DaemonBudgetError, DaemonError, DaemonUnavailableError
 from snapshot_daemon.client import DaemonClient
 
 
@@ -59,6 +59,8 @@ class DaemonAllocator:
         self.connect = connect
         self._maps: dict[int, tuple[str, mmap.mmap]] = {}  # this daemon's segments: data_ptr -> (name, mapping)
         self._stale: dict[int, tuple[str | None, Any]] = {}  # from before the daemon went away, or host fallback
+        #: Host segments handed out because the daemon refused a segment for its budget: data_ptr -> (why, when).
+        self._refused: dict[int, tuple[str, float]] = {}
         #: Why the daemon cannot be used now (None while it can), and when that was last tried.
         self.down: str | None = None
         self._tried = 0.0
@@ -82,9 +84,23 @@ class DaemonAllocator:
         """Why a snapshot in ``segment`` cannot be sealed in the daemon, or None."""
         if self.down is not None:
             return self.down
+        refused = self.refused(segment)
+        if refused is not None:
+            return refused
         if segment.data_ptr() not in self._maps:
             return f"this snapshot was staged while the snapshot daemon {self.client.dir} was away"
         return None
+
+    def refused(self, segment: torch.Tensor) -> str | None:
+        """Why the daemon refused a segment for this snapshot (its budget: the need, the budget and the fix), or
+        None when it did not."""
+        got = self._refused.get(segment.data_ptr())
+        return None if got is None else got[0]
+
+    @property
+    def refusing(self) -> bool:
+        """Whether some segment handed out is host memory because the daemon refused it for its budget."""
+        return bool(self._refused)
 
     def owns(self, segment: torch.Tensor) -> bool:
         """Whether ``segment`` is a segment of the daemon in use (always True while it is away: keep what you have);
@@ -98,15 +114,28 @@ class DaemonAllocator:
             if fresh is not None:
                 self.client.close()
                 self.client, self.down = fresh, None
+        refused = self._refused.get(segment.data_ptr())
+        if refused is not None:  # host memory for a refused segment: ask the daemon again every RECONNECT_SECS
+            return time.monotonic() - refused[1] < RECONNECT_SECS
         return self.down is not None or segment.data_ptr() in self._maps
 
+    def _host(self, nbytes: int) -> torch.Tensor:
+        host = torch.zeros(nbytes, dtype=torch.uint8)
+        self._stale[host.data_ptr()] = (None, host)
+        return host
+
     def allocate(self, nbytes: int, name: str) -> torch.Tensor:
-        reply = self._request("alloc", run=self.run, shard=self.shard, nbytes=max(1, nbytes)) if self.down is None \
-            else None
-        if reply is None:  # the daemon is away: this process's own memory until it is back
-            host = torch.zeros(nbytes, dtype=torch.uint8)
-            self._stale[host.data_ptr()] = (None, host)
+        try:
+            reply = self._request("alloc", run=self.run, shard=self.shard, nbytes=max(1, nbytes)) \
+                if self.down is None else None
+        except DaemonBudgetError as e:  # training goes on in this process's memory; the daemon tier reports why
+            host = self._host(nbytes)
+            self._refused[host.data_ptr()] = (f"{e}. This snapshot stays in the trainer's own pool and goes on to "
+                                              f"the disk and remote tiers; the daemon is asked again every "
+                                              f"{RECONNECT_SECS:g} s", time.monotonic())
             return host
+        if reply is None:  # the daemon is away: this process's own memory until it is back
+            return self._host(nbytes)
         seg, mm = map_segment(str(self.client.segment_path(reply["segment"])), nbytes)
         self._maps[seg.data_ptr()] = (reply["segment"], mm)
         return seg
@@ -145,11 +174,13 @@ class DaemonAllocator:
             self._unmap(mm)
         self._maps.clear()
         self._stale.clear()
+        self._refused.clear()
         self.client.close()
 
     def free(self, segment: torch.Tensor, name: str) -> None:
         ptr = segment.data_ptr()
         del segment
+        self._refused.pop(ptr, None)
         stale = self._stale.pop(ptr, None)
         if stale is not None:  # the daemon that made it is gone (or it is host memory): only unmap
             self._unmap(stale[1])

@@ -108,8 +108,9 @@ class Store:
             free = self.budget_bytes - self.used_bytes
             if nbytes > free:
                 raise DaemonBudgetError(
-                    f"a segment of {_human(nbytes)} for run {run!r} shard "
-                    f"{shard!r} does not fit: budget {_human(self.budget_bytes)}, in use {_human(self.used_bytes)} "
+                    f"a segment of {_human(nbytes)} ({nbytes} bytes) for run {run!r} shard {shard!r} does not fit: "
+                    f"budget {_human(self.budget_bytes)} ({self.budget_bytes} bytes), in use "
+                    f"{_human(self.used_bytes)} "
                     f"({len(self.segments)} segments); start the daemon with a larger --memory-budget, or save less "
                     "often into memory (fewer memory_slots)")
             name = f"seg-{secrets.token_hex(8)}"

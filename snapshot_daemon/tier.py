@@ -23,7 +23,7 @@ import os
 from typing import Any, Iterable, Sequence
 
 from ckpt.dist import DistWrapper
-from ckpt.errors import DaemonError, DaemonProtocolError, DaemonUnavailableError, StorageError
+from ckpt.errors import DaemonBudgetError, DaemonError, DaemonProtocolError, DaemonUnavailableError, StorageError
 from ckpt.options import SaveOptions
 from ckpt.policies import RetentionPolicy, SavePolicy
 from ckpt.tiers import FlushResult, Snapshot, StorageTier, register_tier
@@ -120,6 +120,7 @@ class DaemonTier(StorageTier):
         self.run, self.rank, self.world = str(opts["run"]), int(opts.get("rank", 0)), int(opts.get("world", 1))
         self.auto = where == "auto"
         self._outage = False  # the last flush found the daemon unreachable (reported once, then quiet)
+        self._budget_told = False  # a budget refusal was reported while the allocator still refuses
         super().__init__(name, url, cadence, retention, group, opts, priority, "raw", save_options)
 
     def _connect(self) -> DaemonClient:
@@ -163,6 +164,8 @@ class DaemonTier(StorageTier):
         step, problem = snapshot.step, self.allocator.problem(snapshot.buffer)
 
         def describe() -> tuple[dict[str, int], list[tuple[str, ChunkEntry]]]:
+            if self.allocator.refused(snapshot.buffer) is not None:  # its segment did not fit the daemon's budget
+                raise DaemonBudgetError(problem)
             if problem is not None:  # every rank fails this step alike (map_reduce), so none seals half of it
                 raise DaemonUnavailableError(
                     f"snapshot daemon {self.client.dir}: {problem}. Snapshots stay in this process's pool and go on "
@@ -202,12 +205,17 @@ class DaemonTier(StorageTier):
         return sum(e.byte_length for _, e in mine[1])
 
     def _flush_one(self, snapshot: Snapshot) -> FlushResult:
-        """An unreachable daemon fails every step alike; its first failure is reported, the rest are quiet."""
+        """An unreachable daemon fails every step alike; its first failure is reported, the rest are quiet. So is a
+        segment the daemon refused for its budget: reported once until every slot is in the daemon again."""
         res = super()._flush_one(snapshot)
+        if not self.allocator.refusing:
+            self._budget_told = False
         if res.ok:
             self._outage = False
         elif isinstance(res.error, DaemonUnavailableError):
             res.quiet, self._outage = self._outage, True
+        elif isinstance(res.error, DaemonBudgetError):  # once while any slot is refused (some may still fit)
+            res.quiet, self._budget_told = self._budget_told, True
         return res
 
     def _after_commit(self, step: int) -> None:

@@ -389,3 +389,61 @@ def test_a_step_due_on_disk_gets_there_after_the_trainer_died_during_its_flush(d
     for i, st in want["optim"]["state"].items():
         for k, v in st.items():
             assert torch.equal(opt2.state_dict()["state"][i][k], v), (i, k)
+
+
+@pytest.mark.parametrize("budget_slots", [0, 1])
+def test_a_snapshot_over_the_daemon_budget_is_refused_and_training_goes_on(ddir: Path, tmp_path: Path,
+                                                                           budget_slots: int) -> None:
+    """The daemon's budget holds no slot (0) or one of the two (1). Every save still snapshots and reaches disk
+    bit-exact; the refusal is one ``TierError`` naming the budget, the need and the fix, not one per save; the
+    refused snapshots live in the trainer's own pool; with one slot in budget the daemon still seals steps."""
+    import ckpt
+    from ckpt.tiers import step_dir
+    from snapshot_daemon import client
+    from tests.daemon_utils import kill_pid
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(1031, 64), torch.nn.LayerNorm(64), torch.nn.Linear(64, 7))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    need = 3 * sum(p.numel() * 4 for p in model.parameters())  # weights and two moments (and a little more)
+    budget = need // 2 if budget_slots == 0 else need * 3 // 2
+    pid = client.start(ddir, memory_budget=budget)["pid"]
+    root = tmp_path / "run"
+    try:
+        cp = ckpt.Checkpointer(str(root), disk_every=1, keep_last=None, daemon=str(ddir), memory_slots=2)
+        state: dict[str, Any] = {"model": model, "optim": opt, "step": 0}
+        refs, errors, saved = {}, [], []
+        for step in range(1, 9):
+            g = torch.Generator().manual_seed(step)
+            model(torch.randint(0, 1031, (4, 5), generator=g)).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            state["step"] = step
+            refs[step] = {k: v.clone() for k, v in model.state_dict().items()}
+            try:
+                cp.save(step, state).wait()
+                saved.append(step)
+            except ckpt.TierError as e:  # the refusal of an earlier step, raised once by this save
+                errors.append(str(e))
+                cp.save(step, state).wait()  # the loop goes on: the same step saves at once
+                saved.append(step)
+        cp.wait()
+        assert saved == list(range(1, 9))
+        assert len(errors) == 1, errors
+        assert "tier 'daemon'" in errors[0] and str(ddir) in errors[0] and "budget" in errors[0], errors[0]
+        assert "--memory-budget" in errors[0] and f"({budget} bytes)" in errors[0], errors[0]
+        assert cp.steps("disk") == list(range(1, 9))
+        for step in (1, 8):
+            fresh = torch.nn.Sequential(torch.nn.Embedding(1031, 64), torch.nn.LayerNorm(64),
+                                        torch.nn.Linear(64, 7))
+            ckpt.load({"model": fresh}, str(root / step_dir(step)), strict=False)
+            for k, v in fresh.state_dict().items():
+                assert torch.equal(v, refs[step][k]), (step, k)
+        sealed = cp.steps("daemon")
+        assert (sealed == []) if budget_slots == 0 else (sealed and sealed[-1] >= 7), sealed
+        cp.close()
+        with client.DaemonClient(ddir) as c:
+            st = c.request("status")
+        assert st["memory_used"] <= budget and st["memory_budget"] == budget, st
+    finally:
+        kill_pid(pid)

@@ -59,3 +59,33 @@ def test_a_memory_snapshot_of_another_structure_is_refused_with_what_to_do(tmp_p
         cp.save(1, {"model": model}).wait()
         with pytest.raises(ckpt.CheckpointNotFoundError, match="keys or shapes differ"):
             cp.restore({"model": torch.nn.Sequential(torch.nn.Embedding(37, 11), torch.nn.Linear(11, 5))})
+
+
+def test_a_failed_allocation_leaves_no_slot_stuck() -> None:
+    """An allocator that refuses (out of memory, a daemon's budget) fails that acquire only: the slot goes back to
+    the ring, so later acquires neither wait forever nor lose a slot."""
+    from ckpt.pool import HostBufferPool
+
+    class Refusing(HostAllocator):
+        refuse = 3
+
+        def allocate(self, nbytes: int, name: str) -> torch.Tensor:
+            if self.refuse:
+                self.refuse -= 1
+                raise MemoryError(f"{name}: no room for {nbytes} bytes")
+            return super().allocate(nbytes, name)
+
+    pool = HostBufferPool(2, Refusing(pin_memory=False))
+    for _ in range(3):
+        try:
+            pool.acquire(1000, timeout_secs=5)
+        except MemoryError:
+            pass
+        else:
+            raise AssertionError("the allocator refused, so acquire must raise")
+    slot, _ = pool.acquire(1000, timeout_secs=5)
+    assert slot.capacity_bytes >= 1000
+    pool.mark_staged(slot, 1)
+    other, _ = pool.acquire(1000, timeout_secs=5)
+    assert other is not slot
+    pool.close()
