@@ -121,12 +121,17 @@ class Stager:
             else:
                 eager.append((src.views[r.piece_index], dst))
         te = time.perf_counter()
+        if not slot.reserved and eager:  # only what the training thread writes now; the copier reserves the rest
+            base = slot.buffer.data_ptr()
+            self.pool.reserve(slot, [(d.data_ptr() - base, d.numel() * d.element_size()) for _, d in eager])
         copy_all(eager)
         m.eager_copy_secs = time.perf_counter() - te
         m.staged_bytes = lay.staged_bytes
         slot.snapshot = snap
         self.current_metrics = m
-        snap.staging = self.current = self.copier.submit(step, lazy, lambda h: on_staged(snap, h), cuda=cuda)
+        snap.staging = self.current = self.copier.submit(step, lazy, lambda h: on_staged(snap, h), cuda=cuda,
+                                                         before=None if slot.reserved else
+                                                         lambda: self.pool.reserve(slot))
         return snap
 
     def staged(self, snap: StagedSnapshot, h: StagingHandle) -> None:

@@ -154,21 +154,25 @@ class Copier:
 
     def __init__(self, priority: str = "normal") -> None:
         self.priority = priority
-        self._queue: queue.Queue[tuple[StagingHandle, list[Copy]] | None] = queue.Queue()
+        self._queue: queue.Queue[tuple[StagingHandle, list[Copy], Callable[[], None] | None] | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._stream: Any = None
 
     def submit(self, step: int, copies: list[Copy], on_done: Callable[[StagingHandle], None],
-               cuda: bool | None = None) -> StagingHandle:
+               cuda: bool | None = None, before: Callable[[], None] | None = None) -> StagingHandle:
         """Start ``copies``; ``on_done(handle)`` runs on a background thread once they are complete. ``cuda``:
-        whether any source is CUDA memory, if the caller knows (else every source is asked)."""
+        whether any source is CUDA memory, if the caller knows (else every source is asked). ``before``: runs
+        first, where the copies run (the copier thread; the calling thread for CUDA sources, whose copies are
+        queued at once); what it raises fails the staging like a failed copy."""
         handle = StagingHandle(step)
         handle._callbacks.append(on_done)
         if cuda if cuda is not None else any(src.is_cuda for src, _ in copies):
+            if before is not None:
+                before()
             self._submit_cuda(handle, copies)
         else:
             self._ensure_thread()
-            self._queue.put((handle, copies))
+            self._queue.put((handle, copies, before))
         return handle
 
     def _submit_cuda(self, handle: StagingHandle, copies: list[Copy]) -> None:
@@ -185,7 +189,7 @@ class Copier:
         # The worker waits for the event, then runs callbacks (flushes) off the training thread. The job holds the
         # copies, so no source is freed (and its device memory handed to the compute stream) before the side
         # stream has read it; that replaces a ``record_stream`` per tensor, most of this call's cost on a GPU host.
-        self._queue.put((handle, copies))
+        self._queue.put((handle, copies, None))
         handle.queued_at = t0  # copy_secs is measured in _run, once the event completed
 
     def _ensure_thread(self) -> None:
@@ -200,9 +204,11 @@ class Copier:
             job = self._queue.get()
             if job is None:
                 return
-            handle, copies = job
+            handle, copies, before = job
             t0 = time.perf_counter()
             try:
+                if before is not None:
+                    before()
                 if handle._cuda_event is not None:
                     handle._cuda_event.synchronize()
                     assert handle.queued_at is not None

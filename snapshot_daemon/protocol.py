@@ -26,7 +26,7 @@ MAX_INT = 2**62
 SEGMENT_NAME = re.compile(r"^seg-[0-9a-f]{16}$")
 
 #: op -> field -> kind. Kinds: ``name`` (non-empty text, no NUL, at most MAX_NAME_CHARS), ``int`` (0..MAX_INT),
-#: ``pos`` (1..MAX_INT), ``segment`` (a daemon-made segment name), ``object`` (a JSON object).
+#: ``pos`` (1..MAX_INT), ``segment`` (a daemon-made segment name), ``object`` (a JSON object), ``bool``.
 OPS: dict[str, dict[str, str]] = {
     "hello": {"client": "name", "pid": "pos"},
     "status": {},
@@ -37,6 +37,12 @@ OPS: dict[str, dict[str, str]] = {
     "list": {"run": "name"},
     "open": {"run": "name", "step": "int", "shard": "name"},
     "stop": {},
+}
+#: op -> field -> kind of the fields a request may leave out (the daemon's default applies).
+#: ``alloc``'s ``reserve`` (default true): the daemon reserves the segment's memory before it replies; false leaves
+#: that to the client (``DaemonAllocator.reserve``, off the training thread) before it writes a byte.
+OPTIONAL: dict[str, dict[str, str]] = {
+    "alloc": {"reserve": "bool"},
 }
 
 
@@ -59,6 +65,9 @@ def _check_field(where: str, name: str, kind: str, value: Any) -> None:
     elif kind == "object":
         if not isinstance(value, dict):
             raise bad("a JSON object")
+    elif kind == "bool":
+        if not isinstance(value, bool):
+            raise bad("true or false")
     else:  # pragma: no cover - OPS is static
         raise AssertionError(kind)
 
@@ -70,14 +79,17 @@ def validate(msg: Any) -> dict[str, Any]:
     op = msg.get("op")
     if not isinstance(op, str) or op not in OPS:
         raise DaemonProtocolError(f"unknown op {op!r}; expected one of {sorted(OPS)}")
-    fields = OPS[op]
-    extra = sorted(set(msg) - set(fields) - {"op"})
+    fields, optional = OPS[op], OPTIONAL.get(op, {})
+    extra = sorted(set(msg) - set(fields) - set(optional) - {"op"})
     if extra:
-        raise DaemonProtocolError(f"op {op!r}: unknown fields {extra}; it takes {sorted(fields)}")
+        raise DaemonProtocolError(f"op {op!r}: unknown fields {extra}; it takes {sorted([*fields, *optional])}")
     for name, kind in fields.items():
         if name not in msg:
             raise DaemonProtocolError(f"op {op!r}: missing field {name!r}")
         _check_field(f"op {op!r}", name, kind, msg[name])
+    for name, kind in optional.items():
+        if name in msg:
+            _check_field(f"op {op!r}", name, kind, msg[name])
     return msg
 
 

@@ -17,6 +17,7 @@ import torch
 
 from ckpt.errors import DaemonBudgetError, DaemonError, DaemonUnavailableError
 from snapshot_daemon.client import DaemonClient
+from snapshot_daemon.store import reserve_segment
 
 
 def map_segment(path: str, nbytes: int, writable: bool = True) -> tuple[torch.Tensor, mmap.mmap]:
@@ -61,6 +62,7 @@ class DaemonAllocator:
         self._stale: dict[int, tuple[str | None, Any]] = {}  # from before the daemon went away, or host fallback
         #: Host segments handed out because the daemon refused a segment for its budget: data_ptr -> (why, when).
         self._refused: dict[int, tuple[str, float]] = {}
+        self._unreserved: set[int] = set()  # segments whose memory is not reserved yet (``reserve``)
         #: Why the daemon cannot be used now (None while it can), and when that was last tried.
         self.down: str | None = None
         self._tried = 0.0
@@ -126,7 +128,7 @@ class DaemonAllocator:
 
     def allocate(self, nbytes: int, name: str) -> torch.Tensor:
         try:
-            reply = self._request("alloc", run=self.run, shard=self.shard, nbytes=max(1, nbytes)) \
+            reply = self._request("alloc", run=self.run, shard=self.shard, nbytes=max(1, nbytes), reserve=False) \
                 if self.down is None else None
         except DaemonBudgetError as e:  # training goes on in this process's memory; the daemon tier reports why
             host = self._host(nbytes)
@@ -138,7 +140,27 @@ class DaemonAllocator:
             return self._host(nbytes)
         seg, mm = map_segment(str(self.client.segment_path(reply["segment"])), nbytes)
         self._maps[seg.data_ptr()] = (reply["segment"], mm)
+        self._unreserved.add(seg.data_ptr())
         return seg
+
+    def reserve(self, segment: torch.Tensor, ranges: list[tuple[int, int]] | None = None) -> None:
+        """Reserve the memory of ``segment`` (of byte ``ranges`` (offset, length) only, when given) before anything
+        writes there: ``allocate`` leaves it to the pool, which does it off the training thread (the copier's, or
+        the preparer's), so the first save does not wait for the whole segment's pages. Without it a full
+        ``/dev/shm`` would be a SIGBUS in the copy; with it, a ``DaemonBudgetError`` naming the sizes."""
+        ptr = segment.data_ptr()
+        if ptr not in self._unreserved:
+            return
+        name = self._maps[ptr][0]
+        fd = os.open(self.client.segment_path(name), os.O_RDWR | os.O_NOFOLLOW)
+        try:
+            for offset, nbytes in ranges if ranges is not None else [(0, int(segment.numel()))]:
+                if nbytes > 0:
+                    reserve_segment(fd, offset, nbytes, f"snapshot daemon {self.client.dir}: segment {name}")
+        finally:
+            os.close(fd)
+        if ranges is None:
+            self._unreserved.discard(ptr)
 
     def segment_name(self, segment: torch.Tensor) -> str:
         return self._maps[segment.data_ptr()][0]
@@ -175,6 +197,7 @@ class DaemonAllocator:
         self._maps.clear()
         self._stale.clear()
         self._refused.clear()
+        self._unreserved.clear()
         self.client.close()
 
     def free(self, segment: torch.Tensor, name: str) -> None:
@@ -185,6 +208,7 @@ class DaemonAllocator:
         if stale is not None:  # the daemon that made it is gone (or it is host memory): only unmap
             self._unmap(stale[1])
             return
+        self._unreserved.discard(ptr)
         entry = self._maps.pop(ptr, None)
         if entry is None:
             return

@@ -83,7 +83,7 @@ class Daemon:
         if op == "status":
             return self.status()
         if op == "alloc":
-            seg = st.alloc(msg["run"], msg["shard"], msg["nbytes"], client.id)
+            seg = st.alloc(msg["run"], msg["shard"], msg["nbytes"], client.id, reserve=msg.get("reserve", True))
             return {"segment": seg.name, "path": str(seg.path), "nbytes": seg.nbytes}
         if op == "begin":
             st.begin(msg["segment"], msg["step"], client.id)

@@ -59,6 +59,17 @@ def _human(n: int) -> str:
     return str(n)  # pragma: no cover
 
 
+def reserve_segment(fd: int, offset: int, nbytes: int, where: str) -> None:
+    """Reserve bytes ``offset:offset+nbytes`` of the segment open as ``fd`` (tmpfs allocates its pages), or
+    ``DaemonBudgetError`` when ``where`` (the segments' filesystem) cannot hold them."""
+    try:
+        os.posix_fallocate(fd, offset, nbytes)
+    except OSError as e:
+        raise DaemonBudgetError(
+            f"{where} cannot hold {_human(nbytes)} more ({os.strerror(e.errno or 0)}); free space there or "
+            "lower --memory-budget") from None
+
+
 class Store:
     def __init__(self, root: Path, budget_bytes: int, keep_last: int = 2) -> None:
         if keep_last < 1:
@@ -97,7 +108,10 @@ class Store:
         return sorted(cands, key=lambda s: (s.step if s.step is not None else -1, s.sealed_at))
 
     # -- requests --------------------------------------------------------------------------------------------------
-    def alloc(self, run: str, shard: str, nbytes: int, owner: int) -> Segment:
+    def alloc(self, run: str, shard: str, nbytes: int, owner: int, reserve: bool = True) -> Segment:
+        """A new segment of ``nbytes`` within the budget (evicting orphans, oldest first, to make room). With
+        ``reserve`` its memory is reserved now (``posix_fallocate``: a full ``/dev/shm`` is this error, not a
+        SIGBUS in the writer later); without, the client reserves it before writing (``reserve_segment``)."""
         with self._lock:
             if nbytes > self.budget_bytes - self.used_bytes:
                 for victim in self._evictable():
@@ -118,13 +132,12 @@ class Store:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
             try:
                 os.ftruncate(fd, nbytes)
-                try:
-                    os.posix_fallocate(fd, 0, nbytes)
-                except OSError as e:
-                    os.unlink(path)
-                    raise DaemonBudgetError(
-                        f"{self.dir} cannot hold {_human(nbytes)} more "
-                        f"({os.strerror(e.errno or 0)}); free space there or lower --memory-budget") from None
+                if reserve:
+                    try:
+                        reserve_segment(fd, 0, nbytes, str(self.dir))
+                    except DaemonBudgetError:
+                        os.unlink(path)
+                        raise
             finally:
                 os.close(fd)
             seg = Segment(name, path, nbytes, run, shard, owner)

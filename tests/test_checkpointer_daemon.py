@@ -447,3 +447,47 @@ def test_a_snapshot_over_the_daemon_budget_is_refused_and_training_goes_on(ddir:
         assert st["memory_used"] <= budget and st["memory_budget"] == budget, st
     finally:
         kill_pid(pid)
+
+
+def test_the_first_save_reserves_daemon_memory_off_the_training_thread(daemon: dict, ddir: Path,
+                                                                       tmp_path: Path) -> None:
+    """#16 item 7 with a daemon: the first segment comes unreserved (``alloc`` with ``reserve`` false) and its
+    memory is reserved by the copier thread before the lazy copies, the other slots' by the preparer; the training
+    thread reserves only the ranges it copies itself (the eager ones). Every segment ends fully allocated."""
+    import threading
+
+    import ckpt
+    from snapshot_daemon.segments import DaemonAllocator
+
+    calls: list[tuple[str, int | None]] = []
+    real = DaemonAllocator.reserve
+
+    def spy(self: DaemonAllocator, segment: torch.Tensor, ranges: Any = None) -> None:
+        calls.append((threading.current_thread().name, None if ranges is None else sum(n for _, n in ranges)))
+        real(self, segment, ranges)
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(1031, 64), torch.nn.BatchNorm1d(5), torch.nn.Linear(64, 7))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(torch.randint(0, 1031, (4, 5))).pow(2).mean().backward()
+    opt.step()
+    main = threading.current_thread().name
+    DaemonAllocator.reserve = spy  # type: ignore[method-assign]
+    try:
+        with ckpt.Checkpointer(str(tmp_path / "run"), disk_every=0, daemon=str(ddir), memory_slots=2) as cp:
+            cp.save(1, {"model": model, "optim": opt}).wait()
+            cp.pool._preparer.join()
+            cp.save(2, {"model": model, "optim": opt}).wait()
+            whole = [t for t, n in calls if n is None]
+            eager = [n for t, n in calls if t == main]
+            assert main not in whole and len(whole) == 2, calls  # one per slot: the copier's, the preparer's
+            total = cp.pool.slots[0].capacity_bytes
+            assert all(n is not None and n < total // 20 for n in eager), (calls, total)  # not the lazy weights
+            assert all(s.reserved for s in cp.pool.slots)
+            for s in cp.pool.slots:
+                name = cp.pool.allocator.segment_name(s.buffer)
+                st = os.stat(cp.pool.allocator.client.segment_path(name))
+                assert st.st_blocks * 512 >= s.capacity_bytes, (name, st.st_blocks, s.capacity_bytes)
+            assert cp.steps("daemon") == [1, 2]
+    finally:
+        DaemonAllocator.reserve = real  # type: ignore[method-assign]

@@ -328,10 +328,27 @@ def test_validation_names_the_op_and_field() -> None:
         ({"op": "free", "segment": "../../etc/passwd"}, "segment name the daemon gave out"),
         ({"op": "free", "segment": "seg-0123456789abcdef", "x": 1}, "unknown fields ['x']"),
         ({"op": "seal", "segment": "seg-0123456789abcdef", "step": 1, "world": 1, "meta": []}, "a JSON object"),
+        ({"op": "alloc", "run": "r", "shard": "s", "nbytes": 1, "reserve": 1}, "field 'reserve' must be true or"),
+        ({"op": "alloc", "run": "r", "shard": "s", "nbytes": 1, "reserved": True}, "unknown fields ['reserved']"),
     ]:
         with pytest.raises(DaemonError, match=None) as e:
             protocol.validate(msg)
         assert want in str(e.value), (msg, str(e.value))
+
+
+def test_an_unreserved_segment_is_reserved_by_its_client(daemon: dict, ddir: Path) -> None:
+    """``alloc`` with ``reserve`` false gives a sparse segment (within the budget all the same); the allocator's
+    ``reserve`` allocates its memory, a range or the whole."""
+    with DaemonClient(ddir) as c:
+        alloc = DaemonAllocator(c, run="job", shard="r0")
+        seg = alloc.allocate(8 * MiB, "s")
+        path = c.segment_path(alloc.segment_name(seg))
+        assert os.stat(path).st_blocks * 512 < MiB and c.request("status")["memory_used"] == 8 * MiB
+        alloc.reserve(seg, [(MiB, 2 * MiB)])
+        assert 2 * MiB <= os.stat(path).st_blocks * 512 < 4 * MiB
+        alloc.reserve(seg)
+        assert os.stat(path).st_blocks * 512 >= 8 * MiB
+        alloc.close()
 
 
 def _rss_kib(pid: int) -> int:
