@@ -55,6 +55,24 @@ class ChunkEntry:
         }
 
 
+_ENCODER = json.JSONEncoder(allow_nan=False, separators=(", ", ": "))
+
+
+def _dumps(doc: dict[str, Any]) -> str:
+    """The manifest's JSON text, one line per file and per entry (readable, greppable, diffable). Each line is
+    written by the C encoder: ``json.dumps(indent=...)`` runs in pure Python, about 30 ms per save for a model
+    of a few hundred tensors, on the flush path of every tier."""
+    enc = _ENCODER.encode
+    parts = []
+    for k, v in doc.items():
+        if k in ("files", "entries") and v:
+            inner = ",\n".join(f"  {enc(ek)}: {enc(ev)}" for ek, ev in v.items())
+            parts.append(f" {enc(k)}: {{\n{inner}\n }}")
+        else:
+            parts.append(f" {enc(k)}: {enc(v)}")
+    return "{\n" + ",\n".join(parts) + "\n}"
+
+
 @dataclass(frozen=True)
 class TensorEntry:
     """A logical tensor: dtype, global shape and the chunks that tile it."""
@@ -154,7 +172,7 @@ class Manifest:
             "layout": self.layout,
             "metadata": self.metadata,
         }
-        return json.dumps(doc, indent=1, allow_nan=False).encode("utf-8")
+        return _dumps(doc).encode("utf-8")
 
     @staticmethod
     def from_json(data: bytes, where: str) -> "Manifest":
