@@ -19,7 +19,9 @@ reading other nodes' shards is the next issue's (peers, erasure coding).
 
 from __future__ import annotations
 
+import mmap
 import os
+import threading
 from typing import Any, Iterable, Sequence
 
 from ckpt.dist import DistWrapper
@@ -48,6 +50,48 @@ class SegmentStorage(Storage):
         self._manifest = manifest
         self._files = files  # relative path -> (segment file, size)
         self.bytes_read = 0
+        self._maps: dict[str, mmap.mmap] = {}
+        self._map_lock = threading.Lock()
+
+    def _map(self, path: str) -> "mmap.mmap":
+        """The whole segment of ``path``, mapped once (private and read-only at the file: the daemon's bytes cannot
+        be changed through it). The daemon never shortens a sealed segment, it only unlinks it, and a mapping
+        keeps an unlinked file's pages, so a step evicted during the restore still reads whole."""
+        with self._map_lock:
+            m = self._maps.get(path)
+            if m is None:
+                file, size = self._path(path)
+                fd = os.open(file, os.O_RDONLY | os.O_NOFOLLOW)
+                try:
+                    have = os.fstat(fd).st_size
+                    if have < size:
+                        raise StorageError(f"{self.url}/{path} ({file}): {have} bytes, sealed with {size}; the "
+                                           "segment is shorter than sealed")
+                    m = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+                finally:
+                    os.close(fd)
+                self._maps[path] = m
+            return m
+
+    def view(self, path: str, offset: int, length: int) -> memoryview:
+        if path == MANIFEST_NAME:
+            return memoryview(self._manifest)[offset:offset + length]
+        m = self._map(path)
+        if offset < 0 or length < 0 or offset + length > len(m):
+            raise StorageError(f"{self.url}/{path}: bytes [{offset}, {offset + length}) asked, the sealed segment "
+                               f"has {len(m)}; the manifest does not fit the segment")
+        self.bytes_read += length
+        return memoryview(m)[offset:offset + length]
+
+    def close(self) -> None:
+        """Unmap the segments (a view still in use keeps its mapping until it is released)."""
+        with self._map_lock:
+            maps, self._maps = self._maps, {}
+        for m in maps.values():
+            try:
+                m.close()
+            except BufferError:  # exported to a live tensor: the mapping goes when that does
+                pass
 
     def _path(self, path: str) -> tuple[str, int]:
         if path not in self._files:

@@ -233,3 +233,42 @@ def test_a_truncated_sealed_segment_is_caught(daemon: dict, ddir: Path, tmp_path
         assert seg.name in str(e.value), str(e.value)
     finally:
         cp.close()
+
+
+def test_a_box_of_a_sealed_tensor_is_read_from_the_mapping_and_verified(daemon: dict, ddir: Path,
+                                                                        tmp_path: Path) -> None:
+    """Load-time resharding reads part of a chunk: from daemon memory that is a verified view of the mapped
+    segment (no read into a buffer), exact, and a flipped byte inside the part is still caught."""
+    from ckpt.policies import EveryNSteps, KeepLatestN
+    from formats.box import Box
+    from formats.reader import ChunkReader, read_manifest
+    from snapshot_daemon.tier import DaemonTier
+
+    root = tmp_path / "run"
+    _, want = _sealed_run(ddir, root)
+    tier = DaemonTier("daemon", f"daemon://{ddir}", EveryNSteps(1), KeepLatestN(2), None, {"run": str(root)})
+    try:
+        storage = tier.storage_for(1)
+        manifest = read_manifest(storage)
+        reader = ChunkReader(storage, manifest)
+        entry = manifest.tensors["model/0.weight"]  # the embedding, 37 x 11
+        out = torch.empty(5, 4)
+        reader.read_box(entry, Box((30, 6), (5, 4)), out)
+        assert torch.equal(out, want["0.weight"][30:35, 6:10])
+        view = storage.view(entry.chunks[0].file, entry.chunks[0].byte_offset, 8)
+        assert view is not None and len(view) == 8
+        del view
+        seg = _segment_of(ddir, root)
+        off = entry.chunks[0].byte_offset + (31 * 11 + 7) * 4  # a byte inside the box
+        with open(seg, "r+b") as f:
+            f.seek(off)
+            b = f.read(1)
+            f.seek(off)
+            f.write(bytes([b[0] ^ 0x01]))
+        fresh = tier.storage_for(1)
+        with pytest.raises(CorruptCheckpointError, match="checksum mismatch in key 'model/0.weight'"):
+            ChunkReader(fresh, manifest).read_box(entry, Box((30, 6), (5, 4)), out)
+        storage.close()
+        fresh.close()
+    finally:
+        tier.close()

@@ -86,6 +86,13 @@ class Storage(ABC):
         data = self.read(path, offset, len(out))
         out[: len(data)] = data
 
+    def view(self, path: str, offset: int, length: int) -> "memoryview | None":
+        """``length`` bytes of ``path`` from ``offset`` without a copy, where the storage is memory this process can
+        map (the snapshot daemon's segments); None where it is not (files, object stores), and the reader then
+        reads into a buffer. The view is writable only in this process (a private mapping): writing through it
+        never changes the stored bytes. Raises like ``read`` when the file is shorter than ``offset + length``."""
+        return None
+
     @abstractmethod
     def size(self, path: str) -> int:
         """Size in bytes of ``path``; ``FileNotFoundError`` naming the path when missing."""
