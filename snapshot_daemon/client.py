@@ -33,6 +33,7 @@ class DaemonClient:
         self.dir = resolve_dir(str(dir) if dir is not None else None)
         self.socket_path = self.dir / SOCKET
         self._lock = threading.Lock()
+        self._posted: list[str] = []  # ops sent by ``post`` whose replies are still to be read
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(timeout_secs)
         try:
@@ -59,17 +60,52 @@ class DaemonClient:
             raise DaemonProtocolError(f"snapshot daemon {self.dir}: {name!r} is not a segment name")
         return self.dir / SEGMENTS / name
 
-    def request(self, op: str, **fields: Any) -> dict[str, Any]:
-        """Send one request; the reply's fields, or ``DaemonError`` with the daemon's message."""
+    def post(self, op: str, **fields: Any) -> None:
+        """Send a request without waiting for its reply: the caller goes on at once. The daemon serves one
+        connection's messages in order, and a message sent before this process dies is still read before the
+        connection's end, so what ``op`` does happens before anything asked later. Its reply is read by the next
+        ``request``, which raises the posted request's error, if it had one, before sending its own."""
         with self._lock:
             try:
                 protocol.send(self.sock, {"op": op, **fields})
-                reply = protocol.recv(self.sock)
-            except (OSError, protocol.FramingError) as e:
+            except OSError as e:
                 raise DaemonUnavailableError(f"snapshot daemon {self.dir}: connection lost during {op!r} "
                                              f"({type(e).__name__}: {e}); it may have died, see {self.dir / LOG}") from None
-            except DaemonProtocolError as e:  # a frame that is not a JSON object: the stream itself is still whole
-                raise DaemonProtocolError(f"snapshot daemon {self.dir}: reply to {op!r}: {e}") from None
+            self._posted.append(op)
+
+    def request(self, op: str, **fields: Any) -> dict[str, Any]:
+        """Send one request; the reply's fields, or ``DaemonError`` with the daemon's message."""
+        with self._lock:
+            failed: DaemonError | None = None
+            while self._posted:  # replies to posted requests come first, in order; all are read
+                posted = self._posted.pop(0)
+                try:
+                    self._check(posted, self._receive(posted), f" (posted before {op!r})")
+                except DaemonUnavailableError:
+                    raise
+                except DaemonError as e:
+                    failed = failed or e
+            if failed is not None:  # what was posted did not happen: say so before asking more
+                raise failed
+            try:
+                protocol.send(self.sock, {"op": op, **fields})
+            except OSError as e:
+                raise DaemonUnavailableError(f"snapshot daemon {self.dir}: connection lost during {op!r} "
+                                             f"({type(e).__name__}: {e}); it may have died, see {self.dir / LOG}") from None
+            reply = self._receive(op)
+        return self._check(op, reply)
+
+    def _receive(self, op: str) -> dict[str, Any] | None:
+        try:
+            return protocol.recv(self.sock)
+        except (OSError, protocol.FramingError) as e:
+            raise DaemonUnavailableError(f"snapshot daemon {self.dir}: connection lost during {op!r} "
+                                         f"({type(e).__name__}: {e}); it may have died, see {self.dir / LOG}") from None
+        except DaemonProtocolError as e:  # a frame that is not a JSON object: the stream itself is still whole
+            raise DaemonProtocolError(f"snapshot daemon {self.dir}: reply to {op!r}: {e}") from None
+
+    def _check(self, op: str, reply: dict[str, Any] | None, posted: str = "") -> dict[str, Any]:
+        """The fields of the reply to ``op``, or the error it carries."""
         if reply is None:
             raise DaemonUnavailableError(f"snapshot daemon {self.dir}: closed the connection during {op!r}; see "
                                          f"{self.dir / LOG}")
@@ -77,7 +113,7 @@ class DaemonClient:
             raise DaemonError(f"snapshot daemon {self.dir}: malformed reply to {op!r}: {str(reply)[:200]}")
         if reply["ok"] is False:
             cls = {"budget": DaemonBudgetError, "protocol": DaemonProtocolError}.get(reply.get("kind"), DaemonError)
-            raise cls(f"snapshot daemon {self.dir}: {op}: {reply.get('error')}")
+            raise cls(f"snapshot daemon {self.dir}: {op}{posted}: {reply.get('error')}")
         if reply["ok"] is not True:
             raise DaemonProtocolError(f"snapshot daemon {self.dir}: reply to {op!r} has 'ok' {reply['ok']!r}, "
                                       "expected true or false")

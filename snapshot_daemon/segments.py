@@ -166,9 +166,17 @@ class DaemonAllocator:
         return self._maps[segment.data_ptr()][0]
 
     def begin(self, segment: torch.Tensor, step: int) -> None:
-        """A snapshot of ``step`` is about to be copied into ``segment``: the daemon forgets what it held."""
+        """A snapshot of ``step`` is about to be copied into ``segment``: the daemon forgets what it held.
+
+        Posted, not awaited (a round trip to a daemon that must be scheduled on a busy node cost the training
+        thread about half a millisecond per save): the daemon reads it before anything this process sends later
+        and before it notices this process's death, so no reader sees the old step sealed once the copy has
+        begun. Its error, if any, is raised by the next request (the seal of this step)."""
         if self.down is None and segment.data_ptr() in self._maps:
-            self._request("begin", segment=self.segment_name(segment), step=step)
+            try:
+                self.client.post("begin", segment=self.segment_name(segment), step=step)
+            except DaemonUnavailableError as e:
+                self._lost(e)
 
     def locate(self, view: torch.Tensor) -> tuple[str, int, int]:
         """(segment name, byte offset, segment bytes) of a contiguous CPU ``view`` into one of these segments."""

@@ -351,6 +351,46 @@ def test_an_unreserved_segment_is_reserved_by_its_client(daemon: dict, ddir: Pat
         alloc.close()
 
 
+_POST_AND_DIE = """
+import os, signal, sys, torch
+from snapshot_daemon.client import DaemonClient
+from snapshot_daemon.segments import map_segment
+c = DaemonClient(sys.argv[1])
+seg = c.request("alloc", run="job", shard="r0", nbytes=2**20)
+buf, mm = map_segment(seg["path"], 2**20)
+c.request("begin", segment=seg["segment"], step=1)
+buf.fill_(1)
+c.request("seal", segment=seg["segment"], step=1, world=1, meta={})
+assert c.request("list", run="job")["steps"]["1"]["complete"]
+c.post("begin", segment=seg["segment"], step=2)  # not awaited: the copy of step 2 starts at once
+buf[:4096].fill_(2)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_posted_begin_takes_effect_though_the_trainer_dies_before_its_reply(daemon: dict, ddir: Path) -> None:
+    """The pool posts ``begin`` without waiting: a trainer killed right after it, mid-copy, must not leave the
+    overwritten segment sealed as the old step."""
+    p = subprocess.run([sys.executable, "-c", _POST_AND_DIE, str(ddir)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    deadline = time.monotonic() + 10
+    with DaemonClient(ddir) as c:
+        while time.monotonic() < deadline and len(c.request("status")["clients"]) > 1:
+            time.sleep(0.02)
+        st = c.request("status")
+        assert c.request("list", run="job")["steps"] == {} and st["segments"] == 0 and st["reclaimed"] == 1
+
+
+def test_a_posted_requests_error_comes_with_the_next_request(daemon: dict, ddir: Path) -> None:
+    with DaemonClient(ddir) as c:
+        c.post("begin", segment="seg-0123456789abcdef", step=3)
+        c.post("begin", segment="seg-fedcba9876543210", step=3)
+        with pytest.raises(DaemonError, match=r"begin \(posted before 'list'\): .*seg-0123456789abcdef"):
+            c.request("list", run="job")
+        assert c.request("list", run="job")["steps"] == {}  # every posted reply was read: the stream is in step
+
+
 def _rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
