@@ -39,6 +39,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.convert
 	$(PY) -m benchmarks.flush_floor
 	$(PY) -m benchmarks.e2e_every10
+	$(PY) -m benchmarks.daemon
 
 clean:
 	rm -rf $(VENV) build *.egg-info
