@@ -375,9 +375,16 @@ def grouped_bar_plot(path: str, title: str, labels: Sequence[str], series: dict[
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
+def save_figure(fig: Any, path: str, dpi: int = 120) -> None:
+    """Lay ``fig`` out, write it to ``path`` (making its folder) and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
 
 
@@ -513,10 +520,7 @@ def line_plot_panels(path: str, title: str, panels: Sequence[tuple[str, Series]]
         ax.grid(True, which="both", linewidth=0.3, alpha=0.5)
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def write_outputs(out_dir: str, name: str, result: dict, render_markdown, plot) -> str:

@@ -614,10 +614,7 @@ def plot(result: dict[str, Any], path: str) -> None:
         ax.tick_params(axis="x", labelsize=8, rotation=15)
     fig.suptitle(f"Snapshot daemon, GPT {result['num_params'] / 1e6:.0f} M + AdamW "
                  f"({result['snapshot_bytes'] / 1e6:.0f} MB snapshot), CPU, medians", fontsize=11)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    rep.save_figure(fig, path, dpi=110)
 
 
 # -- the run ------------------------------------------------------------------------------------------------------

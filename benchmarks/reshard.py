@@ -740,10 +740,7 @@ def plot(result: dict[str, Any], path: str) -> None:
     amp = result["load_from_source"]["zero0"]["amplification"]
     a2.set_title(f"Reshard process RSS above an idle python + imports ({base['maxrss_bytes'] / 2**20:.0f} MiB);\n"
                  f"read amplification loading from the source: {amp:.3f}", fontsize=9)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    rep.save_figure(fig, path)
 
 
 # -- main ----------------------------------------------------------------------------------------------------------

@@ -138,6 +138,16 @@ def _sigkill_trials(ddir: Path, tmp_path: Path, trials: int, seed: int) -> None:
         assert not any(root.glob("step_*")), f"{where}: disk_every=0 wrote a step directory"
 
 
+def _train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any], step: int,
+                vocab: int) -> dict[str, torch.Tensor]:
+    """One seeded AdamW step of an embedding model; sets ``state["step"]``; returns a copy of the weights."""
+    g = torch.Generator().manual_seed(step)
+    model(torch.randint(0, vocab, (4, 5), generator=g)).pow(2).mean().backward()
+    opt.step()
+    opt.zero_grad()
+    state["step"] = step
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
 def test_a_sigkilled_trainer_resumes_from_the_daemon_bit_exact(daemon: dict, ddir: Path, tmp_path: Path) -> None:
     _sigkill_trials(ddir, tmp_path, trials=4, seed=16)
 
@@ -221,12 +231,7 @@ def test_the_daemon_sigkilled_mid_run(ddir: Path, tmp_path: Path, monkeypatch: p
         cp = ckpt.Checkpointer(str(root), disk_every=2, keep_last=None, daemon=str(ddir))
         refs, errors = {}, []
         for step in range(1, 13):
-            g = torch.Generator().manual_seed(step)
-            model(torch.randint(0, 37, (4, 5), generator=g)).pow(2).mean().backward()
-            opt.step()
-            opt.zero_grad()
-            state["step"] = step
-            refs[step] = {k: v.clone() for k, v in model.state_dict().items()}
+            refs[step] = _train_step(model, opt, state, step, vocab=37)
             if step == 4:
                 kill_pid(pids[0])
             if step == 8:
@@ -414,12 +419,7 @@ def test_a_snapshot_over_the_daemon_budget_is_refused_and_training_goes_on(ddir:
         state: dict[str, Any] = {"model": model, "optim": opt, "step": 0}
         refs, errors, saved = {}, [], []
         for step in range(1, 9):
-            g = torch.Generator().manual_seed(step)
-            model(torch.randint(0, 1031, (4, 5), generator=g)).pow(2).mean().backward()
-            opt.step()
-            opt.zero_grad()
-            state["step"] = step
-            refs[step] = {k: v.clone() for k, v in model.state_dict().items()}
+            refs[step] = _train_step(model, opt, state, step, vocab=1031)
             try:
                 cp.save(step, state).wait()
                 saved.append(step)
