@@ -28,8 +28,6 @@ class ChunkReader:
         self.storage = storage
         self.manifest = manifest
         self._checked_files: set[str] = set()
-        #: Whether the storage maps its bytes (``Storage.view``): then a mapped copy_ beats a read into place.
-        self._maps = type(storage).view is not Storage.view
         self._lock = threading.Lock()
         #: Bytes fetched from storage so far (read amplification = bytes_read / bytes needed).
         self.bytes_read = 0
@@ -100,17 +98,17 @@ class ChunkReader:
         b0 = (first * es) // chunk.block_bytes
         start = b0 * chunk.block_bytes
         end = min(-(-((last + 1) * es) // chunk.block_bytes) * chunk.block_bytes, chunk.byte_length)
-        if whole and out.dtype == dtype and out.device.type == "cpu" and out.is_contiguous() \
-                and not self._maps:
+        # Memory a storage maps (daemon segments): verify the stored bytes where they are, then one copy_.
+        mapped = self.storage.view(chunk.file, chunk.byte_offset + start, end - start) \
+            if (chunk.byte_offset + start) % es == 0 else None
+        if mapped is None and whole and out.dtype == dtype and out.device.type == "cpu" and out.is_contiguous():
             # Zero-copy fast path: read straight into the destination and verify it there.
             view = writable_bytes(out)
             self.storage.readinto(chunk.file, chunk.byte_offset, view)
             self._add_read(len(view))
             self._verify(entry, chunk, 0, view)
             return
-        mapped = self.storage.view(chunk.file, chunk.byte_offset + start, end - start) \
-            if (chunk.byte_offset + start) % es == 0 else None
-        if mapped is not None:  # memory (daemon segments): verify the stored bytes in place, then one copy_
+        if mapped is not None:
             self._add_read(len(mapped))
             self._verify(entry, chunk, b0, mapped)
             buf = torch.frombuffer(mapped, dtype=torch.uint8)

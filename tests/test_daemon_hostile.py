@@ -258,6 +258,12 @@ def test_a_box_of_a_sealed_tensor_is_read_from_the_mapping_and_verified(daemon: 
         view = storage.view(entry.chunks[0].file, entry.chunks[0].byte_offset, 8)
         assert view is not None and len(view) == 8
         del view
+        size = storage.size(entry.chunks[0].file)
+        for offset, length in ((size - 4, 8), (-1, 4), (0, -1)):  # what a forged manifest could ask for
+            with pytest.raises(StorageError, match="the manifest does not fit the segment"):
+                storage.view(entry.chunks[0].file, offset, length)
+        with pytest.raises(FileNotFoundError, match="not a segment of this sealed step"):
+            storage.view("data/../../etc/passwd", 0, 1)
         seg = _segment_of(ddir, root)
         off = entry.chunks[0].byte_offset + (31 * 11 + 7) * 4  # a byte inside the box
         with open(seg, "r+b") as f:
