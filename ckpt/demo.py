@@ -89,6 +89,9 @@ def _sharded_worker(rank: int, world: int, port: int, run_dir: str) -> None:
                 full[f"{name}/{moment}"] = optim.state[param][moment].full_tensor()
         if rank == 0:
             torch.save(full, os.path.join(run_dir, "reference_params.pt"))
+        # Leave together: a rank that tore its gloo group down while the other still wrote its reference aborted
+        # in gloo's teardown ("terminate called without an active exception", once in a clean-clone CI run).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
