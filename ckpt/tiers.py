@@ -208,7 +208,9 @@ class StorageTier:
         return open_storage(join_url(self.url, step_dir(step)), self.storage_options)
 
     def target_for(self, step: int) -> Storage:
-        """Where ``step`` is written to (the same place, for a storage tier)."""
+        """Where ``step`` is written to (the same place, for a storage tier). Its folder must not be a link: the
+        step's storage would write and clean up wherever the link leads."""
+        self.root.check_write_path(f"{step_dir(step)}/{MANIFEST_NAME}")
         return self.storage_for(step)
 
     def committed_steps(self) -> list[int]:

@@ -17,6 +17,7 @@ whoever wrote it:
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -86,10 +87,25 @@ def build_manifest(*, save_id: str, results: list[RankResult], tensors: Mapping[
                     metadata=dict(metadata or {}))
 
 
+#: The data files a save writes (``write_items``): ``data/<save_id>-r<rank>-<i>.bin``, directly in ``data/``.
+DATA_FILE_RE = re.compile(rf"{DATA_DIR}/[0-9]+-[0-9a-f]+-r[0-9]+-[0-9]+\.bin")
+
+
+def is_data_file_name(path: str) -> bool:
+    """Whether ``path`` is named as this format names the data files it writes (what a clean-up may remove)."""
+    return DATA_FILE_RE.fullmatch(path) is not None
+
+
 def commit(storage: Storage, manifest: Manifest) -> None:
-    """Write ``manifest`` (the commit), then delete the data files it does not list. Coordinator only, once every
-    rank's data files are written."""
+    """Write ``manifest`` (the commit), then delete the data files of earlier saves it does not list. Coordinator
+    only, once every rank's data files are written.
+
+    The clean-up removes only files named as this format names its data files (``DATA_FILE_RE``); anything else a
+    user put in ``data/`` stays. The storage refuses writes and deletes through links (``LocalStorage.write_path``),
+    so neither can reach outside the checkpoint."""
+    stale = sorted(p for p in storage.list(DATA_DIR) if p not in manifest.files and is_data_file_name(p))
+    for p in stale:  # a link among them is refused before the commit, so a save never commits and then fails
+        storage.check_write_path(p)
     storage.commit(MANIFEST_NAME, manifest.to_json())
-    stale = sorted(p for p in storage.list(DATA_DIR) if p not in manifest.files)
     if stale:
         storage.delete(stale)

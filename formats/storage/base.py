@@ -110,6 +110,12 @@ class Storage(ABC):
     def delete(self, paths: Iterable[str]) -> None:
         """Delete files; missing ones are ignored."""
 
+    def check_write_path(self, path: str) -> None:
+        """Raise ``UnsafeCheckpointError`` if writing ``path`` would go through a link (local file systems; an
+        object store has none, so only the path itself is validated). Writes and deletes check this themselves;
+        a caller about to open a child storage below ``path`` checks it first."""
+        check_relpath(path)
+
     def root_exists(self) -> bool:
         """Whether anything at all is stored under the root."""
         return bool(self.list(""))

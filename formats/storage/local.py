@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import threading
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -34,6 +35,10 @@ from formats.storage.util import (as_byte_views, check_range, flat_byte_view, is
                                   tmp_name, truncated_error)
 
 __all__ = ["LocalStorage", "writev_all"]
+
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+# A data file is opened without following a link in its last part (``write_path`` checks the folders above it).
+_WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 
 
 def _iov_max() -> int:
@@ -77,8 +82,10 @@ class _FdCache:
 
     @contextmanager
     def acquire(self, full_path: str) -> Iterator[int]:
-        """Yield an open descriptor of ``full_path``; ``FileNotFoundError`` when the path is missing."""
+        """Yield an open descriptor of ``full_path``; ``FileNotFoundError`` when the path is missing and
+        ``CorruptCheckpointError`` when it is not a regular file (opening a FIFO would block forever)."""
         st = os.stat(full_path)
+        _check_regular(full_path, st.st_mode)
         with self._lock:
             entry = self._entries.get(full_path)
             if entry is not None and (entry.dev, entry.ino) != (st.st_dev, st.st_ino):
@@ -98,8 +105,15 @@ class _FdCache:
                     os.close(entry.fd)
 
     def _open(self, full_path: str) -> "_FdEntry":
-        fd = os.open(full_path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        # O_NONBLOCK: if the path became a FIFO since ``acquire``'s stat, the open returns instead of waiting for
+        # a writer, and the check below refuses it. Reads of regular files ignore the flag.
+        fd = os.open(full_path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
         st = os.fstat(fd)
+        try:
+            _check_regular(full_path, st.st_mode)
+        except CorruptCheckpointError:
+            os.close(fd)
+            raise
         entry = _FdEntry(fd, st.st_dev, st.st_ino)
         entry.refs = 1
         with self._lock:
@@ -132,6 +146,17 @@ class _FdCache:
         entry.closing = True
         if entry.refs == 0:
             os.close(entry.fd)
+
+
+def _check_regular(full_path: str, mode: int) -> None:
+    if stat.S_ISREG(mode):
+        return
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(errno.EISDIR, "is a directory", full_path)
+    kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else f"not a file (mode {mode:o})")
+    raise CorruptCheckpointError(f"{full_path}: is {kind}, expected a regular file; a checkpoint holds only "
+                                 "regular files, so it is not read")
 
 
 class _FdEntry:
@@ -172,17 +197,45 @@ class LocalStorage(Storage):
         """Absolute OS path of the relative storage path ``path`` (validated)."""
         return os.path.join(self.root, *check_relpath(path).split("/"))
 
+    def write_path(self, path: str) -> str:
+        """``full_path(path)`` for writing or deleting: refuses when any part of it below the root is a link.
+
+        A save writes and cleans up only inside the checkpoint. Through a ``data`` folder that links elsewhere it
+        would write there, and its clean-up of unlisted files would delete the other folder's files. The root
+        itself may be a link (a user's ``/scratch`` -> ``/mnt/...``); only what lies below it is checked.
+        """
+        full = self.full_path(path)
+        at = self.root
+        for part in check_relpath(path).split("/"):
+            at = os.path.join(at, part)
+            try:
+                st = os.lstat(at)
+            except FileNotFoundError:
+                break  # the rest does not exist yet: the write creates it as plain folders and a plain file
+            except OSError as e:
+                raise StorageError(f"checking {at} before writing {full}: {e}") from e
+            if stat.S_ISLNK(st.st_mode):
+                raise UnsafeCheckpointError(
+                    f"{full}: {at} is a symbolic link (to {os.readlink(at)!r}), expected a plain "
+                    f"{'file' if at == full else 'folder'}; ckpt never writes or deletes through a link inside a "
+                    "checkpoint, so nothing was written. Remove the link, or save to another directory"
+                )
+        return full
+
+    def check_write_path(self, path: str) -> None:
+        self.write_path(path)
+
     # -- writing -------------------------------------------------------------------------------------------------
     def write(self, path: str, buffers: Sequence[Buffer]) -> int:
         """Write ``buffers`` back to back as the whole of ``path`` and fsync; return the bytes written.
 
         Called by ``formats.writer`` on every rank, from its write thread pool, once per data file.
         """
-        full = self.full_path(path)
+        full = self.write_path(path)
         views = as_byte_views(buffers)
         try:
             os.makedirs(os.path.dirname(full), exist_ok=True)
-            fd = os.open(full, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
+            fd = os.open(full, _WRITE_FLAGS, 0o644)
             try:
                 written_bytes = write_with_early_writeback(fd, views)
                 os.fsync(fd)
@@ -198,19 +251,19 @@ class LocalStorage(Storage):
         """Stream ``path`` piece by piece (direct I/O, else early writeback); fsync at ``close``."""
         from formats.storage.local_stream import LocalStreamWriter  # noqa: PLC0415
 
-        return LocalStreamWriter(self, self.full_path(path), direct=self.direct_io)
+        return LocalStreamWriter(self, self.write_path(path), direct=self.direct_io)
 
     def commit(self, path: str, data: bytes) -> None:
         """Atomically publish ``data`` at ``path``: tmp file, fsync, rename over ``path``, fsync the directory.
 
         Called once per checkpoint by the coordinator, after every rank reported its data files written.
         """
-        full = self.full_path(path)
+        full = self.write_path(path)
         tmp = tmp_name(full)
         directory = os.path.dirname(full)
         try:
             os.makedirs(directory, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o644)
             try:
                 writev_all(fd, as_byte_views([data]))
                 os.fsync(fd)
@@ -258,7 +311,9 @@ class LocalStorage(Storage):
     def size(self, path: str) -> int:
         full = self.full_path(path)
         try:
-            return os.stat(full).st_size
+            st = os.stat(full)
+            _check_regular(full, st.st_mode)
+            return st.st_size
         except FileNotFoundError:
             raise not_found_error(full) from None
         except OSError as e:
@@ -290,7 +345,7 @@ class LocalStorage(Storage):
 
     # -- removing ------------------------------------------------------------------------------------------------
     def delete(self, paths: Iterable[str]) -> None:
-        fulls = [self.full_path(p) for p in paths]  # validate every path before deleting any
+        fulls = [self.write_path(p) for p in paths]  # validate every path before deleting any
         for full in fulls:
             self._fds.invalidate(full)
             try:

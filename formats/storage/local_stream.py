@@ -121,7 +121,7 @@ class LocalStreamWriter(StreamWriter):
         self.storage, self.full = storage, full
         self._unsynced_from = 0
         self.direct = False
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
         try:
             os.makedirs(os.path.dirname(full), exist_ok=True)
             self.fd: int | None = None
