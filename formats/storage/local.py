@@ -286,11 +286,13 @@ class LocalStorage(Storage):
         full = self.full_path(path)
         check_range(full, offset, length)
         with self._opened(full) as fd:
+            file_size = os.fstat(fd).st_size
             if length is None:
-                file_size = os.fstat(fd).st_size
                 if offset > file_size:
                     raise truncated_error(full, offset, None, file_size)
                 length = file_size - offset
+            elif offset + length > file_size:  # before allocating: a forged length must not size the buffer
+                raise truncated_error(full, offset, length, file_size)
             out = bytearray(length)
             self._preadinto(full, fd, offset, memoryview(out))
         return bytes(out)

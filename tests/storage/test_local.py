@@ -225,3 +225,12 @@ def test_huge_request_is_split_into_bounded_syscalls(storage: LocalStorage, monk
     out = bytearray(4500)
     storage.readinto("f", 0, memoryview(out))
     assert bytes(out) == data
+
+
+def test_a_read_longer_than_the_file_is_refused_before_allocating(storage: LocalStorage) -> None:
+    """A forged length (2^40 bytes of a 3-byte file) raises the truncation error without sizing a buffer by it:
+    before, ``read`` allocated ``length`` bytes first and found the file short afterwards."""
+    storage.write("data/small.bin", [b"abc"])
+    with pytest.raises(CorruptCheckpointError, match=r"wanted 1099511627776 bytes at offset 1 but the file has 3"):
+        storage.read("data/small.bin", 1, 1 << 40)
+    assert storage.read("data/small.bin", 1, 2) == b"bc"
