@@ -33,6 +33,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow"
 
 bench: $(STAMP)
+	$(PY) -m pip install --quiet -e ".[dev,bench]" "$(TORCH_PIN)"
 	$(PY) -m benchmarks.save_load
 	$(PY) -m benchmarks.training_stall
 	$(PY) -m benchmarks.reshard
@@ -40,6 +41,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.flush_floor
 	$(PY) -m benchmarks.e2e_every10
 	$(PY) -m benchmarks.daemon
+	$(PY) -m benchmarks.erasure
 
 clean:
 	rm -rf $(VENV) build *.egg-info

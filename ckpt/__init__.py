@@ -26,6 +26,7 @@ from ckpt.errors import (
     DaemonUnavailableError,
     DaemonBudgetError,
     DaemonProtocolError,
+    ErasureCodingError,
 )
 
 __version__ = "0.1.0"
@@ -56,7 +57,7 @@ __all__ = [
     "CheckpointError", "CheckpointNotFoundError", "IncompleteCheckpointError", "CorruptCheckpointError",
     "ShardMismatchError", "UnsafeCheckpointError", "StorageError", "SpecError", "DistributedCheckpointError",
     "CheckpointExistsError", "UnsupportedStateError", "UnknownFormatError", "FormatNotImplementedError",
-    "DaemonError", "DaemonUnavailableError", "DaemonBudgetError", "DaemonProtocolError",
+    "DaemonError", "DaemonUnavailableError", "DaemonBudgetError", "DaemonProtocolError", "ErasureCodingError",
 ]
 
 

@@ -103,3 +103,8 @@ class DaemonBudgetError(DaemonError):
 
 class DaemonProtocolError(DaemonError):
     """A message to or from the daemon is malformed: bad framing, oversized, not JSON, or failing validation."""
+
+
+class ErasureCodingError(CheckpointError):
+    """An erasure decode or encode cannot proceed: too few shards (the message names the missing ones), shards of
+    unequal length, or a bad codec shape."""
