@@ -140,24 +140,169 @@ def flat_span(outer_sizes: tuple[int, ...], inner: Box) -> tuple[int, int]:
 def boxes_tile(boxes: list[Box], shape: tuple[int, ...]) -> list[str]:
     """Problems with ``boxes`` as an exact tiling of ``shape`` (empty list when they tile it exactly once).
 
-    Checks bounds, pairwise overlap and total volume; quadratic in the number of boxes of one tensor, which stays
-    small (one per rank or chunk).
+    Checks bounds, total volume and, when every box lies inside the shape, finds an element covered twice or not
+    at all (``tiling_fault``: O(n log n) for boxes that differ along one dim, linear for more).
     """
     problems = []
     whole = Box.whole(shape)
     nonempty = [b for b in boxes if not b.is_empty()]
+    outside = False
     for b in nonempty:
-        if not whole.contains(b):
+        if b.ndim != len(shape) or not whole.contains(b):
+            outside = True
             problems.append(f"box offsets={list(b.offsets)} sizes={list(b.sizes)} lies outside shape {list(shape)}")
-    for i in range(len(nonempty)):
-        for j in range(i + 1, len(nonempty)):
-            if nonempty[i].intersect(nonempty[j]) is not None:
-                a, b = nonempty[i], nonempty[j]
-                problems.append(f"boxes {list(a.offsets)}+{list(a.sizes)} and {list(b.offsets)}+{list(b.sizes)} overlap")
+    if not outside:
+        fault = tiling_fault([(b.offsets, b.sizes) for b in nonempty], tuple(shape))
+        if fault is not None:
+            problems.append(fault.describe([f"{list(b.offsets)}+{list(b.sizes)}" for b in nonempty]))
     total = sum(b.numel for b in nonempty) if shape else (1 if boxes else 0)
     if total != whole.numel:
         problems.append(f"boxes cover {total} elements, shape {list(shape)} has {whole.numel}")
     return problems
+
+
+#: ``tiling_fault`` spends at most this many corner terms per box on average (plus ``_SMALL_TERMS``); a box that
+#: ends inside ``k`` dims of the shape costs ``2**k`` terms, so this admits boxes split along up to 6 dims.
+MAX_TERMS_PER_BOX = 64
+_SMALL_TERMS = 1 << 16
+#: Below this many boxes, too many corner terms fall back to comparing every pair of boxes.
+_PAIRWISE_MAX_BOXES = 512
+
+
+@dataclass(frozen=True)
+class TilingFault:
+    """Why boxes do not tile a shape exactly once: the element at ``point`` is covered ``count`` times
+    (``covering``: indices of up to two boxes that cover it), or ``too_complex`` when the check would cost more
+    than its bound (boxes split along more dims than any writer produces)."""
+
+    point: tuple[int, ...] | None = ()
+    count: int = 0
+    covering: tuple[int, ...] = ()
+    too_complex: bool = False
+
+    def describe(self, labels: list[str], one: str = "box", noun: str = "boxes") -> str:
+        """A message; ``labels[i]`` names box ``i`` (``one`` / ``noun``: what a box is called, singular / plural)."""
+        if self.too_complex:
+            return (f"the {len(labels)} {noun} are split along too many dims to check that they tile the tensor "
+                    f"(more than {MAX_TERMS_PER_BOX} corner terms per box); no writer produces such a tiling")
+        if self.count >= 2:
+            a, b = self.covering[:2]
+            return (f"{noun} {labels[a]} and {labels[b]} overlap (both cover the element at offsets "
+                    f"{list(self.point)}); they must tile the tensor exactly once")
+        where = "some element" if self.point is None else f"the element at offsets {list(self.point)}"
+        return (f"no {one} covers {where}, a hole (so {noun} overlap elsewhere or are missing); {noun} must "
+                "tile the tensor exactly once")
+
+
+def tiling_fault(boxes: "list[tuple[tuple[int, ...], tuple[int, ...]]]", shape: tuple[int, ...]) -> TilingFault | None:
+    """None when the boxes ``(offsets, sizes)``, each inside ``shape``, cover every element exactly once.
+
+    Dims along which every non-empty box has the same extent cannot tell boxes apart and are dropped. Boxes that
+    differ along one dim: sort and compare neighbours, O(n log n). Along more dims: the indicator function of a box
+    is a signed sum of ``2**d`` orthant indicators at its corners; the boxes tile the shape exactly once iff their
+    corner sums cancel to those of the shape, and the smallest corner left over is an element covered twice or
+    not at all. That is linear in the boxes (``2**k`` terms for a box ending inside ``k`` dims), whatever their
+    arrangement (a pairwise or sweep check is quadratic for staircase tilings), and bounded by
+    ``MAX_TERMS_PER_BOX``.
+    """
+    live = [i for i, (_, s) in enumerate(boxes) if all(s)]
+    if not shape:
+        if len(live) == 1:
+            return None
+        return TilingFault((), len(live), tuple(live[:2]))
+    if not live:
+        return None if math.prod(shape) == 0 else TilingFault(tuple(0 for _ in shape), 0, ())
+    o0, s0 = boxes[live[0]]
+    dims = [d for d in range(len(shape)) if any(boxes[i][0][d] != o0[d] or boxes[i][1][d] != s0[d] for i in live)]
+    base = list(o0)  # a witness's coordinates along the dropped dims: inside every box
+    if not dims and len(live) > 1:  # identical boxes
+        return TilingFault(tuple(o0), len(live), tuple(live[:2]))
+    short = next((d for d in range(len(shape)) if d not in dims and s0[d] != shape[d]), None)
+    if short is not None:  # every box misses the same part of this dim
+        base[short] = o0[short] + s0[short] if o0[short] + s0[short] < shape[short] else o0[short] - 1
+        return TilingFault(tuple(base), 0, ())
+    if not dims:  # one box that spans the shape
+        return None
+    if len(dims) == 1:
+        return _fault_1d(boxes, live, dims[0], shape, base)
+    cost = 0
+    for i in live:
+        o, s = boxes[i]
+        cost += 1 << sum(1 for d in dims if o[d] + s[d] < shape[d])
+    if cost > MAX_TERMS_PER_BOX * len(live) + _SMALL_TERMS:
+        if len(live) <= _PAIRWISE_MAX_BOXES:
+            return _fault_pairwise(boxes, live, shape)
+        return TilingFault(too_complex=True)
+    acc: dict[tuple[int, ...], int] = {}
+    get = acc.get
+    for i in live:
+        o, s = boxes[i]
+        terms: list[tuple[tuple[int, ...], int]] = [((), 1)]
+        for d in dims:
+            a, b = o[d], o[d] + s[d]
+            if b < shape[d]:
+                terms = [(t + (a,), w) for t, w in terms] + [(t + (b,), -w) for t, w in terms]
+            else:
+                terms = [(t + (a,), w) for t, w in terms]
+        for t, w in terms:
+            acc[t] = get(t, 0) + w
+    origin = tuple(0 for _ in dims)
+    acc[origin] = get(origin, 0) - 1
+    left = [c for c, w in acc.items() if w]
+    if not left:
+        return None
+    corner = min(left)  # lexicographically smallest, so no other left-over corner lies below it in every dim:
+    count = 1 + acc[corner]  # the coverage there is 1 + its weight
+    for d, x in zip(dims, corner):
+        base[d] = x
+    point = tuple(base)
+    return TilingFault(point, count, _covering(boxes, live, point))
+
+
+def _fault_1d(boxes: "list[tuple[tuple[int, ...], tuple[int, ...]]]", live: list[int], d: int,
+              shape: tuple[int, ...], base: list[int]) -> TilingFault | None:
+    order = sorted(live, key=lambda i: boxes[i][0][d])
+    end, prev = 0, -1
+    for i in order:
+        start = boxes[i][0][d]
+        if start < end:
+            base[d] = start
+            return TilingFault(tuple(base), 2, (prev, i))
+        if start > end:
+            base[d] = end
+            return TilingFault(tuple(base), 0, ())
+        end, prev = start + boxes[i][1][d], i
+    if end < shape[d]:
+        base[d] = end
+        return TilingFault(tuple(base), 0, ())
+    return None
+
+
+def _covering(boxes: "list[tuple[tuple[int, ...], tuple[int, ...]]]", live: list[int],
+              point: tuple[int, ...]) -> tuple[int, ...]:
+    hits = []
+    for i in live:
+        o, s = boxes[i]
+        if all(a <= x < a + n for a, n, x in zip(o, s, point)):
+            hits.append(i)
+            if len(hits) == 2:
+                break
+    return tuple(hits)
+
+
+def _fault_pairwise(boxes: "list[tuple[tuple[int, ...], tuple[int, ...]]]", live: list[int],
+                    shape: tuple[int, ...]) -> TilingFault | None:
+    """Few boxes in many dims: compare every pair (at most ``_PAIRWISE_MAX_BOXES ** 2 / 2``); with the volume
+    checked by the caller, no overlap means an exact tiling."""
+    for x, i in enumerate(live):
+        oi, si = boxes[i]
+        for j in live[x + 1:]:
+            oj, sj = boxes[j]
+            if all(max(a, b) < min(a + m, b + n) for a, m, b, n in zip(oi, si, oj, sj)):
+                return TilingFault(tuple(max(a, b) for a, b in zip(oi, oj)), 2, (i, j))
+    if sum(math.prod(boxes[i][1]) for i in live) != math.prod(shape):
+        return TilingFault(None, 0, ())  # disjoint, but too few elements: a hole somewhere
+    return None
 
 
 def flat_range_to_boxes(shape: tuple[int, ...], start: int, stop: int) -> list[Box]:

@@ -7,7 +7,11 @@ List and tuple items use their decimal index as the component. The root containe
 
 from __future__ import annotations
 
-__all__ = ["escape", "unescape", "join", "split", "component"]
+__all__ = ["escape", "unescape", "join", "split", "component", "MAX_DEPTH"]
+
+#: Deepest nesting of containers stored or rebuilt (``formats.nesting``); the manifest refuses keys of more than
+#: ``MAX_DEPTH + 1`` components. Deeper state is almost surely a reference cycle, and recursion must stay bounded.
+MAX_DEPTH = 64
 
 
 def escape(component: str) -> str:

@@ -1,24 +1,41 @@
-"""The manifest: the single source of truth of a checkpoint (format v1).
+"""The manifest: the single source of truth of a checkpoint (format v2; v1 is read as legacy).
 
-Plain data, JSON, never pickle. ``Manifest.from_json`` validates everything it reads and raises
+Plain data, JSON, never pickle, sealed by an xxh3-64 checksum of its own text (``seal``), so that any edit or
+damage is detected. ``Manifest.from_json`` checks the seal first, then validates everything it reads and raises
 ``CorruptCheckpointError`` (``UnsafeCheckpointError`` for paths that escape the checkpoint) naming the manifest
-path and the key; unknown versions and entry kinds raise, nothing is skipped. See ``docs/format.md``.
+path and the key; unknown versions and entry kinds raise, nothing is skipped. Every check is O(n log n) or
+linear in the manifest. See ``docs/format.md``.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from ckpt.errors import CorruptCheckpointError, UnsafeCheckpointError, UnsupportedStateError
+from formats import checksum
+from formats.box import tiling_fault
 from formats.dtypes import dtype_from_name, itemsize
 from formats.codec import CODECS
+from formats.keys import MAX_DEPTH
 from formats.storage.base import check_relpath
 
 FORMAT_NAME = "ckpt-universal"
-FORMAT_VERSION = 1
+#: What this library writes: v2 = v1 plus the ``manifest_checksum`` seal, which a v2 manifest must have.
+FORMAT_VERSION = 2
+#: Versions read without a seal: manifests written before it existed (still on users' disks).
+LEGACY_VERSIONS = (1,)
+#: The last member of the manifest: xxh3-64 of every byte of the file before this key's opening quote.
+CHECKSUM_FIELD = "manifest_checksum"
+#: Largest manifest.json a reader accepts, checked before reading it (``check_manifest_size``). A manifest takes
+#: about 250 bytes per chunk, so 1 GiB is some 4 million chunks, far above any real checkpoint.
+MAX_MANIFEST_BYTES = 1 << 30
+#: Most ``/``-separated components of one key (the nesting that ``formats.nesting`` writes and rebuilds, plus one
+#: for a leaf below the deepest container).
+MAX_KEY_COMPONENTS = MAX_DEPTH + 1
 MANIFEST_NAME = "manifest.json"
 DATA_DIR = "data"
 CONTAINER_TYPES = ("dict", "list", "tuple")
@@ -58,19 +75,73 @@ class ChunkEntry:
 _ENCODER = json.JSONEncoder(allow_nan=False, separators=(", ", ": "))
 
 
-def _dumps(doc: dict[str, Any]) -> str:
-    """The manifest's JSON text, one line per file and per entry (readable, greppable, diffable). Each line is
-    written by the C encoder: ``json.dumps(indent=...)`` runs in pure Python, about 30 ms per save for a model
-    of a few hundred tensors, on the flush path of every tier."""
+def _head(doc: dict[str, Any]) -> str:
+    """The manifest's JSON text up to its checksum member: one line per file and per entry (readable, greppable,
+    diffable), ending in ``,\\n `` so the seal follows. Each line is written by the C encoder:
+    ``json.dumps(indent=...)`` runs in pure Python, about 30 ms per save for a model of a few hundred tensors, on
+    the flush path of every tier."""
     enc = _ENCODER.encode
     parts = []
     for k, v in doc.items():
-        if k in ("files", "entries") and v:
+        if k == CHECKSUM_FIELD:
+            continue
+        if k in ("files", "entries") and isinstance(v, dict) and v:
             inner = ",\n".join(f"  {enc(ek)}: {enc(ev)}" for ek, ev in v.items())
             parts.append(f" {enc(k)}: {{\n{inner}\n }}")
         else:
             parts.append(f" {enc(k)}: {enc(v)}")
-    return "{\n" + ",\n".join(parts) + "\n}"
+    return "{\n" + "".join(f"{part},\n" for part in parts) + " "
+
+
+def seal(doc: dict[str, Any]) -> bytes:
+    """The manifest text of ``doc`` (any ``manifest_checksum`` in it dropped) sealed with a fresh checksum.
+
+    ``Manifest.to_json`` writes manifests with it; a tool (or test) that edits a manifest on purpose re-seals it
+    with ``seal(json.loads(text))``; an edit that skips this is refused as damage."""
+    head = _head(doc).encode("utf-8")
+    return head + f'"{CHECKSUM_FIELD}": "{checksum.digest(head)}"\n}}'.encode()
+
+
+def reseal(data: bytes) -> bytes:
+    """``data`` with the checksum of its seal recomputed over its text (for text-level edits made on purpose, and
+    tests of what lies behind the seal); unchanged when it has no seal."""
+    at = data.rfind(b'"manifest_checksum"')
+    m = _SEAL.fullmatch(data, at) if at >= 0 else None
+    if m is None:
+        return data
+    return data[: m.start(1)] + checksum.digest(memoryview(data)[:at]).encode() + data[m.end(1):]
+
+
+# The seal at the end of a manifest: the checksum member, then the closing brace of the top-level object (only
+# JSON whitespace may follow). Matched from the last occurrence of the key, so no scan of the whole text.
+_SEAL = re.compile(rb'"manifest_checksum"[ \t\n\r]*:[ \t\n\r]*"([0-9a-f]{16})"[ \t\n\r]*\}[ \t\n\r]*')
+
+
+def check_manifest_size(size: int, where: str) -> None:
+    """Refuse a manifest of ``size`` bytes above ``MAX_MANIFEST_BYTES``; call it before reading the file."""
+    if size > MAX_MANIFEST_BYTES:
+        raise CorruptCheckpointError(
+            f"{where}: manifest is {size} bytes, more than the {MAX_MANIFEST_BYTES} bytes (1 GiB, some 4 million "
+            "chunks) a reader accepts; it is damaged or not a ckpt manifest")
+
+
+def _check_seal(data: bytes, where: str) -> bool:
+    """Whether ``data`` ends with a checksum member; raise when that checksum does not match."""
+    at = data.rfind(b'"manifest_checksum"')
+    if at < 0:
+        return False
+    m = _SEAL.fullmatch(data, at)
+    if m is None:
+        return False
+    expected = m.group(1).decode()
+    found = checksum.digest(memoryview(data)[:at])
+    if found != expected:
+        raise CorruptCheckpointError(
+            f"{where}: manifest checksum mismatch: its {CHECKSUM_FIELD} says xxh3_64 {expected}, its text hashes "
+            f"to {found}. The manifest was edited or damaged after it was written; restore it from another tier "
+            "or use an earlier checkpoint (a tool that edits a manifest on purpose must re-seal it: "
+            "formats.manifest.seal)")
+    return True
 
 
 @dataclass(frozen=True)
@@ -152,6 +223,7 @@ class Manifest:
         return sorted([*self.tensors, *self.values])
 
     def to_json(self) -> bytes:
+        """The sealed manifest text, always in the current ``FORMAT_VERSION`` (whatever version was read)."""
         entries: dict[str, Any] = {}
         for k, c in self.containers.items():
             entries[k] = c.to_json()
@@ -161,7 +233,7 @@ class Manifest:
             entries[k] = v.to_json()
         doc = {
             "format": FORMAT_NAME,
-            "format_version": self.format_version,
+            "format_version": FORMAT_VERSION,
             "writer": self.writer,
             "save_id": self.save_id,
             "created_unix_secs": self.created_unix_secs,
@@ -172,11 +244,12 @@ class Manifest:
             "layout": self.layout,
             "metadata": self.metadata,
         }
-        return _dumps(doc).encode("utf-8")
+        return seal(doc)
 
     @staticmethod
     def from_json(data: bytes, where: str) -> "Manifest":
-        """Parse and validate a manifest; ``where`` is its path or URL, named in every error."""
+        """Check the seal of, parse and validate a manifest; ``where`` is its path or URL, named in every
+        error."""
         return _parse(data, where)
 
 
@@ -221,6 +294,9 @@ def _int_list(v: Any, where: str, key: str, what: str) -> tuple[int, ...]:
 
 
 def _parse(data: bytes, where: str) -> Manifest:
+    data = bytes(data)
+    check_manifest_size(len(data), where)
+    sealed = _check_seal(data, where)
     try:
         doc = json.loads(data.decode("utf-8"), parse_constant=reject_constant, object_pairs_hook=unique_keys)
     except (UnicodeDecodeError, json.JSONDecodeError, ValueError, RecursionError) as e:
@@ -231,12 +307,19 @@ def _parse(data: bytes, where: str) -> Manifest:
     if doc.get("format") != FORMAT_NAME:
         raise _fail(where, None, f"'format' must be {FORMAT_NAME!r}, found {doc.get('format')!r}")
     version = doc.get("format_version")
-    if type(version) is not int or version != FORMAT_VERSION:  # True and 1.0 compare equal to 1
+    if type(version) is not int or (version != FORMAT_VERSION and version not in LEGACY_VERSIONS):  # True, 1.0 == 1
         raise _fail(
             where, None,
-            f"unsupported format_version {version!r}; this reader supports {FORMAT_VERSION}. "
-            "Upgrade ckpt to read checkpoints written by a newer version.",
+            f"unsupported format_version {version!r}; this reader supports {FORMAT_VERSION} (and "
+            f"{', '.join(map(str, LEGACY_VERSIONS))} as legacy). Upgrade ckpt to read checkpoints written by a "
+            "newer version.",
         )
+    if not sealed and (CHECKSUM_FIELD in doc or version not in LEGACY_VERSIONS):
+        found = "is not its last member holding 16 lowercase hex digits" if CHECKSUM_FIELD in doc else "is missing"
+        raise _fail(
+            where, None,
+            f"the {CHECKSUM_FIELD!r} seal {found}: a format {version} manifest always ends with it, so it was "
+            "edited or damaged after it was written; restore it from another tier or use an earlier checkpoint")
     files_doc = doc.get("files")
     if not isinstance(files_doc, dict):
         raise _fail(where, None, "'files' must be an object")
@@ -268,6 +351,7 @@ def _parse(data: bytes, where: str) -> Manifest:
             containers[key] = _parse_container(key, e, where)
         else:
             raise _fail(where, key, f"unknown entry kind {kind!r}; expected 'tensor', 'value' or 'container'")
+    _check_tree(entries, containers, where)
     for name in ("writer", "layout", "metadata"):
         if not isinstance(doc.get(name, {}), dict):
             raise _fail(where, None, f"{name!r} must be an object")
@@ -317,41 +401,34 @@ def _parse_tensor(key: str, e: dict[str, Any], files: dict[str, FileEntry], wher
     if covered != numel:
         raise _fail(where, key, f"chunks cover {covered} elements, shape {list(shape)} has {numel}")
     # Equal volume is not enough: two overlapping chunks leave a hole of the same size, which a reader would
-    # return uninitialised. No overlap + equal volume + inside the shape = an exact tiling.
-    overlap = _first_overlap(chunks)
-    if overlap is not None:
-        a, b = overlap
-        raise _fail(where, key, f"chunks {a} and {b} overlap (offsets {list(chunks[a].offsets)} sizes "
-                                f"{list(chunks[a].sizes)} and offsets {list(chunks[b].offsets)} sizes "
-                                f"{list(chunks[b].sizes)}); chunks must tile the tensor exactly once")
-    layout = e.get("saved_layout")
-    if layout is not None and not isinstance(layout, dict):
-        raise _fail(where, key, "'saved_layout' must be an object")
-    return TensorEntry(key, e["dtype"], shape, tuple(chunks), layout)
+    # return uninitialised. Exact tiling, checked in O(n log n) whatever the arrangement (formats.box.tiling_fault).
+    if len(chunks) > 1:
+        fault = tiling_fault([(c.offsets, c.sizes) for c in chunks], shape)
+        if fault is not None:
+            labels = [f"{i} (offsets {list(c.offsets)} sizes {list(c.sizes)})" for i, c in enumerate(chunks)]
+            raise _fail(where, key, fault.describe(labels, "chunk", "chunks"))
+    return TensorEntry(key, e["dtype"], shape, tuple(chunks), _parse_layout(e.get("saved_layout"), where, key))
 
 
-def _first_overlap(chunks: list[ChunkEntry]) -> tuple[int, int] | None:
-    """Indices of two non-empty chunks that overlap, or None.
-
-    A sweep along the dim with the most distinct chunk offsets: only chunks whose extents along that dim overlap
-    are compared, so row- or column-split tensors (the usual case) cost O(n log n) instead of O(n^2).
-    """
-    nonempty = [i for i, c in enumerate(chunks) if c.numel > 0]
-    if len(nonempty) < 2 or not chunks[nonempty[0]].sizes:
-        return None if len(nonempty) < 2 else (nonempty[0], nonempty[1])  # two non-empty 0-d chunks overlap
-    ndim = len(chunks[nonempty[0]].sizes)
-    d = max(range(ndim), key=lambda k: len({chunks[i].offsets[k] for i in nonempty}))
-    active: list[int] = []  # chunks whose extent along d reaches past the current start
-    for i in sorted(nonempty, key=lambda j: chunks[j].offsets[d]):
-        c = chunks[i]
-        start = c.offsets[d]
-        active = [j for j in active if chunks[j].offsets[d] + chunks[j].sizes[d] > start]
-        for j in active:
-            o = chunks[j]
-            if all(max(a, b) < min(a + m, b + n) for a, m, b, n in zip(c.offsets, c.sizes, o.offsets, o.sizes)):
-                return (min(i, j), max(i, j))
-        active.append(i)
-    return None
+def _parse_layout(layout: Any, where: str, key: str) -> dict[str, Any] | None:
+    """``saved_layout``: informational, but read by ``ckpt inspect``, so its shape is checked like any field."""
+    if layout is None:
+        return None
+    if not isinstance(layout, dict):
+        raise _fail(where, key, f"'saved_layout' must be an object, found {type(layout).__name__}")
+    mesh = layout.get("mesh_shape")
+    if not isinstance(mesh, list) or not 1 <= len(mesh) <= MAX_NDIM:
+        raise _fail(where, key, f"saved_layout.mesh_shape must be a list of 1 to {MAX_NDIM} integers, found {mesh!r}")
+    for x in mesh:
+        _int(x, where, key, "saved_layout.mesh_shape", lo=1)
+    for name, nullable in (("placements", False), ("mesh_dim_names", True)):
+        v = layout.get(name)
+        if v is None and nullable:
+            continue
+        if not isinstance(v, list) or len(v) != len(mesh) or not all(isinstance(x, str) for x in v):
+            raise _fail(where, key, f"saved_layout.{name} must be a list of {len(mesh)} strings (one per mesh dim)"
+                                    f"{' or null' if nullable else ''}, found {v!r}")
+    return layout
 
 
 def _parse_chunk(key: str, i: int, c: Any, shape: tuple[int, ...], esize: int,
@@ -422,10 +499,60 @@ def _parse_container(key: str, e: dict[str, Any], where: str) -> ContainerEntry:
     if t not in CONTAINER_TYPES:
         raise _fail(where, key, f"unknown container type {t!r}; expected one of {list(CONTAINER_TYPES)}")
     length = _int(e.get("length", 0), where, key, "container length")
+    if t == "dict" and length:
+        raise _fail(where, key, f"a dict container has no length, found {length}")
     int_keys = e.get("int_keys", [])
-    if not isinstance(int_keys, list) or not all(isinstance(k, str) for k in int_keys):
-        raise _fail(where, key, "'int_keys' must be a list of strings")
+    if (not isinstance(int_keys, list) or (int_keys and t != "dict")
+            or not all(isinstance(k, str) and _is_int_text(k) for k in int_keys)):
+        raise _fail(where, key, f"'int_keys' must be a list of decimal integers as strings (dicts only), found "
+                                f"{int_keys!r}"[:300])
     return ContainerEntry(key, t, length, tuple(int_keys))
+
+
+def _is_int_text(k: str) -> bool:
+    """Whether ``k`` is how ``str(int)`` writes an int (what ``formats.keys.component`` records)."""
+    digits = k[1:] if k.startswith("-") else k
+    return digits.isascii() and digits.isdigit() and (digits == "0" or not digits.startswith("0")) and k != "-0"
+
+
+def _check_tree(entries: dict[str, Any], containers: dict[str, ContainerEntry], where: str) -> None:
+    """The keys form the tree that ``formats.nesting.nest`` rebuilds, checked in one pass over the keys.
+
+    No key starts with ``/`` (the root's child ``""`` would have the root's own key) or has more than
+    ``MAX_KEY_COMPONENTS`` components; no key lies below a tensor or value; the items of each list or tuple are
+    exactly ``0 .. length - 1``, so a length is bounded by the entries that really exist under it. Parents that no
+    container records are dicts."""
+    children: dict[str, int] = {}  # list/tuple container key -> items seen
+    seen: set[str] = set()  # implicit parents already walked up from
+    for key in entries:
+        if key == "":
+            continue
+        if key[0] == "/":
+            raise _fail(where, key, "key starts with '/': its first component is empty, which no writer produces "
+                                    "(the root's own key is '')")
+        if key.count("/") >= MAX_KEY_COMPONENTS:
+            raise _fail(where, key[:200] + "...", f"key has more than {MAX_KEY_COMPONENTS} '/'-separated components "
+                                                 "(nesting that deep is refused)")
+        k = key
+        while True:
+            parent, _, comp = k.rpartition("/")
+            c = containers.get(parent)
+            if parent in entries and c is None:
+                raise _fail(where, key, f"key lies below {parent!r}, which is a tensor or value, not a container")
+            if c is not None and c.type != "dict":
+                if not (comp.isascii() and comp.isdigit() and (comp == "0" or comp[0] != "0")
+                        and int(comp) < c.length):
+                    raise _fail(where, key, f"{c.type} {parent!r} of length {c.length} has an item {comp!r}; its "
+                                            f"items must be 0 .. {c.length - 1}")
+                children[parent] = children.get(parent, 0) + 1  # k is a key, or an implicit parent met first now
+            if parent == "" or parent in entries or parent in seen:
+                break
+            seen.add(parent)  # an implicit dict: walk up once, however many keys lie below it
+            k = parent
+    for key, c in containers.items():
+        if c.type != "dict" and children.get(key, 0) != c.length:
+            raise _fail(where, key, f"{c.type} of length {c.length} has {children.get(key, 0)} items; "
+                                    "the manifest's containers do not match its keys")
 
 
 def files_and_chunks(results: "list[tuple[dict[str, int], list[tuple[str, ChunkEntry]]]]"

@@ -16,10 +16,9 @@ import torch
 
 from ckpt.errors import CorruptCheckpointError, UnsupportedStateError
 from formats import keys as K
+from formats.keys import MAX_DEPTH  # the deepest nesting accepted (re-exported)
 from formats.manifest import ContainerEntry, encode_value
 
-#: Deepest nesting accepted: deeper state is almost surely a reference cycle, and recursion must stay bounded.
-MAX_DEPTH = 64
 #: ``expand(obj)``: for a Stateful object (a module, an optimizer), a function that returns its plain state; None
 #: for any other object.
 Expand = Callable[[Any], "Callable[[], Any] | None"]
@@ -66,6 +65,9 @@ def flatten(obj: Any, prefix: str = "", *, where: str = "", expand: Expand | Non
         if isinstance(o, tensor_type):
             tensor(o, key)
         elif _is_mapping(o):
+            if key == "" and "" in o:  # its flat key would be the root's own, "": the two would be confused
+                raise UnsupportedStateError(f"{at}the top-level dict has the key '', which the format cannot store "
+                                            "(its flat key would be the root's own); rename it")
             int_keys = []
             base = "" if key == "" else key + "/"
             for k, v in o.items():
@@ -105,18 +107,17 @@ def nest(leaves: Mapping[str, Any], containers: Mapping[str, ContainerEntry], wh
     Keys whose parents no container records are placed in dicts. Linear in the number of keys. Raises
     ``CorruptCheckpointError`` naming ``where`` when a list or tuple record disagrees with the keys below it, or the
     nesting is deeper than ``MAX_DEPTH``."""
-    children: dict[str, list[str]] = {}
+    children: dict[str, set[str]] = {}
     for key in [*leaves, *containers]:
         if key == "":
             continue
         parent, _, comp = key.rpartition("/")
-        children.setdefault(parent, []).append(comp)
-    for key in list(children):  # parents nobody recorded: dicts
+        children.setdefault(parent, set()).add(comp)
+    for key in list(children):  # parents nobody recorded: dicts (sets: linear, however many there are)
         k = key
         while k:
             parent, _, comp = k.rpartition("/")
-            if comp not in children.setdefault(parent, []):
-                children[parent].append(comp)
+            children.setdefault(parent, set()).add(comp)
             k = parent
 
     def build(key: str, depth: int) -> Any:
@@ -125,10 +126,13 @@ def nest(leaves: Mapping[str, Any], containers: Mapping[str, ContainerEntry], wh
         if depth > MAX_DEPTH:
             raise CorruptCheckpointError(f"{where}: key {key!r} is nested more than {MAX_DEPTH} levels deep")
         c = containers.get(key)
-        kids = sorted(set(children.get(key, [])))
+        kids = sorted(children.get(key, ()))
         prefix = "" if key == "" else key + "/"
         if c is None or c.type == "dict":
             ints = set(c.int_keys) if c is not None else set()
+            if ints and not all(ch.lstrip("-").isdigit() for ch in ints):
+                raise CorruptCheckpointError(f"{where}: dict {key!r} has int_keys {sorted(ints)[:10]} that are not "
+                                             "all integers")
             return {(int(ch) if ch in ints else K.unescape(ch)): build(prefix + ch, depth + 1) for ch in kids}
         if sorted(kids) != sorted(str(i) for i in range(c.length)):
             raise CorruptCheckpointError(f"{where}: {c.type} {key!r} of length {c.length} has items {kids}")

@@ -24,6 +24,7 @@ import torch
 
 import ckpt
 from formats import checksum
+from formats.manifest import reseal, seal
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -198,7 +199,9 @@ def read_doc(path: Path) -> dict[str, Any]:
 
 
 def write_doc(path: Path, doc: Any) -> None:
-    (path / "manifest.json").write_text(json.dumps(doc))
+    """Write an edited manifest re-sealed, so that the checks behind the manifest checksum are what is tested
+    (tests/test_hostile_manifest.py tests that an unsealed edit is refused)."""
+    (path / "manifest.json").write_bytes(seal(doc))
 
 
 def _chunk0(doc: dict[str, Any], key: str = "w") -> dict[str, Any]:
@@ -285,7 +288,7 @@ MANIFEST_CASES: list[tuple[str, Callable[[dict[str, Any]], None], type[Exception
     ("chunks overlap, leaving a hole", _overlap_with_hole, CORRUPT, ("'w'", "overlap")),
     ("shape [2**40, 2**40]", _set("entries", "w", "shape", [2**40, 2**40]), CORRUPT, ("'w'", "shape")),
     ("shape with 65 dims", _set("entries", "w", "shape", [1] * 65), CORRUPT, ("'w'", "shape")),
-    ("format_version 2", _set("format_version", 2), CORRUPT, ("format_version", "2")),
+    ("format_version 3", _set("format_version", 3), CORRUPT, ("format_version", "3")),
     ("format_version '1'", _set("format_version", "1"), CORRUPT, ("format_version",)),
     ("format_version true", _set("format_version", True), CORRUPT, ("format_version",)),
     ("format_version 1.0", _set("format_version", 1.0), CORRUPT, ("format_version",)),
@@ -349,7 +352,7 @@ RAW_CASES: list[tuple[str, Callable[[Path], bytes], tuple[str, ...]]] = [
 
 @pytest.mark.parametrize("name,make,parts", RAW_CASES, ids=[c[0] for c in RAW_CASES])
 def test_unparseable_manifest(saved: Path, name: str, make: Callable[[Path], bytes], parts: tuple[str, ...]) -> None:
-    data = make(saved)
+    data = reseal(make(saved))  # text edits of a sealed manifest re-sealed: the parser's checks are tested
     (saved / "manifest.json").write_bytes(data)
     for fn in both_readers(saved):
         with expect_error(saved.parent, ckpt.CorruptCheckpointError, str(saved / "manifest.json"), *parts):
@@ -361,8 +364,8 @@ def test_inconsistent_containers(saved: Path) -> None:
     doc = read_doc(saved)
     doc["entries"]["lst"] = {"kind": "container", "type": "list", "length": 3}  # ... but has no items at all
     write_doc(saved, doc)
-    with ckpt.open(str(saved)) as r:
-        with expect_error(saved.parent, ckpt.CorruptCheckpointError, "containers"):
+    with expect_error(saved.parent, ckpt.CorruptCheckpointError, "'lst'", "containers"):  # refused at open now
+        with ckpt.open(str(saved)) as r:
             r.state()
 
 

@@ -13,6 +13,7 @@ from tests.cli_utils import run_cli
 import torch
 
 import ckpt
+from formats.manifest import seal
 
 pytestmark = pytest.mark.timeout(120)
 CKPT = [sys.executable, "-m", "ckpt.cli"]
@@ -82,7 +83,7 @@ def test_verify_reports_coverage_holes(saved):
     w = doc["entries"]["model/w"]
     # Move one chunk onto another's rows: the counts still add up, but rows overlap and leave a hole.
     w["chunks"][1]["offsets"] = list(w["chunks"][0]["offsets"])
-    (saved / "manifest.json").write_text(json.dumps(doc))
+    (saved / "manifest.json").write_bytes(seal(doc))  # re-sealed: the tiling check is what is tested
     out = _run("verify", str(saved))
     assert out.returncode == 1 and "overlap" in out.stderr
 

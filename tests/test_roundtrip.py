@@ -110,7 +110,7 @@ def test_nested_containers_and_escaped_keys(tmp_path):
 def test_manifest_is_plain_json_and_written_last(tmp_path):
     ckpt.save({"w": torch.ones(3)}, tmp_path / "c")
     doc = json.loads((tmp_path / "c" / "manifest.json").read_text())
-    assert doc["format"] == "ckpt-universal" and doc["format_version"] == 1
+    assert doc["format"] == "ckpt-universal" and doc["format_version"] == 2
     files = doc["files"]
     for p in files:
         assert not os.path.isabs(p) and ".." not in p
