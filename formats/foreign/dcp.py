@@ -28,16 +28,24 @@ from typing import Any, Callable
 
 import torch
 
-from ckpt.errors import CheckpointExistsError, CheckpointNotFoundError, CorruptCheckpointError, UnsafeCheckpointError
+from ckpt.errors import (CheckpointError, CheckpointExistsError, CheckpointNotFoundError, CorruptCheckpointError,
+                         StorageError, UnsafeCheckpointError, UnsupportedStateError)
 from formats import keys as K
 from formats.foreign.pickle_guard import loads_checked, refused_import
 from formats.foreign.source import Extent, Source, TensorInfo, flatten_into, is_bare_model, leaf_path, read_as
 from formats.nesting import nest
 from formats.manifest import ContainerEntry
+from formats.foreign.files import check_confined, is_regular, read_small, regular_size
 from formats.storage.base import check_relpath
 
 Progress = Callable[[int], None]
 METADATA_NAME = ".metadata"
+#: Up to this many chunks per tensor are checked pairwise for overlaps; more must be slabs of one dimension.
+_PAIRWISE_BOXES = 64
+#: The most dimensions a DCP tensor may declare (the universal format's bound).
+_MAX_NDIM = 64
+#: The largest ``.metadata`` read (one of a model with a million tensors saved by a thousand ranks is smaller).
+_MAX_METADATA_BYTES = 2**31
 
 
 def _dcp() -> Any:
@@ -47,7 +55,10 @@ def _dcp() -> Any:
 
 
 def _tiles(boxes: list[Extent], shape: tuple[int, ...]) -> bool:
-    """Whether non-empty ``boxes`` lie inside ``shape``, do not overlap, and cover it exactly."""
+    """Whether non-empty ``boxes`` lie inside ``shape``, do not overlap, and cover it exactly.
+
+    O(n log n): a few boxes are compared pairwise; many must be slabs along one dimension (what FSDP and TP save),
+    checked by sorting. Many boxes cut otherwise count as not tiling (the tensor is then read whole)."""
     import math
 
     total = 0
@@ -59,11 +70,113 @@ def _tiles(boxes: list[Extent], shape: tuple[int, ...]) -> bool:
         total += math.prod(sizes)
     if total != math.prod(shape):
         return False
+    if len(boxes) > _PAIRWISE_BOXES:
+        cut = {d for offs, sizes in boxes for d, (o, s, n) in enumerate(zip(offs, sizes, shape)) if (o, s) != (0, n)}
+        if len(cut) != 1:
+            return False
+        d = cut.pop()
+        end = 0
+        for offs, sizes in sorted(boxes, key=lambda b: b[0][d]):
+            if offs[d] != end:
+                return False
+            end += sizes[d]
+        return end == shape[d]
     for i, (ao, asz) in enumerate(boxes):
         for bo, bsz in boxes[i + 1:]:
             if all(max(a, b) < min(a + m, b + n) for a, m, b, n in zip(ao, asz, bo, bsz)):
                 return False
     return True
+
+
+def _checkpoint_exception() -> type[BaseException]:
+    """torch's ``CheckpointException``: a ``BaseException``, so ``except Exception`` alone lets it through."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return CheckpointException
+
+
+def _is_int(v: Any, low: int = 0, high: int = 2**62) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and low <= v < high
+
+
+def _int_seq(v: Any, n: int | None = None) -> bool:
+    """A tuple/list/``torch.Size`` of (at most ``_MAX_NDIM``, or exactly ``n``) non-negative ints."""
+    return (isinstance(v, (tuple, list)) and (len(v) == n if n is not None else len(v) <= _MAX_NDIM)
+            and all(_is_int(x) for x in v))
+
+
+def _validated(md: Any, where: str) -> tuple[dict[str, Any], dict[str, tuple[Any, ...]], dict[Any, Any]]:
+    """Check every field of unpickled DCP metadata for its type and range, once, before anything uses it.
+
+    The pickle guard lets only DCP's own classes through, but their fields can hold anything (``offset="abc"``,
+    ``chunks=None``, a ``size`` of 2^40 elements). Returns (entries, nested path of each entry, storage_data);
+    a wrong field raises ``CorruptCheckpointError`` naming the file, the entry, what was expected and what was
+    found."""
+    from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, Metadata,
+                                                       MetadataIndex, TensorProperties, TensorStorageMetadata)
+
+    def bad(key: Any, field: str, expected: str, found: Any) -> CorruptCheckpointError:
+        at = f", key {key!r}" if key is not None else ""
+        return CorruptCheckpointError(f"{where}{at}: {field} must be {expected}, found {found!r}"[:600]
+                                      + "; the DCP metadata is damaged")
+
+    if not isinstance(md, Metadata):
+        raise CorruptCheckpointError(f"{where}: holds a {type(md).__name__}, not DCP metadata")
+    entries = md.state_dict_metadata
+    if not isinstance(entries, dict):
+        raise bad(None, "state_dict_metadata", "a dict", type(entries).__name__)
+    for fqn, e in entries.items():
+        if not isinstance(fqn, str):
+            raise bad(fqn, "an entry's name", "a str", type(fqn).__name__)
+        if isinstance(e, BytesStorageMetadata):
+            continue
+        if not isinstance(e, TensorStorageMetadata):
+            raise bad(fqn, "the entry", "TensorStorageMetadata or BytesStorageMetadata", type(e).__name__)
+        if not _int_seq(e.size):
+            raise bad(fqn, "size", f"a list of at most {_MAX_NDIM} non-negative integers", e.size)
+        if not isinstance(e.properties, TensorProperties):
+            raise bad(fqn, "properties", "TensorProperties", type(e.properties).__name__)
+        if not isinstance(e.properties.dtype, torch.dtype):
+            raise bad(fqn, "properties.dtype", "a torch.dtype", e.properties.dtype)
+        if not isinstance(e.chunks, (list, tuple)):
+            raise bad(fqn, "chunks", "a list of ChunkStorageMetadata", type(e.chunks).__name__)
+        ndim = len(e.size)
+        for i, c in enumerate(e.chunks):
+            if not isinstance(c, ChunkStorageMetadata):
+                raise bad(fqn, f"chunks[{i}]", "ChunkStorageMetadata", type(c).__name__)
+            if not _int_seq(c.offsets, ndim) or not _int_seq(c.sizes, ndim):
+                raise bad(fqn, f"chunks[{i}] offsets and sizes", f"{ndim} non-negative integers each (the tensor's "
+                          f"dimensions)", (c.offsets, c.sizes))
+    mappings = md.planner_data if md.planner_data is not None else {}
+    if not isinstance(mappings, dict):
+        raise bad(None, "planner_data", "a dict (or None)", type(mappings).__name__)
+    paths: dict[str, tuple[Any, ...]] = {}
+    for fqn in entries:
+        p = mappings.get(fqn, (fqn,))
+        if (not isinstance(p, (tuple, list)) or not 0 < len(p) <= 256
+                or not all((isinstance(c, str) and c) or _is_int(c, 0, len(entries)) for c in p)):
+            raise bad(fqn, "its planner_data path", "a non-empty tuple of names and list indices below the number "
+                      f"of entries ({len(entries)})", p)
+        paths[fqn] = tuple(p)
+    storage = md.storage_data
+    if not isinstance(storage, dict):
+        raise bad(None, "storage_data", "a dict", type(storage).__name__)
+    for index, info in storage.items():
+        fqn = getattr(index, "fqn", None)
+        if not isinstance(index, MetadataIndex) or not isinstance(fqn, str):
+            raise bad(fqn, "a storage_data key", "a MetadataIndex naming its entry", index)
+        rel = getattr(info, "relative_path", None)
+        try:
+            check_relpath(rel)
+        except UnsafeCheckpointError as e:
+            raise UnsafeCheckpointError(f"{where}, key {fqn!r}: data file {e}") from e
+        offset, length = getattr(info, "offset", None), getattr(info, "length", None)
+        if not _is_int(offset) or not _is_int(length):
+            raise bad(fqn, "its storage offset and length", "non-negative integers", (offset, length))
+        td = getattr(info, "transform_descriptors", None)
+        if td is not None and (not isinstance(td, (list, tuple)) or not all(isinstance(t, str) for t in td)):
+            raise bad(fqn, "its transform_descriptors", "a list of str (or None)", td)
+    return entries, paths, storage
 
 
 class DcpSource(Source):
@@ -75,9 +188,10 @@ class DcpSource(Source):
         meta_path = os.path.join(self.path, METADATA_NAME)
         if not os.path.isdir(self.path):
             raise CheckpointNotFoundError(f"{self.path}: no such directory")
-        if not os.path.isfile(meta_path):
+        if not is_regular(meta_path, f"DCP {METADATA_NAME}"):  # a FIFO would block the read forever
             raise CorruptCheckpointError(f"{self.path}: no {METADATA_NAME}: not a DCP checkpoint, or its save never "
                                          "finished (DCP writes .metadata last)")
+        check_confined(meta_path, self.path)
         if allow_pickle:
             try:
                 self._md = _dcp().FileSystemReader(self.path).read_metadata()
@@ -85,31 +199,35 @@ class DcpSource(Source):
                 raise CorruptCheckpointError(
                     f"{meta_path}: cannot be read as DCP metadata ({type(e).__name__}: {e})") from e
         else:  # read once: the bytes checked are the bytes unpickled
-            with open(meta_path, "rb") as f:
-                self._md = loads_checked(f.read(), meta_path)
-        from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, TensorStorageMetadata
+            self._md = loads_checked(read_small(meta_path, f"DCP {METADATA_NAME}", _MAX_METADATA_BYTES), meta_path)
+        from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 
-        if not isinstance(self._md, Metadata) or not isinstance(self._md.state_dict_metadata, dict):
-            raise CorruptCheckpointError(f"{meta_path}: holds a {type(self._md).__name__}, not DCP metadata")
+        entries, paths, storage = _validated(self._md, meta_path)
         self._fqn: dict[str, str] = {}
         self._inline: dict[str, torch.Tensor] = {}
-        mappings = self._md.planner_data if isinstance(self._md.planner_data, dict) else {}
-        entries = self._md.state_dict_metadata
-        paths = {fqn: tuple(mappings.get(fqn, (fqn,))) for fqn in entries}
         bare = bool(entries) and all(len(p) == 1 for p in paths.values()) and all(
             isinstance(md, TensorStorageMetadata) for md in entries.values())
         if bare:  # a bare model state dict: weights are keyed model/<name>
             paths = {fqn: ("model", *p) for fqn, p in paths.items()}
             self.metadata["dcp_bare_state_dict"] = True
         keys = {fqn: self._key_of(p) for fqn, p in paths.items()}
-        self._record_containers(paths)
-        self._check_files(meta_path, keys)
+        if len(set(keys.values())) != len(keys):
+            dup = next(k for i, k in enumerate(keys.values()) if k in list(keys.values())[:i])
+            raise CorruptCheckpointError(f"{meta_path}: two entries map to the key {dup!r} (planner_data)")
+        self._record_containers(paths, meta_path)
+        stored = self._check_files(meta_path, keys, storage)
         byte_keys: list[str] = []
         for fqn, md in entries.items():
             key = keys[fqn]
             self._fqn[key] = fqn
             if isinstance(md, TensorStorageMetadata):
-                self.tensors[key] = self._tensor_info(key, md)
+                info = self._tensor_info(key, md)
+                if info.nbytes > stored.get(fqn, 0):
+                    raise CorruptCheckpointError(
+                        f"{meta_path}, key {fqn!r}: declares a {info.dtype} tensor of shape {list(info.shape)} "
+                        f"({info.nbytes} bytes) but its data files store {stored.get(fqn, 0)} bytes of it; the "
+                        "metadata is damaged")
+                self.tensors[key] = info
             elif isinstance(md, BytesStorageMetadata):
                 byte_keys.append(fqn)
             else:
@@ -120,25 +238,29 @@ class DcpSource(Source):
     def _key_of(path: tuple[Any, ...]) -> str:
         return "/".join(K.escape(str(c)) if isinstance(c, str) else str(c) for c in path)
 
-    def _record_containers(self, paths: dict[str, tuple[Any, ...]]) -> None:
+    def _record_containers(self, paths: dict[str, tuple[Any, ...]], meta_path: str) -> None:
         lengths: dict[str, int] = {}
         kinds: dict[str, str] = {}
-        for p in paths.values():
+        for fqn, p in paths.items():
             for i in range(len(p)):
                 parent = self._key_of(p[:i])
-                if isinstance(p[i], int):
-                    kinds.setdefault(parent, "list")
+                kind = "list" if isinstance(p[i], int) else "dict"
+                if kinds.setdefault(parent, kind) != kind:
+                    raise CorruptCheckpointError(
+                        f"{meta_path}, key {fqn!r}: planner_data puts it in {parent!r} as a {kind} item, another "
+                        f"entry as a {kinds[parent]} item; the metadata is damaged")
+                if kind == "list":
                     lengths[parent] = max(lengths.get(parent, 0), p[i] + 1)
-                else:
-                    kinds.setdefault(parent, "dict")
         kinds.setdefault("", "dict")
+        if kinds[""] != "dict":
+            raise CorruptCheckpointError(f"{meta_path}: planner_data makes the top level a list; DCP saves a dict")
         for k, t in kinds.items():
             self.containers[k] = ContainerEntry(k, t, lengths.get(k, 0))
 
     def _tensor_info(self, key: str, md: Any) -> TensorInfo:
-        shape = tuple(int(s) for s in md.size)
+        shape = tuple(md.size)  # every field was checked by _validated
         dtype = md.properties.dtype
-        boxes = [(tuple(int(o) for o in c.offsets), tuple(int(s) for s in c.sizes)) for c in md.chunks]
+        boxes = [(tuple(c.offsets), tuple(c.sizes)) for c in md.chunks]
         boxes = [b for b in boxes if all(s > 0 for s in b[1]) or not b[1]]
         if not shape:
             boxes = boxes[:1] if boxes else [((), ())]
@@ -147,31 +269,30 @@ class DcpSource(Source):
         # Replicated shards saved more than once (DCP deduplicates, but other writers may not): store it whole.
         return TensorInfo.whole(key, dtype, shape)
 
-    def _check_files(self, meta_path: str, keys: dict[str, str]) -> None:
-        """Every data file the metadata names exists, stays inside the directory and holds its byte ranges."""
-        storage = self._md.storage_data
-        if not isinstance(storage, dict):
-            raise CorruptCheckpointError(f"{meta_path}: storage_data is {type(storage).__name__}, expected a dict")
+    def _check_files(self, meta_path: str, keys: dict[str, str], storage: dict[Any, Any]) -> dict[str, int]:
+        """Every data file the metadata names exists, is a regular file inside the directory and holds its byte
+        ranges. Returns the bytes stored per entry (what bounds the tensor it declares)."""
         needed: dict[str, tuple[int, str]] = {}
+        stored: dict[str, int] = {}
         for index, info in storage.items():
-            rel = getattr(info, "relative_path", None)
-            try:
-                check_relpath(rel)
-            except UnsafeCheckpointError as e:
-                raise UnsafeCheckpointError(f"{meta_path}: data file {e}") from e
-            end = int(getattr(info, "offset", 0)) + int(getattr(info, "length", 0))
-            fqn = getattr(index, "fqn", "?")
+            rel = info.relative_path
+            end = info.offset + info.length
+            fqn = index.fqn
+            stored[fqn] = stored.get(fqn, 0) + info.length
             if end > needed.get(rel, (-1, ""))[0]:
                 needed[rel] = (end, keys.get(fqn, fqn))
         for rel, (end, key) in sorted(needed.items()):
             full = os.path.join(self.path, rel)
-            if not os.path.isfile(full):
+            try:
+                size = regular_size(full, f"a DCP data file (key {key!r} is stored there)")
+            except FileNotFoundError:
                 raise CorruptCheckpointError(f"{full}: DCP data file is missing (key {key!r} is stored there); the "
-                                             "checkpoint is incomplete")
-            size = os.path.getsize(full)
+                                             "checkpoint is incomplete") from None
+            check_confined(full, self.path)
             if size < end:
                 raise CorruptCheckpointError(f"{full}: DCP data file is truncated: {size} bytes, the metadata needs "
                                              f"{end} (key {key!r}); the checkpoint is damaged")
+        return stored
 
     def _load_values(self, fqns: list[str], keys: dict[str, str]) -> None:
         if not fqns:
@@ -179,7 +300,7 @@ class DcpSource(Source):
         planner = _BytesPlanner(weights_only=not self.allow_pickle)
         try:
             self._load({fqn: None for fqn in fqns}, planner)
-        except Exception as e:  # noqa: BLE001 - torch's reader failing on a damaged blob
+        except (Exception, _checkpoint_exception()) as e:  # noqa: BLE001 - torch's reader failing on a damaged blob
             raise CorruptCheckpointError(f"{self.path}: cannot read the non-tensor values ({_root(e)})") from e
         if planner.refused:
             fqn, reason = planner.refused[0]
@@ -209,13 +330,13 @@ class DcpSource(Source):
 
         try:
             self._load({fqn: out}, DefaultLoadPlanner(flatten_state_dict=False, flatten_sharded_tensors=False))
-        except Exception as e:  # noqa: BLE001 - torch's reader: damaged bytes, vanished files
+        except (Exception, _checkpoint_exception()) as e:  # noqa: BLE001 - torch's reader: damaged bytes, vanished files
             raise CorruptCheckpointError(f"{self.path}: key {key!r} (DCP entry {fqn!r}): cannot read its data "
                                          f"({_root(e)})") from e
         return out
 
 
-def _root(e: BaseException) -> str:
+def _inner(e: BaseException) -> BaseException:
     """The first rank's original error inside torch's ``CheckpointException`` (which wraps even single-process
     failures with every traceback), else ``e`` itself."""
     failures = getattr(e, "failures", None)
@@ -223,7 +344,13 @@ def _root(e: BaseException) -> str:
         first = next(iter(failures.values()))
         inner = first[0] if isinstance(first, tuple) and first else first
         if isinstance(inner, BaseException):
-            e = inner
+            return inner
+    return e
+
+
+def _root(e: BaseException) -> str:
+    """``_inner(e)`` as one short line: its type and the first line of its message."""
+    e = _inner(e)
     return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:500]
 
 
@@ -295,19 +422,29 @@ def write_dcp(source: Source, directory: str, *, dtypes: dict[str, torch.dtype],
     for key, info in source.tensors.items():
         # A data-less stand-in of the right dtype and shape: the planner reads the real tensor when it is written.
         leaves[key] = torch.empty((), dtype=dtypes[key]).expand(info.shape)
-        path = leaf_path(key, source.containers)
+        path = leaf_path(key, source.containers, source.path)
         by_path[tuple(str(c) for c in (path[1:] if bare else path))] = key
     leaves.update(source.values)
     state = nest(leaves, source.containers, source.path)
     if bare:
         state = state["model"]
+    if not isinstance(state, dict):
+        raise UnsupportedStateError(f"{source.path}: its root is a {type(state).__name__}; a DCP checkpoint holds a "
+                                    "state dict (a dict at the top). Convert it to torch or universal instead.")
     dcp = _dcp()
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict_saver import _save_state_dict
 
     writer = dcp.FileSystemWriter(directory, single_file_per_rank=False, thread_count=max(1, workers),
                                   per_thread_copy_ahead=0, sync_files=True)
     planner = _StreamingPlanner(source, by_path, dtypes, progress)
-    _save_state_dict(state, storage_writer=writer, planner=planner, no_dist=True)
+    try:
+        _save_state_dict(state, storage_writer=writer, planner=planner, no_dist=True)
+    except CheckpointException as e:  # a BaseException: it would pass every ``except Exception``
+        inner = _inner(e)
+        if isinstance(inner, CheckpointError):  # the source failed to read a tensor: its own message says why
+            raise inner from None
+        raise StorageError(f"{directory}: writing the DCP checkpoint failed ({_root(e)})") from None
     return sorted(os.path.join(directory, n) for n in os.listdir(directory)
                   if n.endswith(".distcp") or n == METADATA_NAME)
 

@@ -49,7 +49,8 @@ import torch
 from ckpt.errors import CorruptCheckpointError, IncompleteCheckpointError, UnsupportedStateError
 from formats import keys as K
 from formats.foreign.deepspeed_files import (OPTIM_FILE, OPTIM_STATE, add_engine_values, add_param_groups,
-                                             load_ds_file, model_key, resolve_tag_dir, zero_stage_of)
+                                             load_ds_file, malformed_fields, model_key, resolve_tag_dir,
+                                             zero_stage_of)
 from formats.foreign.source import Source, TensorInfo, add_parents
 
 
@@ -79,6 +80,10 @@ class DeepSpeedSource(Source):
 
     def __init__(self, path: str, allow_pickle: bool = False, tag: str | None = None) -> None:
         super().__init__(path=str(path), format="deepspeed")
+        with malformed_fields(self.path):
+            self._open(allow_pickle, tag)
+
+    def _open(self, allow_pickle: bool, tag: str | None) -> None:
         self.tag_dir, self.tag = resolve_tag_dir(self.path, tag)
         self._allow = allow_pickle
         names = sorted(os.listdir(self.tag_dir))
@@ -138,7 +143,7 @@ class DeepSpeedSource(Source):
         return [os.path.join(self.tag_dir, by_rank[r]) for r in range(expected)]
 
     def _load(self, path: str) -> Any:
-        obj = load_ds_file(path, self._allow)
+        obj = load_ds_file(path, self._allow, self.tag_dir)
         if not isinstance(obj, dict):
             raise CorruptCheckpointError(f"{path}: expected a dict, found {type(obj).__name__}")
         return obj

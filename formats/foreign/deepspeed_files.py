@@ -9,14 +9,16 @@ class is refused with ``UnsafeCheckpointError`` unless ``allow_pickle=True``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 
 from ckpt.errors import CheckpointNotFoundError, CorruptCheckpointError, IncompleteCheckpointError
 from formats import keys as K
+from formats.foreign.files import check_confined, is_regular, read_small
 from formats.foreign.source import MODEL_PREFIX, Source, flatten_into
 from formats.foreign.torch_file import load_restricted
 from formats.manifest import ContainerEntry
@@ -59,13 +61,31 @@ STAND_INS: list[tuple[Any, str]] = [
 ]
 
 
-def load_ds_file(path: str, allow_pickle: bool) -> Any:
-    """``torch.load`` one DeepSpeed file, memory-mapped, with the DeepSpeed classes read as stand-ins."""
-    if not os.path.isfile(path):
+def load_ds_file(path: str, allow_pickle: bool, root: str | None = None) -> Any:
+    """``torch.load`` one DeepSpeed file, memory-mapped, with the DeepSpeed classes read as stand-ins.
+
+    The file must be a regular file (a FIFO would block forever) and, given ``root`` (the tag directory), resolve
+    inside it (``UnsafeCheckpointError`` for a link out)."""
+    if not is_regular(path, "a DeepSpeed file"):
         raise IncompleteCheckpointError(f"{path}: missing; the DeepSpeed checkpoint is incomplete (every rank's "
                                         "file must be present)")
+    if root is not None:
+        check_confined(path, root)
     return load_restricted(path, allow_pickle=allow_pickle, what="DeepSpeed file", stand_ins=STAND_INS,
                            holds=" (and the DeepSpeed loss scaler, ZeRO stage and fragment address)")
+
+
+@contextlib.contextmanager
+def malformed_fields(where: str) -> Iterator[None]:
+    """Turn what a field of the wrong type raises while a DeepSpeed checkpoint's tables are built (``int()`` of a
+    list, ``.items()`` of None, a missing attribute of a stand-in) into ``CorruptCheckpointError`` naming the
+    checkpoint: the files unpickled fine but do not hold what DeepSpeed writes."""
+    try:
+        yield
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError, RecursionError) as e:
+        raise CorruptCheckpointError(f"{where}: a field of the DeepSpeed checkpoint has the wrong type or value "
+                                     f"({type(e).__name__}: {str(e)[:300]}); the files are not what DeepSpeed "
+                                     "writes (damaged, or another version)") from e
 
 
 def resolve_tag_dir(path: str, tag: str | None = None) -> tuple[str, str]:
@@ -78,14 +98,17 @@ def resolve_tag_dir(path: str, tag: str | None = None) -> tuple[str, str]:
         return path, os.path.basename(path)
     if tag is None:
         latest = os.path.join(path, "latest")
-        if not os.path.isfile(latest) and os.path.isfile(os.path.join(path, "latest_universal")):
+        if not is_regular(latest, "DeepSpeed's 'latest' file") and is_regular(
+                os.path.join(path, "latest_universal"), "DeepSpeed's 'latest_universal' file"):
             latest = os.path.join(path, "latest_universal")  # a universal checkpoint's root
-        if not os.path.isfile(latest):
+        if not is_regular(latest, "DeepSpeed's 'latest' file"):
             tags = sorted(n for n in os.listdir(path) if os.path.isdir(os.path.join(path, n)))
             raise CheckpointNotFoundError(f"{path}: no 'latest' file and no *_model_states.pt; pass the tag directory "
                                           f"itself (found {tags[:10]})")
-        with open(latest, encoding="utf-8") as f:
-            tag = f.read().strip()
+        try:
+            tag = read_small(latest, "DeepSpeed's 'latest' file", 4096).decode("utf-8").strip()
+        except UnicodeDecodeError:
+            raise CorruptCheckpointError(f"{latest}: not UTF-8 text; it should hold the tag directory's name") from None
     if not _TAG_OK.match(tag) or tag in (".", ".."):
         raise CorruptCheckpointError(f"{path}: tag {tag!r} is not a plain directory name; refusing to read outside "
                                      "the checkpoint directory")

@@ -24,10 +24,12 @@ import torch
 
 from ckpt.errors import CorruptCheckpointError, IncompleteCheckpointError
 from formats import keys as K
-from formats.foreign.deepspeed_files import (OPTIM_STATE, add_engine_values, add_param_groups, load_ds_file, model_key,
+from formats.foreign.deepspeed_files import (OPTIM_STATE, add_engine_values, add_param_groups, load_ds_file,
+                                             malformed_fields, model_key,
                                              zero_stage_of)
 from formats.foreign.deepspeed_universal_plan import (MODEL_STATES_FILE, OPTIMIZER_STATE_FILE,
                                                        ZERO3_MODEL_STATES_FILE, ZERO_DIR)
+from formats.foreign.files import is_regular
 from formats.foreign.source import Source, TensorInfo, add_parents
 
 _MODEL_FILES = (MODEL_STATES_FILE, ZERO3_MODEL_STATES_FILE)
@@ -44,6 +46,10 @@ class DeepSpeedUniversalSource(Source):
 
     def __init__(self, tag_dir: str, tag: str, allow_pickle: bool = False) -> None:
         super().__init__(path=str(tag_dir), format="deepspeed")
+        with malformed_fields(self.path):
+            self._open(tag_dir, tag, allow_pickle)
+
+    def _open(self, tag_dir: str, tag: str, allow_pickle: bool) -> None:
         self.tag = tag
         self._allow = allow_pickle
         self._reads: dict[str, torch.Tensor] = {}
@@ -62,10 +68,10 @@ class DeepSpeedUniversalSource(Source):
                 pdir = os.path.join(zero, name)
                 self._put(model_key(name), self._param(pdir, "fp32", shape_of[name], name))
                 for state in STATES:
-                    if os.path.isfile(os.path.join(pdir, f"{state}.pt")):
+                    if is_regular(os.path.join(pdir, f"{state}.pt"), "a DeepSpeed file"):
                         self._put(self._state_key(name, state), self._param(pdir, state, shape_of[name], name))
                 step = os.path.join(pdir, "step.pt")
-                if os.path.isfile(step):
+                if is_regular(step, "a DeepSpeed file"):
                     self._put(self._state_key(name, "step"), self._tensor(self._load(step), step))
                 elif g < len(group_steps):
                     self._put(self._state_key(name, "step"), group_steps[g])
@@ -82,7 +88,7 @@ class DeepSpeedUniversalSource(Source):
 
     # -- files ----------------------------------------------------------------------------------------------------
     def _load(self, path: str) -> Any:
-        return load_ds_file(path, self._allow)
+        return load_ds_file(path, self._allow, self.path)
 
     def _tensor(self, obj: Any, where: str) -> torch.Tensor:
         t = obj.get("param") if isinstance(obj, Mapping) else obj
@@ -93,7 +99,7 @@ class DeepSpeedUniversalSource(Source):
 
     def _param(self, pdir: str, state: str, shape: tuple[int, ...] | None, name: str) -> torch.Tensor:
         path = os.path.join(pdir, f"{state}.pt")
-        if not os.path.isfile(path):
+        if not is_regular(path, "a DeepSpeed file"):
             raise IncompleteCheckpointError(f"{path}: missing (parameter {name!r}); the universal checkpoint is "
                                             "incomplete")
         t = self._tensor(self._load(path), path)

@@ -153,8 +153,8 @@ def _model_states(source: Source, plan: DeepSpeedUniversalPlan, steps: list[torc
     client = nest({**client_tensors, **client_values}, conts, source.path) if plan.client_keys else {}
     client = {**{k: v for k, v in client.items() if k != CLIENT}, **client.get(CLIENT, {})}
     for k in client_tensors:
-        path = leaf_path(k, conts)
-        paths[k] = path[1:] if path[0] == CLIENT else path
+        path = leaf_path(k, conts, source.path)
+        paths[k] = path[1:] if path and path[0] == CLIENT else path
     global_steps = ds.get("global_steps")
     if global_steps is None:
         global_steps = int(steps[0].item()) if steps and steps[0] is not None else 0

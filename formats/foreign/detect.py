@@ -26,8 +26,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ckpt.errors import (CheckpointError, CheckpointNotFoundError, FormatNotImplementedError,  # noqa: F401 - re-exported
+from ckpt.errors import (CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, FormatNotImplementedError,  # noqa: F401 - re-exported
                          IncompleteCheckpointError, UnknownFormatError)
+from formats.foreign.files import kind_of
 from formats.foreign.registry import detected_sources
 from formats.storage import open_storage, split_scheme
 
@@ -113,6 +114,9 @@ def detect_format(path: str, storage_options: dict[str, Any] | None = None) -> s
     local = _local(path)
     if not os.path.exists(local):
         raise CheckpointNotFoundError(f"{path}: no such file or directory")
+    if not os.path.isfile(local) and not os.path.isdir(local):  # a FIFO, device or socket: never open it
+        raise CorruptCheckpointError(f"{path}: is {kind_of(os.stat(local).st_mode)}, neither a checkpoint file nor a "
+                                     "directory; refusing to open it")
     if os.path.isfile(local):
         name = os.path.basename(local)
         if name.endswith(".safetensors") or name == SAFETENSORS_INDEX:

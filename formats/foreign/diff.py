@@ -11,6 +11,7 @@ bits; ``0.0`` and ``-0.0`` differ). With a tolerance, elements are equal when ``
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
@@ -115,6 +116,8 @@ def _compare_tensors(key: str, a: Source, b: Source, atol: float, rtol: float) -
     if ia.shape != ib.shape:
         return Difference(key, "shape", f"shape {list(ia.shape)} in A, {list(ib.shape)} in B")
     x, y = a.read(key), b.read(key)
+    if not (_has_arithmetic(ia.dtype) and _has_arithmetic(ib.dtype)):
+        return _compare_bits(key, ia, ib, x, y)
     if ia.dtype != ib.dtype:
         mx, n = _value_diff(x, y, 0.0, 0.0)
         return Difference(key, "dtype", f"dtype {str(ia.dtype).replace('torch.', '')} in A, "
@@ -131,6 +134,31 @@ def _compare_tensors(key: str, a: Source, b: Source, atol: float, rtol: float) -
                                         "payloads)", 0.0, 0)
     return Difference(key, "value", f"values differ at {n} of {ia.numel} elements, max |a-b| {mx:.6g}"
                                     + (f" (atol {atol}, rtol {rtol})" if not exact else ""), mx, n)
+
+
+@functools.lru_cache(maxsize=None)
+def _has_arithmetic(dtype: torch.dtype) -> bool:
+    """Whether torch can widen ``dtype`` to float64 (packed sub-byte dtypes such as ``float4_e2m1fn_x2`` cannot)."""
+    try:
+        torch.zeros(2, dtype=dtype).to(torch.float64 if not dtype.is_complex else torch.complex128)
+    except (NotImplementedError, RuntimeError, TypeError):
+        return False
+    return True
+
+
+def _compare_bits(key: str, ia: Any, ib: Any, x: torch.Tensor, y: torch.Tensor) -> Difference | None:
+    """Compare tensors of a dtype without arithmetic by their bytes: equal or not, and how many bytes differ."""
+    if ia.dtype != ib.dtype:
+        return Difference(key, "dtype", f"dtype {str(ia.dtype).replace('torch.', '')} in A, "
+                                        f"{str(ib.dtype).replace('torch.', '')} in B (no numeric comparison: torch "
+                                        "has no arithmetic for one of them)")
+    if _bitwise_equal(x, y):
+        return None
+    bx, by = _flat_bytes(x), _flat_bytes(y)
+    n = sum(int((bx[s:s + SLICE_ELEMENTS] != by[s:s + SLICE_ELEMENTS]).sum()) for s in range(0, bx.numel(), SLICE_ELEMENTS))
+    return Difference(key, "value", f"bytes differ at {n} of {bx.numel()} bytes (dtype "
+                                    f"{str(ia.dtype).replace('torch.', '')} has no arithmetic: compared bit for bit, "
+                                    "tolerances do not apply)", None, n)
 
 
 def _flat_bytes(t: torch.Tensor) -> torch.Tensor:

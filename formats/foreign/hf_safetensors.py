@@ -32,6 +32,7 @@ import torch
 
 from ckpt.errors import CheckpointExistsError, CorruptCheckpointError, UnsafeCheckpointError, UnsupportedStateError
 from formats import keys as K
+from formats.foreign.files import check_confined, exists, is_regular, read_json, regular_size
 from formats.foreign.source import MODEL_PREFIX, Source, TensorInfo, add_parents, read_as
 from formats.manifest import MAX_NDIM, reject_constant, unique_keys
 from formats.storage.base import check_relpath
@@ -68,7 +69,7 @@ def read_header(path: str) -> tuple[dict[str, tuple[torch.dtype, tuple[int, ...]
     Returns ({name: (dtype, shape, absolute start, byte length)}, __metadata__).
     """
     try:
-        size = os.path.getsize(path)
+        size = regular_size(path, "a safetensors file")  # a FIFO would block the open forever
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
@@ -161,37 +162,39 @@ class SafetensorsSource(Source):
         if st_meta:
             self.metadata["safetensors_metadata"] = st_meta
         config = os.path.join(directory, "config.json") if directory else None
-        if config and os.path.isfile(config) and os.path.getsize(config) < 16 * 2**20:
+        if config and exists(config):
             try:
-                with open(config, "rb") as f:
-                    self.metadata["hf_config"] = json.loads(f.read().decode("utf-8"))
-            except (UnicodeDecodeError, ValueError):
-                pass  # informational only: a broken config.json is not ours to judge
+                check_confined(config, directory)
+                self.metadata["hf_config"] = read_json(config, "config.json", limit=16 * 2**20)
+            except CorruptCheckpointError:
+                pass  # informational only: a broken config.json (or a FIFO, a link outside) is not ours to judge
         self._index_path = os.path.join(directory, INDEX_NAME) if directory else None
 
     def _files(self, path: str) -> tuple[list[str], str | None]:
-        if os.path.isfile(path) and not path.endswith(INDEX_NAME):
+        # A file the user names is read wherever it lives; the files a directory (or an index) holds must lie
+        # inside that directory, and every one must be a regular file (a FIFO would block forever).
+        is_dir = os.path.isdir(path)
+        if not is_dir and is_regular(path, "a safetensors file or index") and not path.endswith(INDEX_NAME):
             return [path], os.path.dirname(path) or "."
-        directory = os.path.dirname(path) if os.path.isfile(path) else path
+        directory = path if is_dir else (os.path.dirname(path) or ".")
+        if not is_dir and not exists(path):
+            raise CorruptCheckpointError(f"{path}: no such safetensors file or directory")
         index = os.path.join(directory, INDEX_NAME)
-        if os.path.isfile(index):
+        if exists(index):
+            if is_dir:
+                check_confined(index, directory)
             self._weight_map = self._read_index(index)
             shards = sorted(set(self._weight_map.values()))
             return [os.path.join(directory, s) for s in shards], directory
-        if not os.path.isdir(directory):
-            raise CorruptCheckpointError(f"{path}: no such safetensors file or directory")
         files = sorted(os.path.join(directory, n) for n in os.listdir(directory) if n.endswith(".safetensors"))
         if not files:
             raise CorruptCheckpointError(f"{path}: no *.safetensors file and no {INDEX_NAME}")
+        for f in files:
+            check_confined(f, directory)
         return files, directory
 
     def _read_index(self, index: str) -> dict[str, str]:
-        try:
-            with open(index, "rb") as f:
-                doc = json.loads(f.read().decode("utf-8"), object_pairs_hook=unique_keys,
-                                 parse_constant=reject_constant)
-        except (UnicodeDecodeError, ValueError) as e:
-            raise CorruptCheckpointError(f"{index}: not valid JSON ({e})") from e
+        doc = read_json(index, "the safetensors index")
         wm = doc.get("weight_map") if isinstance(doc, dict) else None
         if not isinstance(wm, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):
             raise CorruptCheckpointError(f"{index}: 'weight_map' must map tensor names to shard file names")
@@ -200,8 +203,10 @@ class SafetensorsSource(Source):
                 check_relpath(shard)
             except UnsafeCheckpointError as e:
                 raise UnsafeCheckpointError(f"{index}, key {name!r}: shard {e}") from e
-            if not os.path.isfile(os.path.join(os.path.dirname(index), shard)):
+            full = os.path.join(os.path.dirname(index), shard)
+            if not is_regular(full, f"shard {shard!r} of key {name!r}"):
                 raise CorruptCheckpointError(f"{index}, key {name!r}: its shard {shard!r} is missing")
+            check_confined(full, os.path.dirname(index) or ".")
         return wm
 
     def _check_index(self, directory: str | None, names: dict[str, str]) -> None:

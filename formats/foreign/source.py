@@ -18,6 +18,7 @@ reverse: a checkpoint holding only tensors under ``model/`` is written as a bare
 from __future__ import annotations
 
 import math
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
@@ -31,6 +32,8 @@ from formats.nesting import flatten
 
 #: Top-level key under which model weights live in a universal checkpoint (``ckpt.save({"model": module})``).
 MODEL_PREFIX = "model/"
+
+_INT = re.compile(r"-?[0-9]+")
 
 #: A box as plain (offsets, sizes) tuples, as sources list what they hold (``formats.box.Box`` does the arithmetic).
 Extent = tuple[tuple[int, ...], tuple[int, ...]]
@@ -145,13 +148,21 @@ def is_bare_model(keys: Iterable[str], values: Mapping[str, Any]) -> bool:
                                             for k in keys)
 
 
-def leaf_path(key: str, containers: Mapping[str, ContainerEntry]) -> tuple[Any, ...]:
-    """The nested path of ``key``: unescaped str components, ints for list/tuple items and int dict keys."""
+def leaf_path(key: str, containers: Mapping[str, ContainerEntry], where: str = "") -> tuple[Any, ...]:
+    """The nested path of ``key``: unescaped str components, ints for list/tuple items and int dict keys.
+
+    A component that a list (or a dict's ``int_keys``) holds but is no integer raises ``CorruptCheckpointError``
+    (``where`` names the checkpoint)."""
     path: list[Any] = []
     parent = ""
     for comp in key.split("/") if key else []:
         c = containers.get(parent)
         if c is not None and (c.type != "dict" or comp in c.int_keys):
+            if not _INT.fullmatch(comp) or (c.type != "dict" and comp.startswith("-")):
+                what = f"a {c.type}" if c.type != "dict" else "a dict whose int_keys list it"
+                raise CorruptCheckpointError(
+                    f"{where}{': ' if where else ''}key {key!r}: component {comp!r} lies in {what} (container {parent!r}), so it must be a "
+                    "integer (non-negative in a list); the checkpoint's containers are inconsistent")
             path.append(int(comp))
         else:
             path.append(K.unescape(comp))

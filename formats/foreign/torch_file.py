@@ -24,6 +24,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ckpt.errors import CheckpointExistsError, CorruptCheckpointError, UnsafeCheckpointError
+from formats.foreign.files import regular_size
 from formats.foreign.pickle_guard import refused_import
 from formats.foreign.source import Source, flatten_into, is_bare_model, leaf_path, read_as
 from formats.nesting import nest
@@ -51,8 +52,10 @@ class TorchSource(Source):
 
     @staticmethod
     def _load(path: str, allow_pickle: bool) -> Any:
-        if not os.path.isfile(path):
-            raise CorruptCheckpointError(f"{path}: not a file")
+        try:
+            regular_size(path, "a torch.save file")  # a FIFO would block torch.load forever
+        except FileNotFoundError:
+            raise CorruptCheckpointError(f"{path}: no such file") from None
         return load_restricted(path, allow_pickle=allow_pickle, what="torch.save file")
 
     def read(self, key: str) -> torch.Tensor:
@@ -84,8 +87,12 @@ def load_restricted(path: str, *, allow_pickle: bool, what: str, holds: str = ""
             f"{path}: refusing to load this {what}: it needs {refused_import(e)}, beyond tensors and plain containers{holds}. "
             "Loading it could run code stored in the file. If you trust its origin, pass --allow-pickle "
             "(allow_pickle=True).") from None
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError) as e:
-        raise CorruptCheckpointError(f"{path}: not a readable torch.save file ({type(e).__name__}: {e})") from e
+    except CorruptCheckpointError:
+        raise
+    except RecursionError:
+        raise CorruptCheckpointError(f"{path}: nested too deeply to unpickle; not a {what} this reader takes") from None
+    except Exception as e:  # noqa: BLE001 - whatever torch's loader raised on damaged bytes (zip, pickle, storage)
+        raise CorruptCheckpointError(f"{path}: not a readable {what} ({type(e).__name__}: {str(e)[:300]})") from e
 
 
 def _torch_load(path: str, weights_only: bool) -> Any:
@@ -113,7 +120,7 @@ def write_torch(source: Source, path: str, *, dtypes: dict[str, torch.dtype], ov
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     bare = is_bare_model(source.tensors, source.values)
-    paths = {k: (leaf_path(k, source.containers)[1:] if bare else leaf_path(k, source.containers))
+    paths = {k: (leaf_path(k, source.containers, source.path)[1:] if bare else leaf_path(k, source.containers, source.path))
              for k in source.tensors}
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
     try:
@@ -154,8 +161,16 @@ def _write_streaming(source: Source, tmp: str, paths: dict[str, tuple[Any, ...]]
         mapped = torch.load(tmp, map_location="cpu", weights_only=True, mmap=True)
     for key in source.tensors:
         dest = mapped
-        for comp in paths[key]:
-            dest = dest[comp]
+        try:
+            for comp in paths[key]:
+                dest = dest[comp]
+        except (KeyError, IndexError, TypeError) as e:
+            raise CorruptCheckpointError(f"{source.path}: key {key!r} has no place in the nested state its containers "
+                                         f"describe ({type(e).__name__}: {e}); the source's metadata is "
+                                         "inconsistent") from None
+        if not isinstance(dest, torch.Tensor):
+            raise CorruptCheckpointError(f"{source.path}: key {key!r} lands on a {type(dest).__name__}, not a "
+                                         "tensor, in the nested state; the source's metadata is inconsistent")
         src = read_as(source, key, dtypes[key])
         dest.copy_(src)
         del src, dest
