@@ -16,7 +16,7 @@ from typing import Any, Iterator, Mapping
 
 import torch
 
-from ckpt.errors import CheckpointNotFoundError, CorruptCheckpointError, IncompleteCheckpointError
+from ckpt.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, IncompleteCheckpointError
 from formats import keys as K
 from formats.foreign.files import check_confined, is_regular, read_small
 from formats.foreign.source import MODEL_PREFIX, Source, flatten_into
@@ -82,6 +82,8 @@ def malformed_fields(where: str) -> Iterator[None]:
     checkpoint: the files unpickled fine but do not hold what DeepSpeed writes."""
     try:
         yield
+    except CheckpointError:  # already says what is wrong (UnsupportedStateError is also a TypeError)
+        raise
     except (TypeError, ValueError, AttributeError, KeyError, IndexError, RecursionError) as e:
         raise CorruptCheckpointError(f"{where}: a field of the DeepSpeed checkpoint has the wrong type or value "
                                      f"({type(e).__name__}: {str(e)[:300]}); the files are not what DeepSpeed "
