@@ -1,0 +1,80 @@
+"""Fuzz suite of #22: mutated universal manifests (raw and re-sealed), data files, safetensors headers and DCP
+metadata, each run through load, open+read, verify, inspect, convert and diff in a worker subprocess under
+RLIMIT_AS and a timeout; only CheckpointError subclasses may escape. CKPT_FUZZ_SECONDS sets the random budget,
+CKPT_FUZZ_SEED replays one seed."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests import fuzz_harness as fh
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_batch(root: Path, cases: list[dict[str, Any]], timeout_s: float) -> list[dict[str, Any]]:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "cases.json").write_text(json.dumps(cases))
+    try:
+        p = subprocess.run([sys.executable, "-m", "tests.fuzz_harness", str(root), str(root / "cases.json")],
+                           cwd=REPO, capture_output=True, text=True, timeout=timeout_s)
+        out, err = p.stdout, p.stderr
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        err = "worker timed out"
+    got = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    done = {g["id"] for g in got}
+    for c in cases:
+        if c["id"] not in done:
+            got.append({"id": c["id"], "seed": c.get("seed"), "results": {"worker": f"RAW:Crash: {err[-500:]}"}})
+            break  # later cases never ran
+    return got
+
+
+def failures(results: list[dict[str, Any]]) -> list[str]:
+    return [f"{r['id']} (CKPT_FUZZ_SEED={r.get('seed')}) {name}: {o}"
+            for r in results for name, o in r["results"].items() if o.startswith("RAW")]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("name", sorted(fh.BUILDERS))
+def test_named_case(name: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+    root = tmp_path_factory.mktemp("fuzzn")
+    res = run_batch(root, [{"id": name, "build": name, "fmt": fh.NAMED_FMT[name]}], 120)
+    assert not res[0].get("skipped"), res[0]
+    assert not failures(res), "\n".join(failures(res))
+
+
+def _random(budget_s: float, tmp: Path, first_seed: int) -> None:
+    seeds = [int(os.environ["CKPT_FUZZ_SEED"])] if "CKPT_FUZZ_SEED" in os.environ else None
+    deadline, seed, bad = time.monotonic() + budget_s, first_seed, []
+    while time.monotonic() < deadline:
+        batch = []
+        for s in (seeds or range(seed, seed + 40)):
+            r = __import__("random").Random(s)
+            batch.append({"id": f"seed{s}", "seed": s, "fmt": r.choice(fh.FORMATS), "mut": r.choice(fh.MUTATIONS)})
+        seed += 40
+        res = run_batch(tmp / f"b{seed}", batch, max(30.0, deadline - time.monotonic() + 60))
+        bad += failures(res)
+        if seeds:
+            break
+    assert not bad, f"{len(bad)} raw outcomes:\n" + "\n".join(bad[:40])
+
+
+@pytest.mark.timeout(400)
+def test_random_fuzz_bounded(tmp_path: Path) -> None:
+    _random(float(os.environ.get("CKPT_FUZZ_SECONDS_DEFAULT", "60")), tmp_path, 0)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(0)
+def test_random_fuzz_long(tmp_path: Path) -> None:
+    _random(float(os.environ.get("CKPT_FUZZ_SECONDS", "30")), tmp_path, 1_000_000)
