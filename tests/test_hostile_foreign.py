@@ -185,6 +185,11 @@ MUTATIONS: dict[str, tuple[Callable[[Any], None], tuple[str, ...]]] = {
     "planner-huge-index": (lambda m: _set(m, "planner_data", {"w": ("a", 2**40), "step": ("step",)}),
                            ("'w'", "planner_data")),
     "entries-list": (lambda m: _set(m, "state_dict_metadata", []), ("state_dict_metadata",)),
+    # A flipped byte in a field's name unpickles into an object without that field (fuzz seed 240).
+    "entries-missing": (lambda m: object.__delattr__(m, "state_dict_metadata"),
+                        ("malformed", "AttributeError", "state_dict_metadata")),
+    "chunk-sizes-missing": (lambda m: object.__delattr__(m.state_dict_metadata["w"].chunks[0], "sizes"),
+                            ("malformed", "sizes")),
 }
 
 

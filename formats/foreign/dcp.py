@@ -202,7 +202,13 @@ class DcpSource(Source):
             self._md = loads_checked(read_small(meta_path, f"DCP {METADATA_NAME}", _MAX_METADATA_BYTES), meta_path)
         from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 
-        entries, paths, storage = _validated(self._md, meta_path)
+        try:
+            entries, paths, storage = _validated(self._md, meta_path)
+        except (AttributeError, TypeError, ValueError, KeyError, IndexError) as e:
+            # A flipped byte in the pickle can rename or drop a field of DCP's dataclasses: the object unpickles,
+            # but lacks what its class promises.
+            raise CorruptCheckpointError(f"{meta_path}: the DCP metadata is malformed ({type(e).__name__}: "
+                                         f"{str(e)[:300]}); it was damaged or written by something else") from None
         self._fqn: dict[str, str] = {}
         self._inline: dict[str, torch.Tensor] = {}
         bare = bool(entries) and all(len(p) == 1 for p in paths.values()) and all(
