@@ -196,7 +196,10 @@ def read_manifest(storage: Storage) -> Manifest:
     """
     from ckpt.errors import CheckpointNotFoundError, IncompleteCheckpointError
 
+    from formats.manifest import check_manifest_size
+
     try:
+        check_manifest_size(storage.size(MANIFEST_NAME), f"{storage.url.rstrip('/')}/{MANIFEST_NAME}")
         data = storage.read(MANIFEST_NAME)
     except FileNotFoundError:
         if storage.root_exists():
