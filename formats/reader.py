@@ -9,16 +9,51 @@ Callers: ``ckpt`` load and ``ckpt.open`` readers, from a thread pool; methods ar
 from __future__ import annotations
 
 import threading
+from typing import Iterator
 
 import torch
+import xxhash
 
-from ckpt.errors import CorruptCheckpointError
+from ckpt.errors import CorruptCheckpointError, ShardMismatchError
 from formats import checksum, codec as codecs
 from formats.box import Box, row_major_strides
-from formats.dtypes import dtype_from_name, itemsize
-from formats.manifest import MANIFEST_NAME, ChunkEntry, Manifest, TensorEntry
+from formats.dtypes import can_convert, dtype_from_name, itemsize
+from formats.manifest import MANIFEST_NAME, ChunkEntry, Manifest, TensorEntry, check_manifest_size
 from formats.storage.base import Storage
 from formats.tensor_bytes import writable_bytes
+
+#: The most bytes a read holds beyond what it returns (block slack of a partial read, a verify's scratch): blocks
+#: larger than this (a manifest may declare one block of a whole 64 GiB sparse file) are hashed in pieces.
+SCAN_PIECE_BYTES = 16 << 20
+
+
+def range_boxes(sizes: tuple[int, ...], a: int, b: int) -> Iterator[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """The boxes ``(offsets, sizes)`` that make up the flat row-major element range ``[a, b)`` of an array of
+    ``sizes``: at most ``2 * len(sizes) - 1`` of them, in order."""
+    if a >= b:
+        return
+    if len(sizes) <= 1:
+        yield (a,), (b - a,)
+        return
+    inner = 1
+    for s in sizes[1:]:
+        inner *= s
+    ra, oa = divmod(a, inner)
+    rb, ob = divmod(b, inner)
+    zeros = (0,) * (len(sizes) - 1)
+    if ra == rb:
+        for o, s in range_boxes(sizes[1:], oa, ob):
+            yield (ra, *o), (1, *s)
+        return
+    if oa:
+        for o, s in range_boxes(sizes[1:], oa, inner):
+            yield (ra, *o), (1, *s)
+        ra += 1
+    if rb > ra:
+        yield (ra, *zeros), (rb - ra, *sizes[1:])
+    if ob:
+        for o, s in range_boxes(sizes[1:], 0, ob):
+            yield (rb, *o), (1, *s)
 
 
 class ChunkReader:
@@ -54,6 +89,16 @@ class ChunkReader:
         with self._lock:
             self._checked_files.add(path)
 
+    def _mismatch(self, entry: TensorEntry, chunk: ChunkEntry, b: int, expected: str,
+                  found: str) -> CorruptCheckpointError:
+        start = chunk.byte_offset + b * chunk.block_bytes
+        end = min(start + chunk.block_bytes, chunk.byte_offset + chunk.byte_length)
+        return CorruptCheckpointError(
+            f"{self._where(chunk.file)}: checksum mismatch in key {entry.key!r}, chunk at offsets "
+            f"{list(chunk.offsets)}, file bytes [{start}, {end}): expected xxh3_64 {expected}, found {found}. "
+            "The file is damaged; restore it from another tier or use an earlier checkpoint."
+        )
+
     def _verify(self, entry: TensorEntry, chunk: ChunkEntry, first_block: int, data: memoryview) -> None:
         """Verify the blocks of ``data`` that start at block ``first_block`` of ``chunk``."""
         block = chunk.block_bytes
@@ -62,21 +107,66 @@ class ChunkReader:
             found = checksum.digest(data[i : i + block])
             expected = chunk.checksums[b]
             if found != expected:
-                start = chunk.byte_offset + b * block
-                end = min(start + block, chunk.byte_offset + chunk.byte_length)
-                raise CorruptCheckpointError(
-                    f"{self._where(chunk.file)}: checksum mismatch in key {entry.key!r}, chunk at offsets "
-                    f"{list(chunk.offsets)}, file bytes [{start}, {end}): expected xxh3_64 {expected}, found {found}. "
-                    "The file is damaged; restore it from another tier or use an earlier checkpoint."
-                )
+                raise self._mismatch(entry, chunk, b, expected, found)
             if len(data) == 0:
                 break
+
+    def _scan(self, entry: TensorEntry, chunk: ChunkEntry, start: int, end: int,
+              keep: "memoryview | None" = None, keep_lo: int = 0) -> None:
+        """Read and verify the stored bytes ``[start, end)`` of ``chunk`` (``start`` at a block boundary, ``end`` at
+        one or at the chunk's end), holding at most ``SCAN_PIECE_BYTES`` besides ``keep``: the bytes
+        ``[keep_lo, keep_lo + len(keep))`` are read straight into ``keep``, the rest into a reused scratch buffer,
+        and a block larger than a piece is hashed incrementally. Used where the blocks are much larger than what
+        the caller needs (partial reads of huge blocks) and by ``verify_chunk``."""
+        block = chunk.block_bytes
+        keep_hi = keep_lo + (len(keep) if keep is not None else 0)
+        scratch: memoryview | None = None
+        hasher = None
+        pos = start
+        while pos < end:
+            if keep is not None and keep_lo <= pos < keep_hi:
+                nxt = min(keep_hi, end)
+                view = keep[pos - keep_lo : nxt - keep_lo]
+            else:
+                limit = keep_lo if keep is not None and pos < keep_lo else end
+                nxt = min(limit, pos + SCAN_PIECE_BYTES)
+                if scratch is None:
+                    scratch = memoryview(bytearray(min(SCAN_PIECE_BYTES, end - start)))
+                view = scratch[: nxt - pos]
+            self.storage.readinto(chunk.file, chunk.byte_offset + pos, view)
+            self._add_read(len(view))
+            i = 0
+            while i < len(view):  # hash the blocks this piece holds, whole ones in one call
+                b, r = divmod(pos + i, block)
+                bend = min((b + 1) * block, chunk.byte_length)
+                take = min(len(view) - i, bend - pos - i)
+                if r == 0 and take == bend - pos - i:
+                    self._verify(entry, chunk, b, view[i : i + take])
+                else:
+                    if hasher is None:
+                        hasher = xxhash.xxh3_64()
+                    hasher.update(view[i : i + take])
+                    if pos + i + take == bend:
+                        found, hasher = hasher.hexdigest(), None
+                        if found != chunk.checksums[b]:
+                            raise self._mismatch(entry, chunk, b, chunk.checksums[b], found)
+                i += take
+            pos = nxt
+
+    def _check_cast(self, entry: TensorEntry, dtype: torch.dtype, out: torch.Tensor) -> None:
+        if out.dtype != dtype and not can_convert(dtype, out.dtype):
+            raise ShardMismatchError(
+                f"{self._where('')}key {entry.key!r}: stored as {entry.dtype}, which torch cannot convert to the "
+                f"requested {str(out.dtype).replace('torch.', '')}; load it into a {entry.dtype} tensor")
 
     def read_region(self, entry: TensorEntry, chunk: ChunkEntry, rel_offsets: tuple[int, ...],
                     rel_sizes: tuple[int, ...], out: torch.Tensor) -> None:
         """Copy the box ``rel_offsets/rel_sizes`` (relative to ``chunk``) of tensor ``entry`` into ``out``.
 
-        ``out`` must have shape ``rel_sizes``; it may have another dtype (``copy_`` casts) or device.
+        ``out`` must have shape ``rel_sizes``; it may have another dtype (``copy_`` casts; a conversion torch
+        lacks, such as from ``float4_e2m1fn_x2``, raises ``ShardMismatchError``) or device. Memory beyond ``out``
+        is bounded by the bytes the region spans in the chunk (plus ``SCAN_PIECE_BYTES``), however large the
+        manifest declares the chunk's checksum blocks.
         """
         dtype = dtype_from_name(entry.dtype, entry.key)
         if tuple(out.shape) != tuple(rel_sizes):
@@ -86,10 +176,11 @@ class ChunkReader:
             numel *= s
         if numel == 0:
             return
+        self._check_cast(entry, dtype, out)
         self.check_file(chunk.file, entry.key)
         whole = tuple(rel_offsets) == tuple(0 for _ in rel_offsets) and tuple(rel_sizes) == chunk.sizes
         if chunk.codec == "zstd":
-            self._read_zstd(entry, chunk, dtype, rel_offsets, rel_sizes, out)
+            self._read_zstd(entry, chunk, dtype, rel_offsets, rel_sizes, out, whole)
             return
         es = itemsize(dtype)
         strides = row_major_strides(chunk.sizes)
@@ -102,27 +193,38 @@ class ChunkReader:
         mapped = self.storage.view(chunk.file, chunk.byte_offset + start, end - start) \
             if (chunk.byte_offset + start) % es == 0 else None
         if mapped is None and whole and out.dtype == dtype and out.device.type == "cpu" and out.is_contiguous():
-            # Zero-copy fast path: read straight into the destination and verify it there.
+            # Zero-copy fast path: read straight into the destination and verify it there (``ckpt.load`` keeps
+            # what it overwrites and puts it back if the load fails).
             view = writable_bytes(out)
             self.storage.readinto(chunk.file, chunk.byte_offset, view)
             self._add_read(len(view))
             self._verify(entry, chunk, 0, view)
             return
+        lo, hi = first * es, (last + 1) * es
         if mapped is not None:
             self._add_read(len(mapped))
             self._verify(entry, chunk, b0, mapped)
             buf = torch.frombuffer(mapped, dtype=torch.uint8)
+            base = start
+        elif (end - start) - (hi - lo) > SCAN_PIECE_BYTES:
+            # Blocks far larger than the region (one checksum block over a huge file): keep only the bytes the
+            # region spans and hash the rest in pieces, instead of allocating whole blocks.
+            buf = torch.empty(hi - lo, dtype=torch.uint8)
+            self._scan(entry, chunk, start, end, writable_bytes(buf), lo)
+            base = lo
         else:
             buf = torch.empty(end - start, dtype=torch.uint8)
             view = writable_bytes(buf)
             self.storage.readinto(chunk.file, chunk.byte_offset + start, view)
             self._add_read(len(view))
             self._verify(entry, chunk, b0, view)
-        src = buf.view(dtype).as_strided(tuple(rel_sizes), strides, first - start // es)
+            base = start
+        src = buf.view(dtype).as_strided(tuple(rel_sizes), strides, first - base // es)
         out.copy_(src)
 
     def check_box(self, entry: TensorEntry, box: Box) -> None:
-        """Check that the files of the chunks ``box`` of ``entry`` touches hold the bytes the manifest declares.
+        """Check that the files of the chunks ``box`` of ``entry`` touches hold the bytes the manifest declares,
+        and that no compressed chunk among them claims more raw bytes than its stored bytes can decode to.
 
         Call it before allocating for a shape the manifest gives, so a forged shape raises
         ``CorruptCheckpointError`` instead of reserving memory no real file backs."""
@@ -130,6 +232,8 @@ class ChunkReader:
             inter = box.intersect(Box(c.offsets, c.sizes))
             if inter is not None and not inter.is_empty():
                 self.check_file(c.file, entry.key)
+                if c.codec == "zstd":
+                    codecs.check_ratio(c.byte_length, c.raw_byte_length, self._chunk_where(entry, c))
 
     def read_box(self, entry: TensorEntry, box: Box, out: torch.Tensor, where: str = "") -> None:
         """Fill ``out`` (shape ``box.sizes``) with ``box`` of tensor ``entry``, reading only the byte ranges of the
@@ -153,39 +257,62 @@ class ChunkReader:
                 f"{where}key {entry.key!r}: stored chunks cover {covered} of the {box.numel} elements of box "
                 f"offsets={list(box.offsets)} sizes={list(box.sizes)} (chunks overlap or leave holes)")
 
-    def _read_zstd(self, entry: TensorEntry, chunk: ChunkEntry, dtype: torch.dtype, rel_offsets: tuple[int, ...],
-                   rel_sizes: tuple[int, ...], out: torch.Tensor) -> None:
+    def _chunk_where(self, entry: TensorEntry, chunk: ChunkEntry) -> str:
+        return f"{self._where(chunk.file)}, key {entry.key!r}, file bytes [{chunk.byte_offset}, " \
+               f"{chunk.byte_offset + chunk.byte_length})"
+
+    def _read_stored(self, entry: TensorEntry, chunk: ChunkEntry) -> bytes:
+        """The verified stored bytes of a compressed chunk (one block; the file's real size is checked first)."""
+        where = self._chunk_where(entry, chunk)
+        codecs.check_ratio(chunk.byte_length, chunk.raw_byte_length, where)  # no I/O: refuse a bomb before reading
         stored = self.storage.read(chunk.file, chunk.byte_offset, chunk.byte_length)
         self._add_read(len(stored))
         self._verify(entry, chunk, 0, memoryview(stored))
-        raw = self._decompress(entry, chunk, stored)
-        full = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype).reshape(chunk.sizes)
-        out.copy_(full[tuple(slice(o, o + n) for o, n in zip(rel_offsets, rel_sizes))])
+        return stored
 
-    def _decompress(self, entry: TensorEntry, chunk: ChunkEntry, stored: bytes) -> bytes:
-        where = f"{self._where(chunk.file)}, key {entry.key!r}, file bytes [{chunk.byte_offset}, " \
-                f"{chunk.byte_offset + chunk.byte_length})"
-        return codecs.decompress(stored, chunk.raw_byte_length, where)
+    def _read_zstd(self, entry: TensorEntry, chunk: ChunkEntry, dtype: torch.dtype, rel_offsets: tuple[int, ...],
+                   rel_sizes: tuple[int, ...], out: torch.Tensor, whole: bool) -> None:
+        """Decode a zstd chunk into ``out``: straight into its bytes when it is the whole chunk in a contiguous CPU
+        tensor of the stored dtype, else in ``DECODE_PIECE_BYTES`` pieces, each copied where ``out`` wants it.
+        Memory beyond ``out``: the stored bytes and one piece, whatever the frame claims."""
+        stored = self._read_stored(entry, chunk)
+        where = self._chunk_where(entry, chunk)
+        if whole and out.dtype == dtype and out.device.type == "cpu" and out.is_contiguous():
+            codecs.decompress_into(stored, writable_bytes(out), where)
+            return
+        es = itemsize(dtype)
+        strides = row_major_strides(chunk.sizes)
+        region = Box(tuple(rel_offsets), tuple(rel_sizes))
+        pos = 0  # element index of the piece's first element in the chunk
+        for piece in codecs.decode_pieces(stored, chunk.raw_byte_length, where,
+                                          max(es, codecs.DECODE_PIECE_BYTES // es * es)):
+            n = len(piece) // es
+            src = torch.frombuffer(piece, dtype=torch.uint8).view(dtype)
+            for offs, sizes in range_boxes(chunk.sizes, pos, pos + n):
+                inter = region.intersect(Box(offs, sizes))
+                if inter is None or inter.is_empty():
+                    continue
+                at = sum(o * s for o, s in zip(inter.offsets, strides)) - pos
+                out[inter.relative_to(region).slices()].copy_(src.as_strided(inter.sizes, strides, at))
+            pos += n
 
     def _add_read(self, n: int) -> None:
         with self._lock:
             self.bytes_read += n
 
     def verify_chunk(self, entry: TensorEntry, chunk: ChunkEntry) -> None:
-        """Re-read every stored byte of ``chunk`` and check every block (``ckpt verify``)."""
+        """Re-read every stored byte of ``chunk`` and check every block (``ckpt verify``); a compressed chunk must
+        also decode to exactly its declared size. Memory: ``SCAN_PIECE_BYTES`` (plus a compressed chunk's stored
+        bytes and one decoded piece), whatever the manifest declares."""
         self.check_file(chunk.file, entry.key)
+        if chunk.codec == "zstd":
+            stored = self._read_stored(entry, chunk)
+            codecs.verify_frame(stored, chunk.raw_byte_length, self._chunk_where(entry, chunk))
+            return
         if chunk.byte_length == 0:
             self._verify(entry, chunk, 0, memoryview(b""))
             return
-        step = max(chunk.block_bytes, 1)
-        for b, start in enumerate(range(0, chunk.byte_length, step)):
-            n = min(step, chunk.byte_length - start)
-            data = self.storage.read(chunk.file, chunk.byte_offset + start, n)
-            self._add_read(n)
-            self._verify(entry, chunk, b, memoryview(data))
-        if chunk.codec == "zstd":
-            data = self.storage.read(chunk.file, chunk.byte_offset, chunk.byte_length)
-            self._decompress(entry, chunk, data)
+        self._scan(entry, chunk, 0, chunk.byte_length)
 
 
 def read_manifest(storage: Storage) -> Manifest:
@@ -196,10 +323,9 @@ def read_manifest(storage: Storage) -> Manifest:
     """
     from ckpt.errors import CheckpointNotFoundError, IncompleteCheckpointError
 
-    from formats.manifest import check_manifest_size
-
+    where = f"{storage.url.rstrip('/')}/{MANIFEST_NAME}"
     try:
-        check_manifest_size(storage.size(MANIFEST_NAME), f"{storage.url.rstrip('/')}/{MANIFEST_NAME}")
+        check_manifest_size(storage.size(MANIFEST_NAME), where)  # before reading: an 8 GB manifest is not read
         data = storage.read(MANIFEST_NAME)
     except FileNotFoundError:
         if storage.root_exists():
@@ -208,4 +334,4 @@ def read_manifest(storage: Storage) -> Manifest:
                 "(it crashed or is still running). Load an earlier checkpoint; this directory can be deleted."
             ) from None
         raise CheckpointNotFoundError(f"{storage.url}: no checkpoint here (no {MANIFEST_NAME})") from None
-    return Manifest.from_json(data, f"{storage.url.rstrip('/')}/{MANIFEST_NAME}")
+    return Manifest.from_json(data, where)
