@@ -8,6 +8,7 @@ raised on every rank.
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -17,7 +18,7 @@ from ckpt.dist import DistWrapper
 from ckpt.errors import ShardMismatchError, SpecError
 from ckpt.options import LoadOptions
 from ckpt.state import FlatState, assign, flatten, resolve
-from formats.dtypes import dtype_from_name
+from formats.dtypes import can_convert, dtype_from_name
 from formats.manifest import Manifest
 from formats.reader import ChunkReader, read_manifest
 from formats.storage import Storage, open_storage
@@ -47,8 +48,13 @@ def check_compatible(flat: FlatState, layouts: dict[str, TensorLayout], manifest
             continue
         if tuple(entry.shape) != tuple(lay.global_shape):
             problems.append(f"key {key!r}: shape {list(lay.global_shape)} in the state, {list(entry.shape)} in the checkpoint")
-        if not allow_dtype_cast and dtype_from_name(entry.dtype, key) != lay.local.dtype:
+        stored = dtype_from_name(entry.dtype, key)
+        if not allow_dtype_cast and stored != lay.local.dtype:
             problems.append(f"key {key!r}: dtype {lay.local.dtype} in the state, {entry.dtype} in the checkpoint")
+        elif not can_convert(stored, lay.local.dtype):
+            problems.append(f"key {key!r}: dtype {lay.local.dtype} in the state, {entry.dtype} in the checkpoint, "
+                            f"and torch cannot convert {entry.dtype} to {str(lay.local.dtype).replace('torch.', '')} "
+                            f"(load it into a {entry.dtype} tensor)")
     for key in flat.values:
         if key in manifest.tensors:
             problems.append(f"key {key!r}: the state holds a {type(flat.values[key]).__name__}, the checkpoint a tensor")
@@ -67,8 +73,40 @@ def check_compatible(flat: FlatState, layouts: dict[str, TensorLayout], manifest
         )
 
 
-def read_into(reader: ChunkReader, manifest: Manifest, layouts: dict[str, TensorLayout], num_threads: int) -> None:
-    """Plan and execute every read of ``layouts`` (tensors absent from the manifest are skipped)."""
+class Undo:
+    """What a load overwrote, to put back if it fails: a failed ``ckpt.load`` leaves the caller's tensors as they
+    were (docs/loading.md). ``keep(dest)`` copies ``dest`` aside just before it is written (on the CPU, so a GPU
+    state needs no second copy of itself on the device); ``restore()`` copies everything back, newest first.
+    Thread-safe; costs one memory copy of the state and that much CPU memory until the load ends."""
+
+    def __init__(self) -> None:
+        self._kept: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._lock = threading.Lock()
+
+    def keep(self, dest: torch.Tensor) -> None:
+        if dest.numel() == 0:
+            return
+        saved = dest.clone() if dest.device.type == "cpu" else dest.to("cpu")
+        with self._lock:
+            self._kept.append((dest, saved))
+
+    def restore(self) -> None:
+        with self._lock:
+            kept, self._kept = self._kept, []
+        with torch.no_grad():
+            for dest, saved in reversed(kept):
+                dest.copy_(saved)
+
+    def discard(self) -> None:
+        with self._lock:
+            self._kept = []
+
+
+def read_into(reader: ChunkReader, manifest: Manifest, layouts: dict[str, TensorLayout], num_threads: int,
+              undo: Undo | None = None) -> None:
+    """Plan and execute every read of ``layouts`` (tensors absent from the manifest are skipped). With ``undo``,
+    every destination region is kept there before it is written; on failure no read is left running when this
+    returns (pending ones are cancelled), so ``undo.restore()`` puts back everything."""
     jobs: list[tuple[ReadItem, TensorLayout]] = []
     for key, lay in layouts.items():
         entry = manifest.tensors.get(key)
@@ -85,15 +123,20 @@ def read_into(reader: ChunkReader, manifest: Manifest, layouts: dict[str, Tensor
         piece = lay.pieces[item.piece_index]
         local = piece.source if piece.source is not None else lay.local
         dest = local[tuple(slice(o, o + s) for o, s in zip(item.dest_offsets, item.rel.sizes))]
+        if undo is not None:
+            undo.keep(dest)
         reader.read_region(entry, chunk, item.rel.offsets, item.rel.sizes, dest)
 
     if num_threads <= 1 or len(jobs) <= 1:
         for j in jobs:
             run(j)
         return
-    with ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="ckpt-read") as pool:
+    pool = ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="ckpt-read")
+    try:
         for f in [pool.submit(run, j) for j in jobs]:
             f.result()
+    finally:  # on a failure, skip the reads not started yet and wait for the running ones
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def load_binding(manifest: Manifest, spec: Any, dims: dict[str, Any] | None, layout: Any,
@@ -146,6 +189,8 @@ def load(state: Any, path: "str | Storage", *, process_group: Any = None, strict
         raise ShardMismatchError(f"ckpt.load: the parallel layout {binding.parallel} has {binding.world_size} ranks, "
                                  f"the process group {dw.world_size}")
 
+    undo = Undo()
+
     def load_local() -> None:
         plain, bindings, ctx = resolve(state)
         flat = flatten(plain)
@@ -155,10 +200,20 @@ def load(state: Any, path: "str | Storage", *, process_group: Any = None, strict
         with torch.no_grad():
             if rl is not None:  # padding (vocabulary rows, ZeRO alignment) is not in the checkpoint: zeros
                 for lt in rl:
+                    undo.keep(flat.tensors[lt.key])
                     flat.tensors[lt.key].zero_()
-            read_into(ChunkReader(storage, manifest), manifest, layouts, opts.num_threads)
+            read_into(ChunkReader(storage, manifest), manifest, layouts, opts.num_threads, undo)
         assign(state, {k: v.value for k, v in manifest.values.items() if k in flat.values}, bindings)
         for b in bindings:
             b.apply(ctx)
 
-    dw.run("ckpt.load", load_local)
+    # Reads go straight into the caller's tensors (the fast path) and are verified there; what they overwrite is
+    # kept until every rank has loaded, and put back if any rank failed, so a failed load leaves the state as it
+    # was (a checksum mismatch in the last chunk included).
+    try:
+        dw.run("ckpt.load", load_local)
+    except BaseException:
+        undo.restore()
+        raise
+    finally:
+        undo.discard()

@@ -7,6 +7,9 @@ raises the same with a hint to upgrade.
 
 from __future__ import annotations
 
+import functools
+import warnings
+
 import torch
 
 from ckpt.errors import CorruptCheckpointError, UnsupportedStateError
@@ -45,3 +48,19 @@ def dtype_from_name(name: object, where: str) -> torch.dtype:
 def itemsize(dtype: torch.dtype) -> int:
     """Bytes per element."""
     return torch.empty((), dtype=dtype).element_size()
+
+
+@functools.lru_cache(maxsize=None)
+def can_convert(src: torch.dtype, dst: torch.dtype) -> bool:
+    """Whether torch's ``copy_`` converts ``src`` elements into a ``dst`` tensor on the CPU (``float4_e2m1fn_x2``
+    converts to nothing but itself, some fp8 pairs lack kernels). Probed once per pair with a one-element copy."""
+    if src == dst:
+        return True
+    one = torch.zeros(itemsize(src), dtype=torch.uint8).view(src)  # one element of bits 0, of any dtype
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # complex -> real warns that it drops the imaginary part
+            torch.empty(1, dtype=dst).copy_(one)
+    except (NotImplementedError, RuntimeError, TypeError):
+        return False
+    return True
