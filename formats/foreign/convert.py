@@ -20,10 +20,13 @@ from typing import Any, Callable
 import torch
 
 from ckpt.errors import CheckpointExistsError
+from formats.box import Box
 from formats.foreign.detect import (PLANNED_SOURCES, PLANNED_TARGETS, TARGETS, UnknownFormatError, detect_format,
                                     not_implemented, unregistered)
 from formats.foreign.registry import find_source, source_names
 from formats.foreign.source import MODEL_PREFIX, Source
+from formats.manifest import Manifest
+from formats.reader import ChunkReader
 
 Progress = Callable[[int], None]
 
@@ -178,6 +181,21 @@ def plan_conversion(source: Source, dst: str, dst_format: str, *, dtype: "str | 
         dst_exists=exists, max_shard_bytes=max_shard_bytes if dst_format == "safetensors" else None, dtypes=dtypes)
 
 
+def check_backed(source: Source) -> None:
+    """Raise ``CorruptCheckpointError`` unless the data files of a universal ``source`` hold every byte its manifest
+    declares (and no compressed chunk claims more than it can decode to). Called before any output is created:
+    the targets preallocate what the source declares (the torch writer lays out the whole file first), so a
+    manifest declaring a 2^40-byte tensor would otherwise create a 1 TiB output before the first read fails.
+    Other sources check their data files against their metadata when they are opened."""
+    manifest = getattr(source, "manifest", None)
+    storage = getattr(source, "storage", None)
+    if not isinstance(manifest, Manifest) or storage is None:
+        return
+    reader = ChunkReader(storage, manifest)
+    for entry in manifest.tensors.values():
+        reader.check_box(entry, Box.whole(tuple(entry.shape)))
+
+
 def run_conversion(source: Source, plan: ConvertPlan, *, workers: int = 1, overwrite: bool = False,
                    progress: Progress | None = None,
                    storage_options: dict[str, Any] | None = None) -> ConvertResult:
@@ -187,6 +205,7 @@ def run_conversion(source: Source, plan: ConvertPlan, *, workers: int = 1, overw
     if plan.dst_exists and not overwrite:
         raise CheckpointExistsError(f"{plan.dst}: a {plan.dst_format} checkpoint is already there; pass --overwrite "
                                     "(overwrite=True) to replace it, or choose another destination")
+    check_backed(source)
     dtypes = plan.dtypes
     if plan.dst_format == "universal":
         from formats.foreign.universal import write_universal
