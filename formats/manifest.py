@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from ckpt.errors import CorruptCheckpointError, UnsafeCheckpointError, UnsupportedStateError
-from formats import checksum
 from formats.box import tiling_fault
 from formats.dtypes import dtype_from_name, itemsize
 from formats.codec import CODECS
 from formats.keys import MAX_DEPTH
+from formats.manifest_seal import (CHECKSUM_FIELD, MAX_MANIFEST_BYTES, _check_seal, check_manifest_size,  # noqa: F401
+                                   reseal, seal)
 from formats.storage.base import check_relpath
 
 FORMAT_NAME = "ckpt-universal"
@@ -28,11 +28,6 @@ FORMAT_NAME = "ckpt-universal"
 FORMAT_VERSION = 2
 #: Versions read without a seal: manifests written before it existed (still on users' disks).
 LEGACY_VERSIONS = (1,)
-#: The last member of the manifest: xxh3-64 of every byte of the file before this key's opening quote.
-CHECKSUM_FIELD = "manifest_checksum"
-#: Largest manifest.json a reader accepts, checked before reading it (``check_manifest_size``). A manifest takes
-#: about 250 bytes per chunk, so 1 GiB is some 4 million chunks, far above any real checkpoint.
-MAX_MANIFEST_BYTES = 1 << 30
 #: Most ``/``-separated components of one key (the nesting that ``formats.nesting`` writes and rebuilds, plus one
 #: for a leaf below the deepest container).
 MAX_KEY_COMPONENTS = MAX_DEPTH + 1
@@ -70,78 +65,6 @@ class ChunkEntry:
             "raw_byte_length": self.raw_byte_length, "block_bytes": self.block_bytes,
             "checksums": list(self.checksums),
         }
-
-
-_ENCODER = json.JSONEncoder(allow_nan=False, separators=(", ", ": "))
-
-
-def _head(doc: dict[str, Any]) -> str:
-    """The manifest's JSON text up to its checksum member: one line per file and per entry (readable, greppable,
-    diffable), ending in ``,\\n `` so the seal follows. Each line is written by the C encoder:
-    ``json.dumps(indent=...)`` runs in pure Python, about 30 ms per save for a model of a few hundred tensors, on
-    the flush path of every tier."""
-    enc = _ENCODER.encode
-    parts = []
-    for k, v in doc.items():
-        if k == CHECKSUM_FIELD:
-            continue
-        if k in ("files", "entries") and isinstance(v, dict) and v:
-            inner = ",\n".join(f"  {enc(ek)}: {enc(ev)}" for ek, ev in v.items())
-            parts.append(f" {enc(k)}: {{\n{inner}\n }}")
-        else:
-            parts.append(f" {enc(k)}: {enc(v)}")
-    return "{\n" + "".join(f"{part},\n" for part in parts) + " "
-
-
-def seal(doc: dict[str, Any]) -> bytes:
-    """The manifest text of ``doc`` (any ``manifest_checksum`` in it dropped) sealed with a fresh checksum.
-
-    ``Manifest.to_json`` writes manifests with it; a tool (or test) that edits a manifest on purpose re-seals it
-    with ``seal(json.loads(text))``; an edit that skips this is refused as damage."""
-    head = _head(doc).encode("utf-8")
-    return head + f'"{CHECKSUM_FIELD}": "{checksum.digest(head)}"\n}}'.encode()
-
-
-def reseal(data: bytes) -> bytes:
-    """``data`` with the checksum of its seal recomputed over its text (for text-level edits made on purpose, and
-    tests of what lies behind the seal); unchanged when it has no seal."""
-    at = data.rfind(b'"manifest_checksum"')
-    m = _SEAL.fullmatch(data, at) if at >= 0 else None
-    if m is None:
-        return data
-    return data[: m.start(1)] + checksum.digest(memoryview(data)[:at]).encode() + data[m.end(1):]
-
-
-# The seal at the end of a manifest: the checksum member, then the closing brace of the top-level object (only
-# JSON whitespace may follow). Matched from the last occurrence of the key, so no scan of the whole text.
-_SEAL = re.compile(rb'"manifest_checksum"[ \t\n\r]*:[ \t\n\r]*"([0-9a-f]{16})"[ \t\n\r]*\}[ \t\n\r]*')
-
-
-def check_manifest_size(size: int, where: str) -> None:
-    """Refuse a manifest of ``size`` bytes above ``MAX_MANIFEST_BYTES``; call it before reading the file."""
-    if size > MAX_MANIFEST_BYTES:
-        raise CorruptCheckpointError(
-            f"{where}: manifest is {size} bytes, more than the {MAX_MANIFEST_BYTES} bytes (1 GiB, some 4 million "
-            "chunks) a reader accepts; it is damaged or not a ckpt manifest")
-
-
-def _check_seal(data: bytes, where: str) -> bool:
-    """Whether ``data`` ends with a checksum member; raise when that checksum does not match."""
-    at = data.rfind(b'"manifest_checksum"')
-    if at < 0:
-        return False
-    m = _SEAL.fullmatch(data, at)
-    if m is None:
-        return False
-    expected = m.group(1).decode()
-    found = checksum.digest(memoryview(data)[:at])
-    if found != expected:
-        raise CorruptCheckpointError(
-            f"{where}: manifest checksum mismatch: its {CHECKSUM_FIELD} says xxh3_64 {expected}, its text hashes "
-            f"to {found}. The manifest was edited or damaged after it was written; restore it from another tier "
-            "or use an earlier checkpoint (a tool that edits a manifest on purpose must re-seal it: "
-            "formats.manifest.seal)")
-    return True
 
 
 @dataclass(frozen=True)

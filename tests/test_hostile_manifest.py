@@ -20,7 +20,7 @@ import torch
 
 import ckpt
 from ckpt.cli import main as cli_main, verify_checkpoint
-from formats import box as box_mod, checksum, manifest as M
+from formats import box as box_mod, checksum, manifest as M, manifest_seal
 from formats.box import Box, tiling_fault
 from formats.manifest import CHECKSUM_FIELD, seal
 from formats.nesting import flatten
@@ -62,7 +62,7 @@ def _swap_offsets(text: str) -> str:
     assert a["file"] == b["file"]
     a["byte_offset"], b["byte_offset"] = b["byte_offset"], a["byte_offset"]
     a["checksums"], b["checksums"] = b["checksums"], a["checksums"]  # consistent: every data checksum still holds
-    return M._head(doc)[:-4] + text[text.rindex("\n }"):]  # same layout, old seal kept
+    return manifest_seal._head(doc)[:-4] + text[text.rindex("\n }"):]  # same layout, old seal kept
 
 
 EDITS: list[tuple[str, Callable[[str], str]]] = [
@@ -138,7 +138,7 @@ def test_manifest_size_cap(saved: Path, monkeypatch: pytest.MonkeyPatch) -> None
     with pytest.raises(CORRUPT, match="manifest is 1073741825 bytes"):
         M.check_manifest_size(M.MAX_MANIFEST_BYTES + 1, "m.json")
     M.check_manifest_size(M.MAX_MANIFEST_BYTES, "m.json")
-    monkeypatch.setattr(M, "MAX_MANIFEST_BYTES", 100)
+    monkeypatch.setattr(manifest_seal, "MAX_MANIFEST_BYTES", 100)
     for fn in _readers(saved):
         with expect_error(saved.parent, CORRUPT, str(saved / "manifest.json"), "more than the 100 bytes"):
             fn()
