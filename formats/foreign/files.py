@@ -19,26 +19,12 @@ import os
 import stat
 from typing import Any
 
-from ckpt.errors import CorruptCheckpointError, UnsafeCheckpointError
+from ckpt.errors import CorruptCheckpointError
 from formats.manifest import reject_constant, unique_keys
+from formats.storage.util import check_confined, kind_of, not_regular_error  # noqa: F401 (re-exported)
 
 #: The largest JSON side file read (an index of a million tensors is about 100 MB).
 MAX_JSON_BYTES = 256 * 2**20
-
-
-def kind_of(mode: int) -> str:
-    """What a ``st_mode`` is, in words, for messages."""
-    for test, name in ((stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
-                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device"), (stat.S_ISLNK, "a symlink")):
-        if test(mode):
-            return name
-    return "not a regular file"
-
-
-def _not_regular(path: str, mode: int, what: str) -> CorruptCheckpointError:
-    return CorruptCheckpointError(f"{path}: expected {what} (a regular file), found {kind_of(mode)}; refusing to "
-                                  "open it. Replace it with the real file.")
 
 
 def exists(path: str) -> bool:
@@ -63,7 +49,7 @@ def regular_size(path: str, what: str = "a file") -> int:
     except OSError as e:
         raise CorruptCheckpointError(f"{path}: cannot stat it ({e})") from e
     if not stat.S_ISREG(st.st_mode):
-        raise _not_regular(path, st.st_mode, what)
+        raise not_regular_error(path, st.st_mode, what)
     return st.st_size
 
 
@@ -75,17 +61,6 @@ def is_regular(path: str, what: str = "a file") -> bool:
     except FileNotFoundError:
         return False
     return True
-
-
-def check_confined(path: str, root: str) -> str:
-    """``path`` resolved, if it lies inside ``root`` (resolved); ``UnsafeCheckpointError`` naming both otherwise."""
-    real = os.path.realpath(path)
-    top = os.path.realpath(root)
-    if real != top and not real.startswith(top.rstrip(os.sep) + os.sep):
-        raise UnsafeCheckpointError(f"{path}: resolves to {real}, outside the checkpoint directory {top} (a symlink?); "
-                                    "refusing to read it. Copy the real file into the checkpoint (cp -L) if you "
-                                    "trust it.")
-    return real
 
 
 def read_small(path: str, what: str, limit: int = MAX_JSON_BYTES) -> bytes:
@@ -104,7 +79,7 @@ def read_small(path: str, what: str, limit: int = MAX_JSON_BYTES) -> bytes:
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise _not_regular(path, st.st_mode, what)
+            raise not_regular_error(path, st.st_mode, what)
         if st.st_size > limit:
             raise CorruptCheckpointError(f"{path}: {what} is {st.st_size} bytes, more than the {limit} read; "
                                          "it is not what this format writes")

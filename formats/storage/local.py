@@ -31,8 +31,8 @@ from typing import Any, Iterable, Iterator, Sequence
 from ckpt.errors import UnsafeCheckpointError, CorruptCheckpointError, StorageError
 from formats.storage.base import Buffer, Storage, StreamWriter, check_relpath
 from formats.storage.local_stream import write_with_early_writeback
-from formats.storage.util import (as_byte_views, check_range, flat_byte_view, is_tmp_name, not_found_error,
-                                  tmp_name, truncated_error)
+from formats.storage.util import (as_byte_views, check_confined, check_range, flat_byte_view, is_tmp_name,
+                                  not_found_error, not_regular_error, tmp_name, truncated_error)
 
 __all__ = ["LocalStorage", "writev_all"]
 
@@ -153,10 +153,7 @@ def _check_regular(full_path: str, mode: int) -> None:
         return
     if stat.S_ISDIR(mode):
         raise IsADirectoryError(errno.EISDIR, "is a directory", full_path)
-    kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
-            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else f"not a file (mode {mode:o})")
-    raise CorruptCheckpointError(f"{full_path}: is {kind}, expected a regular file; a checkpoint holds only "
-                                 "regular files, so it is not read")
+    raise not_regular_error(full_path, mode)
 
 
 class _FdEntry:
@@ -403,12 +400,7 @@ class LocalStorage(Storage):
 
     def _check_confined(self, full: str) -> None:
         """Refuse to read through a symlink that leads outside the checkpoint root."""
-        real = os.path.realpath(full)
-        root = os.path.realpath(self.root)
-        if real != root and not real.startswith(root.rstrip(os.sep) + os.sep):
-            raise UnsafeCheckpointError(
-                f"{full}: resolves to {real}, outside the checkpoint root {root} (a symlink?); refusing to read it"
-            )
+        check_confined(full, self.root)
 
     def _preadinto(self, full: str, fd: int, offset: int, view: memoryview) -> None:
         """Positional reads into ``view`` until full; EOF first means the file is shorter than promised."""

@@ -8,21 +8,26 @@ backend for them):
 * ``check_range``: the one check of a requested byte range;
 * ``truncated_error`` / ``not_found_error``: the one wording of "shorter than the read needs" and of
   "no such file";
-* ``tmp_name`` / ``is_tmp_name``: commit tmp files, which ``list`` never reports.
+* ``tmp_name`` / ``is_tmp_name``: commit tmp files, which ``list`` never reports;
+* ``kind_of`` / ``not_regular_error``: the one wording of "this is a FIFO (device, socket...), not a file";
+* ``check_confined``: the one check that a path does not resolve outside its checkpoint directory (local
+  storage and every reader of ``formats.foreign`` use it).
 """
 
 from __future__ import annotations
 
 import errno
+import os
 import re
+import stat
 import uuid
 from typing import Sequence
 
-from ckpt.errors import CorruptCheckpointError
+from ckpt.errors import CorruptCheckpointError, UnsafeCheckpointError
 from formats.storage.base import Buffer
 
-__all__ = ["as_byte_views", "check_range", "flat_byte_view", "is_tmp_name", "not_found_error", "tmp_name",
-           "truncated_error"]
+__all__ = ["as_byte_views", "check_confined", "check_range", "flat_byte_view", "is_tmp_name", "kind_of",
+           "not_found_error", "not_regular_error", "tmp_name", "truncated_error"]
 
 _TMP_RE = re.compile(r"\.tmp-[0-9a-f]{32}$")
 
@@ -86,3 +91,31 @@ def truncated_error(where: str, offset: int, wanted_bytes: int | None, file_size
 def not_found_error(where: str, what: str = "file") -> FileNotFoundError:
     """The ``FileNotFoundError`` a backend raises for a missing ``what`` (``file``, ``object``), naming ``where``."""
     return FileNotFoundError(errno.ENOENT, f"no such {what} in checkpoint storage", where)
+
+
+def kind_of(mode: int) -> str:
+    """What a ``st_mode`` is, in words, for messages."""
+    for test, name in ((stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISLNK, "a symlink")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def not_regular_error(path: str, mode: int, what: str = "a file") -> CorruptCheckpointError:
+    """The error for a FIFO, device, socket or directory where ``what`` (a regular file) was expected; raised
+    before anything opens it (opening a FIFO blocks until a writer comes, forever)."""
+    return CorruptCheckpointError(f"{path}: is {kind_of(mode)}, expected a regular file ({what}); a checkpoint "
+                                  "holds only regular files, so it is not opened. Replace it with the real file.")
+
+
+def check_confined(path: str, root: str) -> str:
+    """``path`` resolved, if it lies inside ``root`` (resolved); ``UnsafeCheckpointError`` naming both otherwise."""
+    real = os.path.realpath(path)
+    top = os.path.realpath(root)
+    if real != top and not real.startswith(top.rstrip(os.sep) + os.sep):
+        raise UnsafeCheckpointError(f"{path}: resolves to {real}, outside the checkpoint root {top} (a symlink?); "
+                                    "refusing to read it. Copy the real file into the checkpoint (cp -L) if you "
+                                    "trust it.")
+    return real
