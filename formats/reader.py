@@ -9,14 +9,13 @@ Callers: ``ckpt`` load and ``ckpt.open`` readers, from a thread pool; methods ar
 from __future__ import annotations
 
 import threading
-from typing import Iterator
 
 import torch
 import xxhash
 
 from ckpt.errors import CorruptCheckpointError, ShardMismatchError
 from formats import checksum, codec as codecs
-from formats.box import Box, row_major_strides
+from formats.box import Box, flat_range_to_boxes, row_major_strides
 from formats.dtypes import can_convert, dtype_from_name, itemsize
 from formats.manifest import MANIFEST_NAME, ChunkEntry, Manifest, TensorEntry, check_manifest_size
 from formats.storage.base import Storage
@@ -25,35 +24,6 @@ from formats.tensor_bytes import writable_bytes
 #: The most bytes a read holds beyond what it returns (block slack of a partial read, a verify's scratch): blocks
 #: larger than this (a manifest may declare one block of a whole 64 GiB sparse file) are hashed in pieces.
 SCAN_PIECE_BYTES = 16 << 20
-
-
-def range_boxes(sizes: tuple[int, ...], a: int, b: int) -> Iterator[tuple[tuple[int, ...], tuple[int, ...]]]:
-    """The boxes ``(offsets, sizes)`` that make up the flat row-major element range ``[a, b)`` of an array of
-    ``sizes``: at most ``2 * len(sizes) - 1`` of them, in order."""
-    if a >= b:
-        return
-    if len(sizes) <= 1:
-        yield (a,), (b - a,)
-        return
-    inner = 1
-    for s in sizes[1:]:
-        inner *= s
-    ra, oa = divmod(a, inner)
-    rb, ob = divmod(b, inner)
-    zeros = (0,) * (len(sizes) - 1)
-    if ra == rb:
-        for o, s in range_boxes(sizes[1:], oa, ob):
-            yield (ra, *o), (1, *s)
-        return
-    if oa:
-        for o, s in range_boxes(sizes[1:], oa, inner):
-            yield (ra, *o), (1, *s)
-        ra += 1
-    if rb > ra:
-        yield (ra, *zeros), (rb - ra, *sizes[1:])
-    if ob:
-        for o, s in range_boxes(sizes[1:], 0, ob):
-            yield (rb, *o), (1, *s)
 
 
 class ChunkReader:
@@ -288,8 +258,8 @@ class ChunkReader:
                                           max(es, codecs.DECODE_PIECE_BYTES // es * es)):
             n = len(piece) // es
             src = torch.frombuffer(piece, dtype=torch.uint8).view(dtype)
-            for offs, sizes in range_boxes(chunk.sizes, pos, pos + n):
-                inter = region.intersect(Box(offs, sizes))
+            for piece_box in flat_range_to_boxes(chunk.sizes, pos, pos + n):
+                inter = region.intersect(piece_box)
                 if inter is None or inter.is_empty():
                     continue
                 at = sum(o * s for o, s in zip(inter.offsets, strides)) - pos

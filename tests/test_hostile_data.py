@@ -22,7 +22,7 @@ import ckpt
 import megatron_ref as M
 from ckpt.cli import verify_checkpoint
 from formats import checksum, codec
-from formats.reader import range_boxes
+from formats.box import flat_range_to_boxes
 from tests.test_bad_input import address_space_headroom, expect_error, read_doc, write_doc
 from tests.test_reshard import logical_state, spec_dims
 
@@ -155,10 +155,10 @@ def test_range_boxes_tile_every_flat_range(shape: tuple[int, ...]) -> None:
     for a in range(n + 1):
         for b in range(a, n + 1):
             got = []
-            for offs, sizes in range_boxes(shape, a, b):
-                got.extend(flat[tuple(slice(o, o + s) for o, s in zip(offs, sizes))].reshape(-1).tolist())
+            for box in flat_range_to_boxes(shape, a, b):
+                got.extend(flat[box.slices()].reshape(-1).tolist())
             assert got == list(range(a, b)), (a, b)
-            assert len(list(range_boxes(shape, a, b))) <= max(1, 2 * len(shape) - 1)
+            assert len(flat_range_to_boxes(shape, a, b)) <= max(1, 2 * len(shape) - 1)
 
 
 def test_damaged_zstd_frame_never_reaches_the_decoder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
