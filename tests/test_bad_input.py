@@ -174,7 +174,8 @@ def test_zstd_chunk_corruption_is_caught_before_decompression(tmp_path: Path, mo
         damaged = f.read(chunk.byte_length)
     import formats.codec
 
-    real = formats.codec.decompress
+    # Every decode path (whole chunk, pieces, verify) reads the frame header first: spy there.
+    real = formats.codec.check_header
     calls: list[bytes] = []
 
     def spy(data: Any, *a: Any, **k: Any) -> Any:  # intact chunks still decompress; the damaged one must not
@@ -182,7 +183,7 @@ def test_zstd_chunk_corruption_is_caught_before_decompression(tmp_path: Path, mo
             calls.append(bytes(data))
         return real(data, *a, **k)
 
-    monkeypatch.setattr(formats.codec, "decompress", spy)
+    monkeypatch.setattr(formats.codec, "check_header", spy)
     for fn in [lambda: ckpt.load({"w": torch.empty(64, 32), "b": torch.empty(100, dtype=torch.int16)}, str(path)),
                lambda: ckpt.open(str(path)).read("w", (slice(0, 2),))]:
         with expect_error(tmp_path, ckpt.CorruptCheckpointError, str(path / chunk.file), "'w'", chunk.checksums[0],
