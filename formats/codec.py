@@ -116,16 +116,6 @@ def decode_pieces(data: "bytes | memoryview", raw_byte_length: int, where: str,
     _check_end(reader, raw_byte_length, where)
 
 
-def decompress(data: "bytes | memoryview", raw_byte_length: int, where: str) -> bytes:
-    """Decompress one zstd frame that must expand to exactly ``raw_byte_length`` bytes (the whole output in memory:
-    only for callers that need it all; ``decompress_into`` and ``decode_pieces`` bound memory)."""
-    out = bytearray(raw_byte_length) if raw_byte_length <= len(data) * MAX_ZSTD_RATIO else None
-    if out is None:
-        check_ratio(len(data), raw_byte_length, where)
-    decompress_into(data, memoryview(out), where)  # type: ignore[arg-type]
-    return bytes(out)  # type: ignore[arg-type]
-
-
 def verify_frame(data: "bytes | memoryview", raw_byte_length: int, where: str) -> None:
     """Check that ``data`` decodes to exactly ``raw_byte_length`` bytes, holding one piece at a time."""
     for _ in decode_pieces(data, raw_byte_length, where):

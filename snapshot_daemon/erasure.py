@@ -307,12 +307,6 @@ class Codec:
     def __repr__(self) -> str:
         return f"Codec(k={self.k}, m={self.m})"
 
-    def generator_row(self, shard: int) -> list[int]:
-        """Row ``shard`` of the (k + m) x k generator: a unit row for data, a Cauchy row for parity."""
-        if shard < self.k:
-            return [1 if j == shard else 0 for j in range(self.k)]
-        return list(self.matrix[shard - self.k])
-
     def encode(self, data: Sequence[Any], out: "Sequence[Any] | None" = None) -> list[np.ndarray]:
         """The m parity buffers of k equal-length data buffers; written into ``out`` (m writable buffers of the
         shard length, e.g. daemon segments) when given, instead of new arrays."""
