@@ -42,6 +42,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.e2e_every10
 	$(PY) -m benchmarks.daemon
 	$(PY) -m benchmarks.erasure
+	$(PY) -m benchmarks.hostile_costs
 
 clean:
 	rm -rf $(VENV) build *.egg-info
