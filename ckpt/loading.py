@@ -12,7 +12,7 @@ import math
 import mmap
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -127,12 +127,12 @@ class Undo:
             self._kept = []
 
 
-def read_into(reader: ChunkReader, manifest: Manifest, layouts: dict[str, TensorLayout], num_threads: int,
-              undo: Undo | None = None) -> None:
-    """Plan and execute every read of ``layouts`` (tensors absent from the manifest are skipped). With ``undo``,
-    every destination region is kept there before it is written; on failure no read is left running when this
-    returns (pending ones are cancelled), so ``undo.restore()`` puts back everything."""
-    jobs: list[tuple[ReadItem, TensorLayout]] = []
+Job = tuple[ReadItem, TensorLayout]
+
+
+def plan_jobs(reader: ChunkReader, manifest: Manifest, layouts: dict[str, TensorLayout]) -> list[Job]:
+    """Every region read of ``layouts`` (tensors absent from the manifest are skipped), in planning order."""
+    jobs: list[Job] = []
     for key, lay in layouts.items():
         entry = manifest.tensors.get(key)
         if entry is None:
@@ -140,28 +140,56 @@ def read_into(reader: ChunkReader, manifest: Manifest, layouts: dict[str, Tensor
         boxes = [_box(c) for c in entry.chunks]
         for item in plan_reads(key, boxes, lay.pieces, f"{reader.storage.url}: "):
             jobs.append((item, lay))
+    return jobs
 
-    def run(job: tuple[ReadItem, TensorLayout]) -> None:
-        item, lay = job
-        entry = manifest.tensors[item.key]
-        chunk = entry.chunks[item.chunk_index]
-        piece = lay.pieces[item.piece_index]
-        local = piece.source if piece.source is not None else lay.local
-        dest = local[tuple(slice(o, o + s) for o, s in zip(item.dest_offsets, item.rel.sizes))]
-        if undo is not None:
-            undo.keep(dest)
-        reader.read_region(entry, chunk, item.rel.offsets, item.rel.sizes, dest)
 
+def _region(manifest: Manifest, job: Job) -> tuple[Any, Any, torch.Tensor]:
+    """The tensor entry, the chunk and the destination view of one job."""
+    item, lay = job
+    entry = manifest.tensors[item.key]
+    piece = lay.pieces[item.piece_index]
+    local = piece.source if piece.source is not None else lay.local
+    dest = local[tuple(slice(o, o + s) for o, s in zip(item.dest_offsets, item.rel.sizes))]
+    return entry, entry.chunks[item.chunk_index], dest
+
+
+def _each(fn: Callable[[Job], Any], jobs: list[Job], num_threads: int) -> list[Any]:
+    """``fn`` of every job, in ``num_threads`` threads; on a failure the jobs not started yet are skipped and the
+    running ones finish before it is raised, so nothing runs after this returns."""
     if num_threads <= 1 or len(jobs) <= 1:
-        for j in jobs:
-            run(j)
-        return
+        return [fn(j) for j in jobs]
     pool = ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="ckpt-read")
     try:
-        for f in [pool.submit(run, j) for j in jobs]:
-            f.result()
-    finally:  # on a failure, skip the reads not started yet and wait for the running ones
+        return [f.result() for f in [pool.submit(fn, j) for j in jobs]]
+    finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def verify_in_place(reader: ChunkReader, manifest: Manifest, jobs: list[Job], num_threads: int) -> bool:
+    """Verify every job's stored bytes where the storage maps them (the snapshot daemon's segments), before
+    anything is written; True when all were, False (having verified at most the first) where the storage does
+    not map memory or a chunk is compressed. Raises ``CorruptCheckpointError`` on damage."""
+    def check(job: Job) -> bool:
+        entry, chunk, dest = _region(manifest, job)
+        return reader.verify_in_place(entry, chunk, job[0].rel.offsets, job[0].rel.sizes, dest)
+
+    if not jobs or not check(jobs[0]):
+        return not jobs
+    return all(_each(check, jobs[1:], num_threads))
+
+
+def read_into(reader: ChunkReader, manifest: Manifest, layouts: dict[str, TensorLayout], num_threads: int,
+              undo: Undo | None = None, jobs: list[Job] | None = None, verified: bool = False) -> None:
+    """Execute every read of ``layouts`` (or the planned ``jobs``). With ``undo``, every destination region is
+    kept there before it is written; on failure no read is left running when this returns, so
+    ``undo.restore()`` puts back everything. ``verified``: ``verify_in_place`` returned True for ``jobs``."""
+    def run(job: Job) -> None:
+        entry, chunk, dest = _region(manifest, job)
+        if undo is not None:
+            undo.keep(dest)
+        reader.read_region(entry, chunk, job[0].rel.offsets, job[0].rel.sizes, dest, verified)
+
+    _each(run, plan_jobs(reader, manifest, layouts) if jobs is None else jobs, num_threads)
 
 
 def load_binding(manifest: Manifest, spec: Any, dims: dict[str, Any] | None, layout: Any,
@@ -215,28 +243,40 @@ def load(state: Any, path: "str | Storage", *, process_group: Any = None, strict
                                  f"the process group {dw.world_size}")
 
     undo = Undo()
+    prepared: dict[str, Any] = {}
 
-    def load_local() -> None:
+    def prepare() -> bool:
         plain, bindings, ctx = resolve(state)
         flat = flatten(plain)
         layouts, rl = local_layouts(flat.tensors, binding, dw.rank, for_save=False)
         check_compatible(flat, layouts, manifest, storage.url, strict, opts.allow_dtype_cast, lenient_prefixes,
                          frozenset(binding.logical_shapes()) if binding is not None else frozenset())
+        reader = ChunkReader(storage, manifest)
+        jobs = plan_jobs(reader, manifest, layouts)
+        prepared.update(bindings=bindings, ctx=ctx, flat=flat, rl=rl, reader=reader, jobs=jobs)
+        return verify_in_place(reader, manifest, jobs, opts.num_threads)
+
+    def load_local(verified: bool) -> None:
+        flat, rl, reader, jobs = prepared["flat"], prepared["rl"], prepared["reader"], prepared["jobs"]
+        keep = None if verified else undo
         with torch.no_grad():
             if rl is not None:  # padding (vocabulary rows, ZeRO alignment) is not in the checkpoint: zeros
                 for lt in rl:
-                    undo.keep(flat.tensors[lt.key])
+                    if keep is not None:
+                        keep.keep(flat.tensors[lt.key])
                     flat.tensors[lt.key].zero_()
-            read_into(ChunkReader(storage, manifest), manifest, layouts, opts.num_threads, undo)
-        assign(state, {k: v.value for k, v in manifest.values.items() if k in flat.values}, bindings)
-        for b in bindings:
-            b.apply(ctx)
+            read_into(reader, manifest, {}, opts.num_threads, keep, jobs, verified)
+        assign(state, {k: v.value for k, v in manifest.values.items() if k in flat.values}, prepared["bindings"])
+        for b in prepared["bindings"]:
+            b.apply(prepared["ctx"])
 
-    # Reads go straight into the caller's tensors (the fast path) and are verified there; what they overwrite is
-    # kept until every rank has loaded, and put back if any rank failed, so a failed load leaves the state as it
-    # was (a checksum mismatch in the last chunk included).
+    # Where the storage maps memory (daemon segments) every rank verifies all it will copy before anything is
+    # written, so a damaged checkpoint never reaches the tensors. Elsewhere reads go straight into the caller's
+    # tensors (the fast path) and are verified there; what they overwrite is kept until every rank has loaded,
+    # and put back if any rank failed. Either way a failed load leaves the state as it was (docs/loading.md).
+    verified = all(dw.all_gather(dw.run("ckpt.load: checking", prepare)))
     try:
-        dw.run("ckpt.load", load_local)
+        dw.run("ckpt.load", lambda: load_local(verified))
     except BaseException:
         undo.restore()
         raise

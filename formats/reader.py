@@ -8,7 +8,9 @@ Callers: ``ckpt`` load and ``ckpt.open`` readers, from a thread pool; methods ar
 
 from __future__ import annotations
 
+import math
 import threading
+from typing import Any
 
 import torch
 import xxhash
@@ -129,39 +131,79 @@ class ChunkReader:
                 f"{self._where('')}key {entry.key!r}: stored as {entry.dtype}, which torch cannot convert to the "
                 f"requested {str(out.dtype).replace('torch.', '')}; load it into a {entry.dtype} tensor")
 
+    def _check_region(self, entry: TensorEntry, chunk: ChunkEntry, rel_sizes: tuple[int, ...],
+                      out: torch.Tensor) -> "torch.dtype | None":
+        """What a region read checks before reading anything: ``out``'s shape and dtype, the data file's size. The
+        stored dtype, or None for an empty region (nothing to read)."""
+        dtype = dtype_from_name(entry.dtype, entry.key)
+        if tuple(out.shape) != tuple(rel_sizes):
+            raise ValueError(f"read_region: out has shape {tuple(out.shape)}, region has {rel_sizes}")
+        if math.prod(rel_sizes) == 0:
+            return None
+        self._check_cast(entry, dtype, out)
+        self.check_file(chunk.file, entry.key)
+        return dtype
+
+    def _raw_span(self, entry: TensorEntry, chunk: ChunkEntry, rel_offsets: tuple[int, ...],
+                  rel_sizes: tuple[int, ...], out: torch.Tensor) -> "tuple[Any, ...] | None":
+        """``_check_region``, then for a raw chunk the element size, chunk strides, first and last element and the
+        stored byte span ``[start, end)`` (whole checksum blocks) the region touches; None for an empty region."""
+        dtype = self._check_region(entry, chunk, rel_sizes, out)
+        if dtype is None:
+            return None
+        es = itemsize(dtype)
+        strides = row_major_strides(chunk.sizes)
+        first = sum(o * s for o, s in zip(rel_offsets, strides))
+        last = sum((o + n - 1) * s for o, n, s in zip(rel_offsets, rel_sizes, strides))
+        start = (first * es) // chunk.block_bytes * chunk.block_bytes
+        end = min(-(-((last + 1) * es) // chunk.block_bytes) * chunk.block_bytes, chunk.byte_length)
+        return dtype, es, strides, first, last, start, end
+
+    def _mapped(self, chunk: ChunkEntry, es: int, start: int, end: int) -> "memoryview | None":
+        """The stored bytes ``[start, end)`` of a raw chunk where the storage maps them (daemon segments), else None."""
+        if chunk.codec == "zstd" or (chunk.byte_offset + start) % es:
+            return None
+        return self.storage.view(chunk.file, chunk.byte_offset + start, end - start)
+
+    def verify_in_place(self, entry: TensorEntry, chunk: ChunkEntry, rel_offsets: tuple[int, ...],
+                        rel_sizes: tuple[int, ...], out: torch.Tensor) -> bool:
+        """Verify, where the storage maps them, the stored bytes that ``read_region`` of the same arguments will
+        copy, without writing ``out``; False (nothing verified) where the storage does not map memory or the chunk
+        is compressed. ``ckpt.load`` verifies every region this way first, so a damaged checkpoint never reaches
+        the caller's tensors, then copies with ``read_region(..., verified=True)``."""
+        span = self._raw_span(entry, chunk, rel_offsets, rel_sizes, out)
+        if span is None:
+            return True
+        _, es, _, _, _, start, end = span
+        mapped = self._mapped(chunk, es, start, end)
+        if mapped is None:
+            return False
+        self._verify(entry, chunk, start // chunk.block_bytes, mapped)
+        return True
+
     def read_region(self, entry: TensorEntry, chunk: ChunkEntry, rel_offsets: tuple[int, ...],
-                    rel_sizes: tuple[int, ...], out: torch.Tensor) -> None:
+                    rel_sizes: tuple[int, ...], out: torch.Tensor, verified: bool = False) -> None:
         """Copy the box ``rel_offsets/rel_sizes`` (relative to ``chunk``) of tensor ``entry`` into ``out``.
 
         ``out`` must have shape ``rel_sizes``; it may have another dtype (``copy_`` casts; a conversion torch
         lacks, such as from ``float4_e2m1fn_x2``, raises ``ShardMismatchError``) or device. Memory beyond ``out``
         is bounded by the bytes the region spans in the chunk (plus ``SCAN_PIECE_BYTES``), however large the
-        manifest declares the chunk's checksum blocks.
+        manifest declares the chunk's checksum blocks. ``verified``: ``verify_in_place`` returned True for these
+        arguments, so the mapped bytes are copied without hashing them again.
         """
-        dtype = dtype_from_name(entry.dtype, entry.key)
-        if tuple(out.shape) != tuple(rel_sizes):
-            raise ValueError(f"read_region: out has shape {tuple(out.shape)}, region has {rel_sizes}")
-        numel = 1
-        for s in rel_sizes:
-            numel *= s
-        if numel == 0:
-            return
-        self._check_cast(entry, dtype, out)
-        self.check_file(chunk.file, entry.key)
         whole = tuple(rel_offsets) == tuple(0 for _ in rel_offsets) and tuple(rel_sizes) == chunk.sizes
         if chunk.codec == "zstd":
-            self._read_zstd(entry, chunk, dtype, rel_offsets, rel_sizes, out, whole)
+            zdtype = self._check_region(entry, chunk, rel_sizes, out)
+            if zdtype is not None:
+                self._read_zstd(entry, chunk, zdtype, rel_offsets, rel_sizes, out, whole)
             return
-        es = itemsize(dtype)
-        strides = row_major_strides(chunk.sizes)
-        first = sum(o * s for o, s in zip(rel_offsets, strides))
-        last = sum((o + n - 1) * s for o, n, s in zip(rel_offsets, rel_sizes, strides))
-        b0 = (first * es) // chunk.block_bytes
-        start = b0 * chunk.block_bytes
-        end = min(-(-((last + 1) * es) // chunk.block_bytes) * chunk.block_bytes, chunk.byte_length)
+        span = self._raw_span(entry, chunk, rel_offsets, rel_sizes, out)
+        if span is None:
+            return
+        dtype, es, strides, first, last, start, end = span
+        b0 = start // chunk.block_bytes
         # Memory a storage maps (daemon segments): verify the stored bytes where they are, then one copy_.
-        mapped = self.storage.view(chunk.file, chunk.byte_offset + start, end - start) \
-            if (chunk.byte_offset + start) % es == 0 else None
+        mapped = self._mapped(chunk, es, start, end)
         if mapped is None and whole and out.dtype == dtype and out.device.type == "cpu" and out.is_contiguous():
             # Zero-copy fast path: read straight into the destination and verify it there (``ckpt.load`` keeps
             # what it overwrites and puts it back if the load fails).
@@ -173,7 +215,8 @@ class ChunkReader:
         lo, hi = first * es, (last + 1) * es
         if mapped is not None:
             self._add_read(len(mapped))
-            self._verify(entry, chunk, b0, mapped)
+            if not verified:
+                self._verify(entry, chunk, b0, mapped)
             buf = torch.frombuffer(mapped, dtype=torch.uint8)
             base = start
         elif (end - start) - (hi - lo) > SCAN_PIECE_BYTES:

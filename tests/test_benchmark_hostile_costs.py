@@ -1,4 +1,4 @@
-"""``benchmarks.hostile_costs`` runs end to end on a tiny state and writes its three outputs (timings unchecked)."""
+"""``benchmarks.hostile_costs`` runs end to end (a snapshot daemon included, killed by its pid) on a tiny state and writes its three outputs (timings unchecked)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,9 @@ def test_hostile_costs_benchmark_writes_json_markdown_and_plot(tmp_path: Path) -
                         "--out", str(tmp_path / "out")])
     result = json.loads((tmp_path / "out" / "hostile_costs.json").read_text())
     assert set(result["load"]["modes"]) == {"as shipped (undo copy)", "no undo copy (before #22)", "undo by clone()"}
+    assert set(result["daemon"]["modes"]) == {"as shipped (verified before writing)",
+                                              "undo copy (as a load from files)"}
+    assert "from snapshot daemon memory" in (tmp_path / "out" / "hostile_costs.md").read_text()
     assert result["verify"]["chunks"] == 301 and result["verify"]["verify_over_load"] > 0
     assert "| verify / load |" in (tmp_path / "out" / "hostile_costs.md").read_text()
     assert (tmp_path / "out" / "hostile_costs.png").stat().st_size > 0

@@ -220,6 +220,51 @@ def test_a_flipped_byte_in_a_sealed_segment_is_caught(daemon: dict, ddir: Path, 
         cp.close()
 
 
+def test_a_restore_from_daemon_memory_verifies_everything_before_writing(daemon: dict, ddir: Path, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Daemon segments are mapped, so ``ckpt.load`` verifies every region before its first write and needs no undo
+    copy (``ckpt.loading.Undo.keep`` must never run): a flipped byte in the tensor read last leaves every tensor of
+    the state as it was, and the intact step then restores exactly, still without an undo copy."""
+    from ckpt.loading import Undo
+    from formats.reader import read_manifest
+    from snapshot_daemon.tier import DaemonTier
+    from ckpt.policies import EveryNSteps, KeepLatestN
+
+    root = tmp_path / "run"
+    _, want = _sealed_run(ddir, root)
+    seg = _segment_of(ddir, root)
+    tier = DaemonTier("daemon", f"daemon://{ddir}", EveryNSteps(1), KeepLatestN(2), None, {"run": str(root)})
+    try:
+        manifest = read_manifest(tier.storage_for(1))
+    finally:
+        tier.close()
+    last = manifest.tensors[max(manifest.tensors)].chunks[-1]  # planning order follows the keys: read last
+    at = last.byte_offset + last.byte_length - 1
+    with open(seg, "r+b") as f:
+        f.seek(at)
+        b = f.read(1)
+        f.seek(at)
+        f.write(bytes([b[0] ^ 0x01]))
+
+    def no_undo(self: Undo, dest: torch.Tensor) -> None:
+        raise AssertionError("a load from daemon memory kept an undo copy")
+    monkeypatch.setattr(Undo, "keep", no_undo)
+    state = _fresh_model()
+    before = {k: v.clone() for k, v in state["model"].state_dict().items()}
+    with ckpt.Checkpointer(str(root), disk_every=0, daemon=str(ddir)) as cp:
+        with pytest.raises(CorruptCheckpointError, match=max(manifest.tensors)):
+            cp.restore(state)
+    for k, v in state["model"].state_dict().items():
+        assert torch.equal(v, before[k]), k
+    with open(seg, "r+b") as f:  # repair it: the same restore now succeeds, verified first, no undo copy
+        f.seek(at)
+        f.write(b)
+    with ckpt.Checkpointer(str(root), disk_every=0, daemon=str(ddir)) as cp:
+        assert cp.restore(state) == 1 and cp.last_restore["source"] == "daemon"
+    for k, v in state["model"].state_dict().items():
+        assert torch.equal(v, want[k]), k
+
+
 def test_a_truncated_sealed_segment_is_caught(daemon: dict, ddir: Path, tmp_path: Path) -> None:
     root = tmp_path / "run"
     _sealed_run(ddir, root)

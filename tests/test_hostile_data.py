@@ -372,9 +372,9 @@ def test_failed_resharded_read_is_undone(tmp_path: Path, threads: int, monkeypat
     partial: list[bool] = []
     real = R.ChunkReader.read_region
 
-    def spy(self: Any, entry: Any, chunk: Any, offs: Any, sizes: Any, out: Any) -> None:
+    def spy(self: Any, entry: Any, chunk: Any, offs: Any, sizes: Any, out: Any, verified: bool = False) -> None:
         partial.append(tuple(sizes) != tuple(chunk.sizes))
-        real(self, entry, chunk, offs, sizes, out)
+        real(self, entry, chunk, offs, sizes, out, verified)
 
     monkeypatch.setattr(R.ChunkReader, "read_region", spy)
     undo = Undo()
