@@ -244,6 +244,48 @@ def test_bare_dcp_state_dict_round_trip(tmp_path: Path) -> None:
         assert target[k].dtype == v.dtype and torch.equal(target[k], v), k
 
 
+def _dcp_save_zstd(sd: dict[str, Any], path: Path) -> None:
+    """DCP's own compression: ``FileSystemWriter(_extensions=[ZStandard()])`` (transform "stream.zstd/1")."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint._extension import ZStandard
+
+    dcp.save(sd, storage_writer=dcp.FileSystemWriter(str(path), _extensions=[ZStandard()]), no_dist=True)
+
+
+def test_compressed_dcp_imports_bit_exactly(tmp_path: Path) -> None:
+    """A zstd-compressed DCP checkpoint stores far fewer bytes than its tensors hold (zeros: 714 bytes for 400,000):
+    the size bound of #22 allows compressed ranges their largest possible ratio instead of refusing them."""
+    sd = {"w": torch.zeros(1000, 100), "b": torch.randn(37).to(torch.bfloat16), "e": torch.arange(101)}
+    _dcp_save_zstd(sd, tmp_path / "z")
+    src = open_source(str(tmp_path / "z"))
+    for k, v in sd.items():
+        got = src.read(f"model/{k}")  # a bare state dict: weights under model/
+        assert got.dtype == v.dtype and torch.equal(got, v), k
+    convert(str(tmp_path / "z"), str(tmp_path / "u"))
+    with ckpt.open(tmp_path / "u") as r:
+        assert torch.equal(r.read("model/w"), sd["w"]) and torch.equal(r.read("model/b"), sd["b"])
+
+
+def test_compressed_dcp_claiming_more_than_any_frame_holds_is_refused(tmp_path: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    from formats.codec import MAX_ZSTD_RATIO
+
+    _dcp_save_zstd({"w": torch.zeros(1000, 100)}, tmp_path / "z")
+    md_path = tmp_path / "z" / ".metadata"
+    md = dcp.FileSystemReader(str(tmp_path / "z")).read_metadata()
+    info = next(iter(md.storage_data.values()))
+    n = info.length * MAX_ZSTD_RATIO // 4 + 1  # one float32 element more than the stored bytes can decode to
+    tm = md.state_dict_metadata["w"]
+    object.__setattr__(tm, "size", torch.Size([n]))
+    object.__setattr__(tm.chunks[0], "sizes", torch.Size([n]))
+    object.__setattr__(tm.chunks[0], "offsets", torch.Size([0]))
+    md_path.write_bytes(pickle.dumps(md))
+    with pytest.raises(ckpt.CorruptCheckpointError) as e:
+        open_source(str(tmp_path / "z"))
+    assert "'w'" in str(e.value) and "at most" in str(e.value) and str(MAX_ZSTD_RATIO) in str(e.value)
+
+
 def test_dcp_missing_data_file(tmp_path: Path) -> None:
     _dcp_save({"a": torch.randn(4, 4), "b": torch.randn(8), "step": 3}, tmp_path / "c")
     data = sorted(p for p in os.listdir(tmp_path / "c") if p.endswith(".distcp"))

@@ -31,6 +31,7 @@ import torch
 from ckpt.errors import (CheckpointError, CheckpointExistsError, CheckpointNotFoundError, CorruptCheckpointError,
                          StorageError, UnsafeCheckpointError, UnsupportedStateError)
 from formats import keys as K
+from formats.codec import MAX_ZSTD_RATIO
 from formats.foreign.pickle_guard import loads_checked, refused_import
 from formats.foreign.source import Extent, Source, TensorInfo, flatten_into, is_bare_model, leaf_path, read_as
 from formats.nesting import nest
@@ -231,8 +232,8 @@ class DcpSource(Source):
                 if info.nbytes > stored.get(fqn, 0):
                     raise CorruptCheckpointError(
                         f"{meta_path}, key {fqn!r}: declares a {info.dtype} tensor of shape {list(info.shape)} "
-                        f"({info.nbytes} bytes) but its data files store {stored.get(fqn, 0)} bytes of it; the "
-                        "metadata is damaged")
+                        f"({info.nbytes} bytes) but its data files can hold at most {stored.get(fqn, 0)} bytes of it "
+                        f"(the bytes stored, times {MAX_ZSTD_RATIO} where compressed); the metadata is damaged")
                 self.tensors[key] = info
             elif isinstance(md, BytesStorageMetadata):
                 byte_keys.append(fqn)
@@ -277,14 +278,17 @@ class DcpSource(Source):
 
     def _check_files(self, meta_path: str, keys: dict[str, str], storage: dict[Any, Any]) -> dict[str, int]:
         """Every data file the metadata names exists, is a regular file inside the directory and holds its byte
-        ranges. Returns the bytes stored per entry (what bounds the tensor it declares)."""
+        ranges. Returns, per entry, the most bytes its ranges can hold (what bounds the tensor it declares): their
+        lengths, times ``MAX_ZSTD_RATIO`` for compressed ones."""
         needed: dict[str, tuple[int, str]] = {}
         stored: dict[str, int] = {}
         for index, info in storage.items():
             rel = info.relative_path
             end = info.offset + info.length
             fqn = index.fqn
-            stored[fqn] = stored.get(fqn, 0) + info.length
+            # A compressed range (DCP's ``_extensions``, e.g. ZStandard: transform_descriptors ["stream.zstd/1"])
+            # decodes to at most MAX_ZSTD_RATIO times its stored bytes.
+            stored[fqn] = stored.get(fqn, 0) + info.length * (MAX_ZSTD_RATIO if info.transform_descriptors else 1)
             if end > needed.get(rel, (-1, ""))[0]:
                 needed[rel] = (end, keys.get(fqn, fqn))
         for rel, (end, key) in sorted(needed.items()):
