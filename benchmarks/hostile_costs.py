@@ -1,15 +1,14 @@
-"""What #22's hostile-input defences cost: a load's undo copy, and verify against load on many small chunks.
+"""What #22's hostile-input defences cost: how a failed load leaves the state as it was, and verify against load.
 
 Run ``python -m benchmarks.hostile_costs [--gib 1] [--repeats 5] [--chunks 20000]``. In one process:
 
-* **load with and without the undo copy**: ``ckpt.load`` of a float32 state of 8 tensors (``--gib`` in all, data in
-  the page cache) into tensors allocated once, alternating: as shipped (``ckpt.loading.Undo`` keeps what the load
-  overwrites, so a failed load leaves the state as it was), with ``Undo.keep`` disabled (the load before #22),
-  and with a plain ``clone()`` as the keep (what the huge-page copies replace);
-* **restore from daemon memory with and without the undo copy**: the same state sealed in a snapshot daemon
-  (started here on ``/dev/shm``, killed by its pid at the end), restored by ``Checkpointer.restore``: as shipped
-  (mapped segments are verified before the first write, so no undo copy) against the undo copy a load from
-  files makes (``ckpt.loading.verify_in_place`` disabled, the path restores took before);
+* **load strategies**: ``ckpt.load`` of a float32 state of 8 tensors (``--gib`` in all, data in the page cache),
+  alternating: as shipped (every byte verified before the first write: ``ckpt.loading.verify_in_place``), the
+  undo copy that storages without cheap rereads use (``verify_in_place`` disabled: ``ckpt.loading.Undo`` keeps
+  what the load overwrites), and neither (the load before #22, which left damage in the tensors). Each into
+  tensors loaded before (warm memory) and into fresh, never touched ones (what a restarted trainer loads into);
+* **restore from daemon memory**, the same two ways: the state sealed in a snapshot daemon (started here on
+  ``/dev/shm``, killed by its pid at the end), restored by ``Checkpointer.restore`` (``last_restore['secs']``);
 * **verify vs load**: a checkpoint saved with ``max_chunk_bytes=4`` (``--chunks`` chunks of one element), timed
   ``ckpt verify`` (``ckpt.cli.verify_checkpoint``) against ``ckpt.load`` of it; #22 asks verify within 2x load.
 
@@ -19,12 +18,13 @@ Best and median of ``--repeats``. Writes ``docs/benchmarks/hostile_costs.{json,m
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import signal
 import tempfile
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -42,33 +42,50 @@ def _secs(fn: Any) -> float:
     return time.perf_counter() - t
 
 
+#: Load strategies compared: name -> (disable the check before writing, disable the undo copy).
+LOAD_MODES = {"as shipped (verified before writing)": (False, False),
+              "undo copy (as from an object store)": (True, False),
+              "neither (before #22: a failed load left damage)": (True, True)}
+
+
+@contextlib.contextmanager
+def _strategy(no_check: bool, no_undo: bool) -> Iterator[None]:
+    real_check, real_keep = loading.verify_in_place, loading.Undo.keep
+    if no_check:
+        loading.verify_in_place = lambda *a: False  # type: ignore[assignment]
+    if no_undo:
+        loading.Undo.keep = lambda self, d: None  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        loading.verify_in_place, loading.Undo.keep = real_check, real_keep  # type: ignore[method-assign]
+
+
 def load_costs(root: str, gib: float, repeats: int) -> dict[str, Any]:
+    """Each strategy into tensors loaded before (warm memory) and into fresh ones (a restore in a new process)."""
     state = _state(gib)
     path = os.path.join(root, "load")
     ckpt.save(state, path)
     nbytes = sum(t.numel() * 4 for t in state.values())
     dst = {k: torch.empty_like(v) for k, v in state.items()}
-    real_keep = loading.Undo.keep
-
-    def clone_keep(self: loading.Undo, d: torch.Tensor) -> None:
-        kept = d.clone()
-        with self._lock:
-            self._kept.append((d, kept))
-
-    modes = {"as shipped (undo copy)": real_keep, "no undo copy (before #22)": lambda self, d: None,
-             "undo by clone()": clone_keep}
-    times: dict[str, list[float]] = {m: [] for m in modes}
-    try:
-        ckpt.load(dst, path)  # warm the page cache
-        for _ in range(repeats):
-            for mode, keep in modes.items():
-                loading.Undo.keep = keep  # type: ignore[method-assign]
-                times[mode].append(_secs(lambda: ckpt.load(dst, path)))
-    finally:
-        loading.Undo.keep = real_keep  # type: ignore[method-assign]
+    times: dict[str, dict[str, list[float]]] = {m: {"warm": [], "fresh": []} for m in LOAD_MODES}
+    ckpt.load(dst, path)  # warm the page cache
+    for _ in range(repeats):
+        for mode, flags in LOAD_MODES.items():
+            with _strategy(*flags):
+                times[mode]["warm"].append(_secs(lambda: ckpt.load(dst, path)))
+                fresh = {k: torch.empty_like(v) for k, v in state.items()}
+                times[mode]["fresh"].append(_secs(lambda: ckpt.load(fresh, path)))
+                assert all(torch.equal(fresh[k], state[k]) for k in state), "a load was wrong"
+                del fresh
     assert all(torch.equal(dst[k], state[k]) for k in state), "a load was wrong"
-    return {"bytes": nbytes, "modes": {m: {"best_gbps": nbytes / min(ts) / 1e9,
-                                           "median_gbps": nbytes / rep.median(ts) / 1e9} for m, ts in times.items()}}
+    return {"bytes": nbytes, "modes": _rates(nbytes, times)}
+
+
+def _rates(nbytes: int, times: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, float]]:
+    """GB/s per mode: ``{warm,fresh}_{best,median}_gbps``."""
+    return {m: {f"{w}_{q}_gbps": nbytes / f(ts[w]) / 1e9 for w in ("warm", "fresh")
+                for q, f in (("best", min), ("median", rep.median))} for m, ts in times.items()}
 
 
 def _state(gib: float) -> dict[str, torch.Tensor]:
@@ -85,9 +102,9 @@ def daemon_costs(gib: float, repeats: int) -> dict[str, Any]:
     parent = tempfile.mkdtemp(prefix="ckpt-bench-daemon-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
     ddir = os.path.join(parent, "d")
     doc = client.start(ddir, memory_budget=3 * nbytes + (64 << 20))
-    real = loading.verify_in_place
-    modes = {"as shipped (verified before writing)": real, "undo copy (as a load from files)": lambda *a: False}
-    times: dict[str, list[float]] = {m: [] for m in modes}
+    modes = {"as shipped (verified before writing)": (False, False),
+             "undo copy (as from an object store)": (True, False)}
+    times: dict[str, dict[str, list[float]]] = {m: {"warm": [], "fresh": []} for m in modes}
     try:
         run = os.path.join(parent, "run")
         cp = ckpt.Checkpointer(run, disk_every=0, daemon=ddir)
@@ -95,22 +112,22 @@ def daemon_costs(gib: float, repeats: int) -> dict[str, Any]:
         cp.close()  # a clean end leaves the sealed step in the daemon, as a killed trainer would
         dst = {k: torch.empty_like(v) for k, v in state.items()}
         for i in range(repeats + 1):  # the first round warms the mappings and is not counted
-            for mode, fn in modes.items():
-                loading.verify_in_place = fn  # type: ignore[assignment]
-                with ckpt.Checkpointer(run, disk_every=0, daemon=ddir) as cp:
-                    assert cp.restore(dst) == 1 and cp.last_restore["source"] == "daemon"
-                    if i:
-                        times[mode].append(cp.last_restore["secs"])
-        assert all(torch.equal(dst[k], state[k]) for k in state), "a restore was wrong"
+            for mode, flags in modes.items():
+                for where in ("warm", "fresh"):  # fresh: tensors never touched, as in a restarted trainer
+                    into = dst if where == "warm" else {k: torch.empty_like(v) for k, v in state.items()}
+                    with _strategy(*flags), ckpt.Checkpointer(run, disk_every=0, daemon=ddir) as cp:
+                        assert cp.restore(into) == 1 and cp.last_restore["source"] == "daemon"
+                        if i:
+                            times[mode][where].append(cp.last_restore["secs"])
+                    assert all(torch.equal(into[k], state[k]) for k in state), "a restore was wrong"
+                    del into
     finally:
-        loading.verify_in_place = real  # type: ignore[assignment]
         try:
             os.kill(doc["pid"], signal.SIGKILL)
         except ProcessLookupError:
             pass
         shutil.rmtree(parent, ignore_errors=True)
-    return {"bytes": nbytes, "modes": {m: {"best_gbps": nbytes / min(ts) / 1e9,
-                                           "median_gbps": nbytes / rep.median(ts) / 1e9} for m, ts in times.items()}}
+    return {"bytes": nbytes, "modes": _rates(nbytes, times)}
 
 
 def verify_costs(root: str, chunks: int, repeats: int) -> dict[str, Any]:
@@ -128,19 +145,23 @@ def verify_costs(root: str, chunks: int, repeats: int) -> dict[str, Any]:
             "verify_over_load": min(verify) / min(load)}
 
 
+def _rates_table(modes: dict[str, dict[str, float]]) -> str:
+    return rep.markdown_table(["mode", "into loaded tensors: best GB/s", "median", "into fresh tensors: best GB/s",
+                               "median"],
+                              [[m, rep.fmt(v["warm_best_gbps"]), rep.fmt(v["warm_median_gbps"]),
+                                rep.fmt(v["fresh_best_gbps"]), rep.fmt(v["fresh_median_gbps"])]
+                               for m, v in modes.items()])
+
+
 def render(result: dict[str, Any]) -> str:
     lo, ve, dm = result["load"], result["verify"], result["daemon"]
     lines = ["# Costs of the hostile-input defences (#22)", "", f"Command: `{result['command']}`.", "",
              rep.describe_machine_md(result["machine"]), "",
              f"## Load of {lo['bytes'] / 2**30:.2f} GiB (float32, 8 tensors, page cache warm)", "",
-             rep.markdown_table(["mode", "best GB/s", "median GB/s"],
-                                [[m, rep.fmt(v["best_gbps"]), rep.fmt(v["median_gbps"])]
-                                 for m, v in lo["modes"].items()]),
+             _rates_table(lo["modes"]),
              "", f"## Restore of {dm['bytes'] / 2**30:.2f} GiB from snapshot daemon memory "
              "(`last_restore['secs']`)", "",
-             rep.markdown_table(["mode", "best GB/s", "median GB/s"],
-                                [[m, rep.fmt(v["best_gbps"]), rep.fmt(v["median_gbps"])]
-                                 for m, v in dm["modes"].items()]),
+             _rates_table(dm["modes"]),
              "", f"## Verify vs load, {ve['chunks']} chunks", "",
              rep.markdown_table(["load (best)", "verify (best)", "verify / load"],
                                 [[rep.fmt(ve["load_best_secs"], 2, " s"), rep.fmt(ve["verify_best_secs"], 2, " s"),
@@ -151,9 +172,9 @@ def render(result: dict[str, Any]) -> str:
 def plot(result: dict[str, Any], path: str) -> None:
     modes = {f"load: {m}": v for m, v in result["load"]["modes"].items()}
     modes.update({f"daemon restore: {m}": v for m, v in result["daemon"]["modes"].items()})
-    rep.grouped_bar_plot(path, "Loads and daemon restores, GB/s, with and without the undo copy", list(modes),
-                         {"best": [v["best_gbps"] for v in modes.values()],
-                          "median": [v["median_gbps"] for v in modes.values()]}, "GB/s")
+    rep.grouped_bar_plot(path, "ckpt.load and daemon restores of the same state, best GB/s", list(modes),
+                         {"into loaded tensors": [v["warm_best_gbps"] for v in modes.values()],
+                          "into fresh tensors": [v["fresh_best_gbps"] for v in modes.values()]}, "GB/s")
 
 
 def main(argv: list[str] | None = None) -> None:

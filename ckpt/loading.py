@@ -166,9 +166,10 @@ def _each(fn: Callable[[Job], Any], jobs: list[Job], num_threads: int) -> list[A
 
 
 def verify_in_place(reader: ChunkReader, manifest: Manifest, jobs: list[Job], num_threads: int) -> bool:
-    """Verify every job's stored bytes where the storage maps them (the snapshot daemon's segments), before
-    anything is written; True when all were, False (having verified at most the first) where the storage does
-    not map memory or a chunk is compressed. Raises ``CorruptCheckpointError`` on damage."""
+    """Verify every job's stored bytes before anything is written (``ChunkReader.verify_in_place``: mapped daemon
+    segments in place, local files and memory by a first read); True when all were, False (having verified at
+    most the first) for other storages or when a chunk is compressed. Raises ``CorruptCheckpointError`` on
+    damage."""
     def check(job: Job) -> bool:
         entry, chunk, dest = _region(manifest, job)
         return reader.verify_in_place(entry, chunk, job[0].rel.offsets, job[0].rel.sizes, dest)
@@ -270,9 +271,9 @@ def load(state: Any, path: "str | Storage", *, process_group: Any = None, strict
         for b in prepared["bindings"]:
             b.apply(prepared["ctx"])
 
-    # Where the storage maps memory (daemon segments) every rank verifies all it will copy before anything is
-    # written, so a damaged checkpoint never reaches the tensors. Elsewhere reads go straight into the caller's
-    # tensors (the fast path) and are verified there; what they overwrite is kept until every rank has loaded,
+    # Daemon segments, local files and memory: every rank verifies all it will copy before anything is written,
+    # so a damaged checkpoint never reaches the tensors. Object stores and compressed chunks: reads go straight
+    # into the caller's tensors and are verified there; what they overwrite is kept until every rank has loaded,
     # and put back if any rank failed. Either way a failed load leaves the state as it was (docs/loading.md).
     verified = all(dw.all_gather(dw.run("ckpt.load: checking", prepare)))
     try:

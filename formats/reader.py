@@ -35,7 +35,9 @@ class ChunkReader:
         self.storage = storage
         self.manifest = manifest
         self._checked_files: set[str] = set()
+        self._verified: set[tuple[str, int, int, int]] = set()
         self._lock = threading.Lock()
+        self._local = threading.local()  # each thread's scratch buffer, reused across reads
         #: Bytes fetched from storage so far (read amplification = bytes_read / bytes needed).
         self.bytes_read = 0
 
@@ -89,7 +91,7 @@ class ChunkReader:
         one or at the chunk's end), holding at most ``SCAN_PIECE_BYTES`` besides ``keep``: the bytes
         ``[keep_lo, keep_lo + len(keep))`` are read straight into ``keep``, the rest into a reused scratch buffer,
         and a block larger than a piece is hashed incrementally. Used where the blocks are much larger than what
-        the caller needs (partial reads of huge blocks) and by ``verify_chunk``."""
+        the caller needs (partial reads of huge blocks), by ``verify_chunk`` and by ``verify_in_place``."""
         block = chunk.block_bytes
         keep_hi = keep_lo + (len(keep) if keep is not None else 0)
         scratch: memoryview | None = None
@@ -103,7 +105,7 @@ class ChunkReader:
                 limit = keep_lo if keep is not None and pos < keep_lo else end
                 nxt = min(limit, pos + SCAN_PIECE_BYTES)
                 if scratch is None:
-                    scratch = memoryview(bytearray(min(SCAN_PIECE_BYTES, end - start)))
+                    scratch = self._scratch()
                 view = scratch[: nxt - pos]
             self.storage.readinto(chunk.file, chunk.byte_offset + pos, view)
             self._add_read(len(view))
@@ -124,6 +126,14 @@ class ChunkReader:
                             raise self._mismatch(entry, chunk, b, chunk.checksums[b], found)
                 i += take
             pos = nxt
+
+    def _scratch(self) -> memoryview:
+        """This thread's ``SCAN_PIECE_BYTES`` scratch buffer, allocated once: fresh memory costs page faults every
+        time (on some virtual machines far more than the reads it holds)."""
+        buf = getattr(self._local, "scratch", None)
+        if buf is None:
+            buf = self._local.scratch = memoryview(bytearray(SCAN_PIECE_BYTES))
+        return buf
 
     def _check_cast(self, entry: TensorEntry, dtype: torch.dtype, out: torch.Tensor) -> None:
         if out.dtype != dtype and not can_convert(dtype, out.dtype):
@@ -167,18 +177,30 @@ class ChunkReader:
 
     def verify_in_place(self, entry: TensorEntry, chunk: ChunkEntry, rel_offsets: tuple[int, ...],
                         rel_sizes: tuple[int, ...], out: torch.Tensor) -> bool:
-        """Verify, where the storage maps them, the stored bytes that ``read_region`` of the same arguments will
-        copy, without writing ``out``; False (nothing verified) where the storage does not map memory or the chunk
-        is compressed. ``ckpt.load`` verifies every region this way first, so a damaged checkpoint never reaches
-        the caller's tensors, then copies with ``read_region(..., verified=True)``."""
+        """Verify the stored bytes that ``read_region`` of the same arguments will copy, without writing ``out``:
+        where the storage maps them (daemon segments), in place; where a second read is cheap
+        (``Storage.rereads_are_cheap``: local files, memory), by reading them through this thread's scratch
+        buffer. False (nothing verified) for compressed chunks and other storages. ``ckpt.load`` verifies every
+        region this way first, so a damaged checkpoint never reaches the caller's tensors. Each block span is
+        verified once, however many regions share it."""
         span = self._raw_span(entry, chunk, rel_offsets, rel_sizes, out)
         if span is None:
             return True
-        _, es, _, _, _, start, end = span
-        mapped = self._mapped(chunk, es, start, end)
-        if mapped is None:
+        if chunk.codec == "zstd":
             return False
-        self._verify(entry, chunk, start // chunk.block_bytes, mapped)
+        _, es, _, _, _, start, end = span
+        done = (chunk.file, chunk.byte_offset, start, end)
+        if done in self._verified:
+            return True
+        mapped = self._mapped(chunk, es, start, end)
+        if mapped is not None:
+            self._verify(entry, chunk, start // chunk.block_bytes, mapped)
+        elif self.storage.rereads_are_cheap:
+            self._scan(entry, chunk, start, end)
+        else:
+            return False
+        with self._lock:
+            self._verified.add(done)
         return True
 
     def read_region(self, entry: TensorEntry, chunk: ChunkEntry, rel_offsets: tuple[int, ...],
@@ -189,7 +211,8 @@ class ChunkReader:
         lacks, such as from ``float4_e2m1fn_x2``, raises ``ShardMismatchError``) or device. Memory beyond ``out``
         is bounded by the bytes the region spans in the chunk (plus ``SCAN_PIECE_BYTES``), however large the
         manifest declares the chunk's checksum blocks. ``verified``: ``verify_in_place`` returned True for these
-        arguments, so the mapped bytes are copied without hashing them again.
+        arguments, so mapped bytes (which cannot change: sealed segments) are copied without hashing them again;
+        bytes read again from files are verified again, so a file changed since is still caught.
         """
         whole = tuple(rel_offsets) == tuple(0 for _ in rel_offsets) and tuple(rel_sizes) == chunk.sizes
         if chunk.codec == "zstd":

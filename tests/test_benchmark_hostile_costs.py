@@ -16,9 +16,10 @@ def test_hostile_costs_benchmark_writes_json_markdown_and_plot(tmp_path: Path) -
     hostile_costs.main(["--gib", "0.002", "--repeats", "1", "--chunks", "301", "--dir", str(tmp_path),
                         "--out", str(tmp_path / "out")])
     result = json.loads((tmp_path / "out" / "hostile_costs.json").read_text())
-    assert set(result["load"]["modes"]) == {"as shipped (undo copy)", "no undo copy (before #22)", "undo by clone()"}
+    assert set(result["load"]["modes"]) == set(hostile_costs.LOAD_MODES)
+    assert all(v > 0 for m in result["load"]["modes"].values() for v in m.values())
     assert set(result["daemon"]["modes"]) == {"as shipped (verified before writing)",
-                                              "undo copy (as a load from files)"}
+                                              "undo copy (as from an object store)"}
     assert "from snapshot daemon memory" in (tmp_path / "out" / "hostile_costs.md").read_text()
     assert result["verify"]["chunks"] == 301 and result["verify"]["verify_over_load"] > 0
     assert "| verify / load |" in (tmp_path / "out" / "hostile_costs.md").read_text()

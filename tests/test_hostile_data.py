@@ -302,13 +302,27 @@ def _before() -> dict[str, torch.Tensor]:
             "c": torch.full((3000,), 9, dtype=torch.int16)}
 
 
-@pytest.mark.parametrize("zstd", [False, True], ids=["raw", "zstd"])
+MODES = {"raw, verified first": (False, True), "raw, undo copy (as from an object store)": (False, False),
+         "zstd, undo copy": (True, True)}
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
 @pytest.mark.parametrize("threads", [1, 4])
 @pytest.mark.parametrize("where", [("a", 1), ("b", -1), ("c", -1)], ids=["first key", "middle key", "last key"])
-def test_failed_load_leaves_every_tensor_as_it_was(tmp_path: Path, zstd: bool, threads: int,
-                                                   where: tuple[str, int]) -> None:
+def test_failed_load_leaves_every_tensor_as_it_was(tmp_path: Path, mode: str, threads: int,
+                                                   where: tuple[str, int], monkeypatch: pytest.MonkeyPatch) -> None:
     """Before: the fast path read in place and verified afterwards, so the damaged chunk (and every chunk read
-    before it) stayed in the caller's tensors."""
+    before it) stayed in the caller's tensors. Local raw chunks are now verified before the first write (no undo
+    copy may be made: ``Undo.keep`` raises); a storage without cheap rereads, and zstd chunks, use the undo copy."""
+    from ckpt.loading import Undo
+    from formats.storage.local import LocalStorage
+
+    zstd, cheap = MODES[mode]
+    monkeypatch.setattr(LocalStorage, "rereads_are_cheap", cheap)
+    if cheap and not zstd:
+        def no_undo(self: Undo, dest: torch.Tensor) -> None:
+            raise AssertionError("a load verified first kept an undo copy")
+        monkeypatch.setattr(Undo, "keep", no_undo)
     path, saved = _multi(tmp_path, zstd)
     assert all(len(read_doc(path)["entries"][k]["chunks"]) > 1 for k in saved)
     _damage(path, *where)
@@ -320,6 +334,23 @@ def test_failed_load_leaves_every_tensor_as_it_was(tmp_path: Path, zstd: bool, t
     ok = _before()
     ckpt.load(ok, str(_multi(tmp_path / "again", zstd)[0]))  # the same state loads when the files are intact
     assert all(torch.equal(ok[k], saved[k]) for k in saved)
+
+
+def test_a_file_damaged_after_the_check_is_still_caught(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bytes read again from files are verified again: a data file changed between the check before the first
+    write and the copy (another process writing into a committed checkpoint) is an error, never a silent load."""
+    import ckpt.loading as loading
+
+    path, _ = _multi(tmp_path, False)
+    real = loading.verify_in_place
+
+    def then_damage(*args: Any) -> bool:
+        ok = real(*args)
+        _damage(path, "c", -1)
+        return ok
+    monkeypatch.setattr(loading, "verify_in_place", then_damage)
+    with pytest.raises(CORRUPT, match="checksum mismatch in key 'c'"):  # not expect_error: this test changes a file
+        ckpt.load(_before(), str(path))
 
 
 def test_failed_cast_load_leaves_the_state_as_it_was(tmp_path: Path) -> None:

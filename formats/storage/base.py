@@ -47,6 +47,10 @@ class Storage(ABC):
 
     #: The URL or path this storage is rooted at, for messages.
     url: str
+    #: A second read of bytes just read costs no I/O (local files, which the first read leaves in the page cache;
+    #: process memory). ``ckpt.load`` then verifies every byte it will copy before writing any, instead of keeping
+    #: an undo copy of what it overwrites (docs/loading.md). False for object stores, where it would read twice.
+    rereads_are_cheap: bool = False
 
     # -- writing -------------------------------------------------------------------------------------------------
     @abstractmethod

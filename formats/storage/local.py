@@ -174,6 +174,8 @@ class LocalStorage(Storage):
     file system allows it (see ``LocalStreamWriter``). Any other key is an error, so a typo is not silently ignored.
     """
 
+    rereads_are_cheap = True
+
     def __init__(self, url: str, storage_options: "dict[str, Any] | None" = None) -> None:
         opts = dict(storage_options or {})
         max_open_fds = int(opts.pop("max_open_fds", DEFAULT_MAX_OPEN_FDS))

@@ -51,6 +51,8 @@ class MemoryStorage(Storage):
     """Files in process memory; see the module docstring. Takes no ``storage_options`` (a non-empty dict is an
     error, so an option meant for another backend is not silently ignored)."""
 
+    rereads_are_cheap = True
+
     def __init__(self, url: str, storage_options: "dict[str, Any] | None" = None) -> None:
         if storage_options:
             raise ValueError(f"MemoryStorage({url!r}) takes no storage_options, got {sorted(storage_options)}")
