@@ -40,6 +40,8 @@ class ChunkReader:
         self._local = threading.local()  # each thread's scratch buffer, reused across reads
         #: Bytes fetched from storage so far (read amplification = bytes_read / bytes needed).
         self.bytes_read = 0
+        #: Bytes read by ``verify_in_place`` to check them before a load writes (a second pass over local files).
+        self.bytes_checked = 0
 
     def _where(self, path: str) -> str:
         return f"{self.storage.url.rstrip('/')}/{path}"
@@ -86,7 +88,7 @@ class ChunkReader:
                 break
 
     def _scan(self, entry: TensorEntry, chunk: ChunkEntry, start: int, end: int,
-              keep: "memoryview | None" = None, keep_lo: int = 0) -> None:
+              keep: "memoryview | None" = None, keep_lo: int = 0, checking: bool = False) -> None:
         """Read and verify the stored bytes ``[start, end)`` of ``chunk`` (``start`` at a block boundary, ``end`` at
         one or at the chunk's end), holding at most ``SCAN_PIECE_BYTES`` besides ``keep``: the bytes
         ``[keep_lo, keep_lo + len(keep))`` are read straight into ``keep``, the rest into a reused scratch buffer,
@@ -108,7 +110,7 @@ class ChunkReader:
                     scratch = self._scratch()
                 view = scratch[: nxt - pos]
             self.storage.readinto(chunk.file, chunk.byte_offset + pos, view)
-            self._add_read(len(view))
+            self._add_read(len(view), checking)
             i = 0
             while i < len(view):  # hash the blocks this piece holds, whole ones in one call
                 b, r = divmod(pos + i, block)
@@ -196,7 +198,7 @@ class ChunkReader:
         if mapped is not None:
             self._verify(entry, chunk, start // chunk.block_bytes, mapped)
         elif self.storage.rereads_are_cheap:
-            self._scan(entry, chunk, start, end)
+            self._scan(entry, chunk, start, end, checking=True)
         else:
             return False
         with self._lock:
@@ -332,9 +334,12 @@ class ChunkReader:
                 out[inter.relative_to(region).slices()].copy_(src.as_strided(inter.sizes, strides, at))
             pos += n
 
-    def _add_read(self, n: int) -> None:
+    def _add_read(self, n: int, checking: bool = False) -> None:
         with self._lock:
-            self.bytes_read += n
+            if checking:
+                self.bytes_checked += n
+            else:
+                self.bytes_read += n
 
     def verify_chunk(self, entry: TensorEntry, chunk: ChunkEntry) -> None:
         """Re-read every stored byte of ``chunk`` and check every block (``ckpt verify``); a compressed chunk must

@@ -412,6 +412,7 @@ def _read_amplification(rank: int, world_size: int, path: str) -> dict[str, Any]
         "equal": torch.equal(local, full[start:start + rows]),
         "bytes_needed": local.numel() * local.element_size(),
         "bytes_read": sum(r.bytes_read for r in readers),
+        "bytes_checked": sum(r.bytes_checked for r in readers),
     }
 
 
@@ -428,6 +429,8 @@ def test_row_sharded_load_reads_only_what_it_needs(tmp_path: Path) -> None:
         # end of each chunk region, and about 1 overall.
         assert needed <= read <= needed + 2 * AMP_BLOCK_BYTES * n_chunks, (rank, needed, read)
         assert read / needed <= 1.05, f"rank {rank}: read amplification {read / needed:.3f}"
+        # The check before the first write (docs/loading.md) reads the same ranges once more, no others.
+        assert res["bytes_checked"] == read, (rank, res["bytes_checked"], read)
 
     full = _amp_tensor()
     with ckpt.open(path) as r:
