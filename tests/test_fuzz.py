@@ -20,11 +20,23 @@ from tests import fuzz_harness as fh
 REPO = Path(__file__).resolve().parent.parent
 
 
-def run_batch(root: Path, cases: list[dict[str, Any]], timeout_s: float) -> list[dict[str, Any]]:
+@pytest.fixture(scope="module")
+def originals(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every original, built once for the module (the Megatron and DeepSpeed runs take tens of seconds), in a
+    subprocess outside any RLIMIT_AS: the producers spawn gloo ranks."""
+    orig = tmp_path_factory.mktemp("fuzz_orig")
+    p = subprocess.run([sys.executable, "-m", "tests.fuzz_harness", "--build", str(orig)], cwd=REPO,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0 and (orig / "done").exists(), p.stderr[-3000:]
+    return orig
+
+
+def run_batch(root: Path, cases: list[dict[str, Any]], timeout_s: float, orig: Path) -> list[dict[str, Any]]:
     root.mkdir(parents=True, exist_ok=True)
     (root / "cases.json").write_text(json.dumps(cases))
     try:
-        p = subprocess.run([sys.executable, "-m", "tests.fuzz_harness", str(root), str(root / "cases.json")],
+        p = subprocess.run([sys.executable, "-m", "tests.fuzz_harness", str(root), str(root / "cases.json"),
+                            str(orig)],
                            cwd=REPO, capture_output=True, text=True, timeout=timeout_s)
         out, err = p.stdout, p.stderr
     except subprocess.TimeoutExpired as e:
@@ -46,14 +58,14 @@ def failures(results: list[dict[str, Any]]) -> list[str]:
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("name", sorted(fh.BUILDERS))
-def test_named_case(name: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_named_case(name: str, tmp_path_factory: pytest.TempPathFactory, originals: Path) -> None:
     root = tmp_path_factory.mktemp("fuzzn")
-    res = run_batch(root, [{"id": name, "build": name, "fmt": fh.NAMED_FMT[name]}], 120)
+    res = run_batch(root, [{"id": name, "build": name, "fmt": fh.NAMED_FMT[name]}], 120, originals)
     assert not res[0].get("skipped"), res[0]
     assert not failures(res), "\n".join(failures(res))
 
 
-def _random(budget_s: float, tmp: Path, first_seed: int) -> None:
+def _random(budget_s: float, tmp: Path, first_seed: int, orig: Path) -> None:
     seeds = [int(os.environ["CKPT_FUZZ_SEED"])] if "CKPT_FUZZ_SEED" in os.environ else None
     deadline, seed, bad = time.monotonic() + budget_s, first_seed, []
     while time.monotonic() < deadline:
@@ -62,7 +74,7 @@ def _random(budget_s: float, tmp: Path, first_seed: int) -> None:
             r = __import__("random").Random(s)
             batch.append({"id": f"seed{s}", "seed": s, "fmt": r.choice(fh.FORMATS), "mut": r.choice(fh.MUTATIONS)})
         seed += 40
-        res = run_batch(tmp / f"b{seed}", batch, max(30.0, deadline - time.monotonic() + 60))
+        res = run_batch(tmp / f"b{seed}", batch, max(30.0, deadline - time.monotonic() + 60), orig)
         bad += failures(res)
         if seeds:
             break
@@ -70,11 +82,11 @@ def _random(budget_s: float, tmp: Path, first_seed: int) -> None:
 
 
 @pytest.mark.timeout(400)
-def test_random_fuzz_bounded(tmp_path: Path) -> None:
-    _random(float(os.environ.get("CKPT_FUZZ_SECONDS_DEFAULT", "60")), tmp_path, 0)
+def test_random_fuzz_bounded(tmp_path: Path, originals: Path) -> None:
+    _random(float(os.environ.get("CKPT_FUZZ_SECONDS_DEFAULT", "60")), tmp_path, 0, originals)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(0)
-def test_random_fuzz_long(tmp_path: Path) -> None:
-    _random(float(os.environ.get("CKPT_FUZZ_SECONDS", "30")), tmp_path, 1_000_000)
+def test_random_fuzz_long(tmp_path: Path, originals: Path) -> None:
+    _random(float(os.environ.get("CKPT_FUZZ_SECONDS", "30")), tmp_path, 1_000_000, originals)
