@@ -1,7 +1,20 @@
-"""Fuzz suite of #22: mutated universal manifests (raw and re-sealed), data files, safetensors headers and DCP
-metadata, each run through load, open+read, verify, inspect, convert and diff in a worker subprocess under
-RLIMIT_AS and a timeout; only CheckpointError subclasses may escape. CKPT_FUZZ_SECONDS sets the random budget,
-CKPT_FUZZ_SEED replays one seed."""
+"""Fuzz suite of #22: mutated universal manifests (raw and re-sealed), data files, safetensors headers, DCP
+metadata and the files of real Megatron (megatron_ref, tp=2) and DeepSpeed (ZeRO-2, 2 ranks, OddNet) runs, each
+run through load, open+read, verify, inspect, convert and diff in a worker subprocess under RLIMIT_AS and a
+per-reader alarm; only CheckpointError subclasses may escape, and a failed load must leave its destination as it
+was. The originals are built once per module (``originals``). CKPT_FUZZ_SECONDS sets the random budget of the slow
+test, CKPT_FUZZ_SEED replays one seed, CKPT_FUZZ_TRACE=1 prints the traceback of each raw outcome.
+
+Reproduce on old code: the named cases against the code as it was when #22 was filed (``2bcd7bd^``), with this
+harness (it tolerates a missing ``formats.manifest.seal``)::
+
+    git worktree add /tmp/old22 2bcd7bd^ && cp tests/fuzz_harness.py /tmp/old22/tests/
+    python -c "import json; from tests import fuzz_harness as fh; json.dump([{'id': k, 'build': k,
+        'fmt': fh.NAMED_FMT[k]} for k in fh.BUILDERS], open('/tmp/named.json', 'w'))"
+    cd /tmp/old22 && PYTHONPATH=/tmp/old22 python -m tests.fuzz_harness /tmp/fz_old /tmp/named.json
+    git worktree remove --force /tmp/old22
+
+Each line of output is one case; a ``RAW:`` reader outcome is what the case found on that code."""
 
 from __future__ import annotations
 
