@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ckpt.errors import CheckpointExistsError, CorruptCheckpointError, UnsafeCheckpointError
+from ckpt.errors import CheckpointExistsError, CorruptCheckpointError, StorageError, UnsafeCheckpointError
 from formats.foreign.files import regular_size
 from formats.foreign.pickle_guard import refused_import
 from formats.foreign.source import Source, flatten_into, is_bare_model, leaf_path, read_as
@@ -157,8 +157,13 @@ def _write_streaming(source: Source, tmp: str, paths: dict[str, tuple[Any, ...]]
                      bare: bool, progress: Progress | None) -> None:
     with torch.serialization.skip_data(materialize_fake_tensors=True):
         torch.save(_placeholders(source, dtypes, bare), tmp)
-    with torch.serialization.set_default_mmap_options(mmap.MAP_SHARED):
-        mapped = torch.load(tmp, map_location="cpu", weights_only=True, mmap=True)
+    try:
+        with torch.serialization.set_default_mmap_options(mmap.MAP_SHARED):
+            mapped = torch.load(tmp, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, OSError) as e:  # torch reports a failed mmap (ENOMEM: address space) as RuntimeError
+        raise StorageError(f"{tmp}: cannot map the {os.path.getsize(tmp)}-byte torch output to fill it in place "
+                           f"({e}); raise the address-space limit (ulimit -v) or convert to safetensors or "
+                           "universal, whose writers stream") from None
     for key in source.tensors:
         dest = mapped
         try:
