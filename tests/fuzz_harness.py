@@ -382,7 +382,8 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def run_case(case: dict[str, Any], orig: Path, work: Path, per_reader_s: int) -> dict[str, Any]:
-    """Mutate and run each reader; per reader 'ok', 'error:<CheckpointError subclass>' or 'RAW:<type>: msg'."""
+    """Mutate and run each reader; per reader 'ok' (an API reader) or 'exit N' (a CLI one, N its exit code),
+    'error:<CheckpointError subclass>' or 'RAW:<type>: msg'."""
     import ckpt
     res: dict[str, Any] = {"id": case["id"], "seed": case.get("seed"), "results": {}}
     shutil.rmtree(work, ignore_errors=True)
@@ -402,11 +403,11 @@ def run_case(case: dict[str, Any], orig: Path, work: Path, per_reader_s: int) ->
         signal.alarm(per_reader_s)
         try:
             got = fn()
-            outcome = "ok"
+            outcome = f"exit {got}" if name in CLI_READERS else "ok"
             if name == "load" and named not in DESTS and not _same(got, make_state()):
                 outcome = "RAW:SilentChange: load succeeded with values that differ from the original"
-            if name in ("load", "open") and named in MUST_REFUSE:
-                raise Accepted(f"{name} accepted an edited manifest")
+            if name in MUST_REFUSE.get(named, ()) and (name not in CLI_READERS or got == 0):
+                raise Accepted(f"{name} accepted an input it must refuse")
         except CaseTimeout:
             outcome = f"RAW:Timeout: over {per_reader_s} s"
         except ckpt.CheckpointError as e:
@@ -743,7 +744,17 @@ LOAD_OPTIONS: dict[str, dict[str, Any]] = {"float4_into_float32": {"allow_dtype_
 #: Named cases whose ``open`` reader reads the first 10 elements of each key, not all (4 GiB of real bytes).
 READ_HEAD = {"sparse_block_bytes_2e32"}
 #: Named cases that ``load`` and ``open`` must refuse: edits of a sealed manifest that were not re-sealed.
-MUST_REFUSE = {k for k in BUILDERS if k.startswith("unsealed_")}
+#: Named case -> the readers that must refuse it (an API reader by a CheckpointError, a CLI one by a non-zero exit):
+#: inputs the old code accepted silently, where "no raw exception" alone would not show the fix.
+MUST_REFUSE: dict[str, frozenset[str]] = {
+    **{k: frozenset({"load", "open", "convert"}) for k in BUILDERS if k.startswith("unsealed_")},
+    "key_slash_step": frozenset({"load", "open", "convert"}),
+    "nested_600_containers": frozenset({"load", "open", "convert"}),
+    "declared_file_2e40": frozenset({"load", "open", "convert"}),
+    "dcp_data_symlink_outside": frozenset({"convert", "diff"}),
+}
+#: Readers that run the CLI (their outcome is its exit code).
+CLI_READERS = frozenset({"verify", "inspect", "convert", "diff"})
 
 
 def main() -> None:
