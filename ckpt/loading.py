@@ -154,15 +154,39 @@ def _region(manifest: Manifest, job: Job) -> tuple[Any, Any, torch.Tensor]:
 
 
 def _each(fn: Callable[[Job], Any], jobs: list[Job], num_threads: int) -> list[Any]:
-    """``fn`` of every job, in ``num_threads`` threads; on a failure the jobs not started yet are skipped and the
-    running ones finish before it is raised, so nothing runs after this returns."""
+    """``fn`` of every job (results in job order), in ``num_threads`` threads, each running its share of the jobs in
+    a loop (balanced by elements; one future per job cost more than the copies of small tensors). On a failure the
+    jobs not started yet are skipped and the running ones finish before it is raised, so nothing runs after this
+    returns."""
     if num_threads <= 1 or len(jobs) <= 1:
         return [fn(j) for j in jobs]
-    pool = ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="ckpt-read")
+    shares: list[list[int]] = [[] for _ in range(min(num_threads, len(jobs)))]
+    loads = [0] * len(shares)
+    for i in sorted(range(len(jobs)), key=lambda i: -math.prod(jobs[i][0].rel.sizes)):
+        t = loads.index(min(loads))
+        shares[t].append(i)
+        loads[t] += math.prod(jobs[i][0].rel.sizes)
+    results: list[Any] = [None] * len(jobs)
+    failed = threading.Event()
+
+    def work(share: list[int]) -> None:
+        for i in share:
+            if failed.is_set():
+                return
+            try:
+                results[i] = fn(jobs[i])
+            except BaseException:
+                failed.set()
+                raise
+
+    pool = ThreadPoolExecutor(max_workers=len(shares), thread_name_prefix="ckpt-read")
     try:
-        return [f.result() for f in [pool.submit(fn, j) for j in jobs]]
+        for f in [pool.submit(work, share) for share in shares]:
+            f.result()
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        failed.set()
+        pool.shutdown(wait=True)
+    return results
 
 
 def verify_in_place(reader: ChunkReader, manifest: Manifest, jobs: list[Job], num_threads: int) -> bool:
