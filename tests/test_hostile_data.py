@@ -280,8 +280,9 @@ def test_convert_of_a_forged_size_creates_no_output(tmp_path: Path, target: str,
 
 def _multi(tmp_path: Path, zstd: bool) -> tuple[Path, dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(3)
-    state = {"a": torch.randn(64, 32, generator=g), "b": torch.randn(48, 16, generator=g).double(),
-             "c": torch.arange(3000, dtype=torch.int16)}
+    # Odd and prime sizes: chunks of 2048 bytes and blocks of 512 split rows and elements unevenly.
+    state = {"a": torch.randn(61, 37, generator=g), "b": torch.randn(47, 13, generator=g).double(),
+             "c": torch.arange(2999, dtype=torch.int16)}
     path = tmp_path / ("z" if zstd else "r")
     ckpt.save(state, str(path), options=ckpt.SaveOptions(max_chunk_bytes=2048, block_bytes=512, files_per_rank=2,
                                                          codec="zstd" if zstd else "raw"))
@@ -298,8 +299,8 @@ def _damage(path: Path, key: str, which: int) -> None:
 
 
 def _before() -> dict[str, torch.Tensor]:
-    return {"a": torch.full((64, 32), 7.0), "b": torch.full((48, 16), -1.0, dtype=torch.float64),
-            "c": torch.full((3000,), 9, dtype=torch.int16)}
+    return {"a": torch.full((61, 37), 7.0), "b": torch.full((47, 13), -1.0, dtype=torch.float64),
+            "c": torch.full((2999,), 9, dtype=torch.int16)}
 
 
 MODES = {"raw, verified first": (False, True), "raw, undo copy (as from an object store)": (False, False),
@@ -395,7 +396,7 @@ def test_failed_resharded_read_is_undone(tmp_path: Path, threads: int, monkeypat
     from resharding.layout import LocalPiece, TensorLayout
 
     path, saved = _multi(tmp_path, False)
-    _damage(path, "a", 2)  # rows 32-47: read in part (rows 10-50), after "b" and chunks 0-1 of "a" are in place
+    _damage(path, "a", 2)  # chunk 2 of "a": read in part (rows 10-50), after "b" and chunks 0-1 of "a" are in place
     boxes = {"a": Box((10, 0), (40, 32)), "b": Box((5, 3), (40, 9))}
     local = {k: torch.full(b.sizes, 5.0, dtype=saved[k].dtype) for k, b in boxes.items()}
     layouts = {k: TensorLayout(tuple(saved[k].shape), local[k], (LocalPiece((0, 0), boxes[k]),), None)
