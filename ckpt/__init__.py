@@ -35,6 +35,7 @@ _LAZY = {
     "save": ("ckpt.saving", "save"),
     "SaveResult": ("ckpt.saving", "SaveResult"),
     "load": ("ckpt.loading", "load"),
+    "LoadReport": ("ckpt.loading", "LoadReport"),
     "open": ("ckpt.reader", "open"),
     "CheckpointReader": ("ckpt.reader", "CheckpointReader"),
     "SaveOptions": ("ckpt.options", "SaveOptions"),
@@ -52,7 +53,7 @@ _LAZY = {
 }
 
 __all__ = [
-    "save", "load", "open", "CheckpointReader", "Checkpointer", "SnapshotHandle", "SnapshotMetrics", "TierError",
+    "save", "load", "LoadReport", "open", "CheckpointReader", "Checkpointer", "SnapshotHandle", "SnapshotMetrics", "TierError",
     "RNGState", "EveryNSteps", "KeepLatestN", "KeepEveryN", "AnyOf", "SaveOptions", "LoadOptions", "SaveResult", "Stateful",
     "CheckpointError", "CheckpointNotFoundError", "IncompleteCheckpointError", "CorruptCheckpointError",
     "ShardMismatchError", "UnsafeCheckpointError", "StorageError", "SpecError", "DistributedCheckpointError",

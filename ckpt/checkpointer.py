@@ -11,6 +11,7 @@ and a remote URL on their own cadence, each tier committing on its own gloo grou
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from typing import Any
@@ -18,7 +19,8 @@ from typing import Any
 import torch
 
 from ckpt.dist import DistWrapper
-from ckpt.errors import CheckpointNotFoundError
+from ckpt.errors import (CheckpointNotFoundError, CorruptCheckpointError, DaemonError, IncompleteCheckpointError,
+                         StorageError)
 from ckpt.loading import load as load_checkpoint
 from ckpt.options import SaveOptions
 from ckpt.plan_cache import PlanCache
@@ -36,6 +38,9 @@ __all__ = ["Checkpointer", "SnapshotHandle", "SnapshotMetrics", "TierError"]
 
 RNG_KEY = "rng"
 DAEMON = "daemon"
+#: Errors that mean one stored copy of a step is unusable (restore tries the next); a mismatched state is not one.
+UNSOUND = (CorruptCheckpointError, IncompleteCheckpointError, StorageError, DaemonError)
+log = logging.getLogger("ckpt")
 
 
 class Checkpointer:
@@ -100,7 +105,8 @@ class Checkpointer:
         self._handles: dict[int, SnapshotHandle] = {}
         self._unlisted: dict[str, str] = {}  # tiers the last listing could not reach, and why
         #: What the last ``restore`` did: ``step``, ``source`` (``memory``, ``daemon``, ``disk``, ``remote``),
-        #: ``secs`` and ``storage_bytes_read`` (0 from memory and the daemon; None where not counted: disk, remote).
+        #: ``secs``, ``storage_bytes_read`` (0 from memory and the daemon; what the load fetched from disk or remote)
+        #: and ``skipped`` (the copies found unsound before it: ``step``, ``tier``, ``error``).
         self.last_restore: dict[str, Any] | None = None
 
     def _full_state(self, state: Any) -> Any:
@@ -221,11 +227,18 @@ class Checkpointer:
         s = self.steps()
         return s[-1] if s else None
 
-    def restore(self, state: Any, step: int | None = None) -> int:
-        """Load the latest committed step (or ``step``) into ``state`` from the fastest tier that has it.
+    def restore(self, state: Any, step: int | None = None, *, strict: bool = True) -> int:
+        """Load the newest committed step (or ``step``) into ``state`` from the fastest tier that has it, and return
+        the step restored (collective).
 
-        Order: this process's memory snapshot, the snapshot daemon, local disk, remote. Returns the step restored; raises
-        ``CheckpointNotFoundError`` when no tier has it (collective).
+        Order: this process's memory snapshot, the snapshot daemon, local disk, remote. A copy that turns out
+        damaged, truncated or unreadable (``CorruptCheckpointError``, ``IncompleteCheckpointError``,
+        ``StorageError``, ``DaemonError``) is skipped with a warning naming the step, the tier and why, and the next
+        copy is tried: the same step on a slower tier first, then (without ``step``) older steps, so a job restarted
+        by its scheduler resumes from the newest sound step instead of failing forever. ``last_restore["skipped"]``
+        lists what was skipped. Raises ``CheckpointNotFoundError`` when no tier has the step, and the last copy's
+        error when no copy is sound; a state that does not match (``ShardMismatchError``) is raised at once.
+        ``strict`` is ``ckpt.load``'s (the Checkpointer's own ``rng/`` entries are lenient either way).
         """
         self.wait()
         per = self._tier_steps()
@@ -236,21 +249,41 @@ class Checkpointer:
                 f"{self.root}: no committed snapshot" + (f" of step {step}" if step is not None else "")
                 + f" on any tier (committed: {per}{unlisted}); start from scratch or pass another step"
             )
-        want = every[-1] if step is None else step
+        candidates = [step] if step is not None else every[::-1]
         full = self._full_state(state)
         t0 = time.perf_counter()
+        skipped: list[dict[str, Any]] = []
+        last_error: Exception | None = None
         try:
-            if want in per[MEMORY] and all(self.dw.all_gather(self.stager.restore(full, want, dry_run=True))):
-                self.stager.restore(full, want)
-                self.last_restore = {"step": want, "source": MEMORY, "secs": time.perf_counter() - t0,
-                                     "storage_bytes_read": 0}
-                return want
-            for tier in self.tiers:
-                if want in per.get(tier.name, []):
-                    load_checkpoint(full, tier.storage_for(want), process_group=self.process_group,
-                                    lenient_prefixes=(RNG_KEY + "/",))
+            for want in candidates:
+                if (want in per[MEMORY]
+                        and all(self.dw.all_gather(self.stager.restore(full, want, dry_run=True)))):
+                    self.stager.restore(full, want)
+                    self.last_restore = {"step": want, "source": MEMORY, "secs": time.perf_counter() - t0,
+                                         "storage_bytes_read": 0, "skipped": skipped}
+                    return want
+                for tier in self.tiers:
+                    if want not in per.get(tier.name, []):
+                        continue
+                    try:
+                        report = load_checkpoint(full, tier.storage_for(want), process_group=self.process_group,
+                                                 strict=strict, lenient_prefixes=(RNG_KEY + "/",))
+                    except UNSOUND as e:  # raised alike on every rank (ckpt.load is collective)
+                        last_error = e
+                        lines = str(e).splitlines() or [""]
+                        head = " ".join(x.strip() for x in lines[:2]) if lines[0].endswith(":") else lines[0]
+                        why = f"{type(e).__name__}: {head}"
+                        skipped.append({"step": want, "tier": tier.name, "error": why})
+                        log.warning("ckpt.Checkpointer.restore %s: step %d on tier %r is not sound, skipped (%s)",
+                                    self.root, want, tier.name, why)
+                        continue
                     self.last_restore = {"step": want, "source": tier.name, "secs": time.perf_counter() - t0,
-                                         "storage_bytes_read": 0 if tier.name == DAEMON else None}
+                                         "storage_bytes_read": 0 if tier.name == DAEMON else report.bytes_read,
+                                         "skipped": skipped}
+                    if skipped:
+                        log.warning("ckpt.Checkpointer.restore %s: restored step %d from tier %r after skipping %s",
+                                    self.root, want, tier.name,
+                                    ", ".join(f"step {s['step']} on {s['tier']!r}" for s in skipped))
                     if tier.name == DAEMON:
                         self._persist_from(tier, want, per)
                     return want
@@ -258,11 +291,19 @@ class Checkpointer:
             if full is not state:  # values loaded into the top level of the copy that carries the RNG entry
                 for k in state:
                     state[k] = full[k]
+        if last_error is not None:
+            tried = ", ".join(f"step {s['step']} on {s['tier']!r}" for s in skipped)
+            raise type(last_error)(
+                f"{self.root}: no sound copy of " + (f"step {step}" if step is not None else "any committed step")
+                + f" (tried {tried}); the last error:\n{last_error}\nRestore another step (cp.steps() lists them) "
+                "or start from scratch") from last_error
+        want = candidates[0]
         if want in per[MEMORY]:  # only the in-process snapshot has it, and it does not fit this state
             raise CheckpointNotFoundError(
                 f"{self.root}: step {want} is only in this process's memory snapshot, whose keys or shapes differ "
-                "from the state passed to restore on at least one rank; pass the state the snapshot was taken of "
-                "(same model and optimizer), or restore a step persisted on disk")
+                "from the state passed to restore on at least one rank" + ("" if strict else " (or strict=False)")
+                + "; pass the state the snapshot was taken of (same model and optimizer), or restore a step "
+                "persisted on disk")
         raise CheckpointNotFoundError(f"{self.root}: step {want} vanished while restoring")  # pragma: no cover
 
     def _persist_from(self, source: Tier, step: int, per: dict[str, list[int]]) -> None:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import math
 import mmap
+import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -29,50 +31,137 @@ from resharding.planner import ReadItem, plan_reads
 from resharding.spec_bind import SpecBinding, local_layouts, parse_parallel, resolve_spec
 
 
+def _names(keys: "list[str] | set[str]", limit: int = 4) -> str:
+    items = sorted(keys, key=natural_key)
+    shown = ", ".join(f"`{k}`" for k in items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def natural_key(key: str) -> tuple[Any, ...]:
+    """Sort key that orders ``params/2`` before ``params/10`` (digit runs compare as numbers)."""
+    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", key))
+
+
+def diagnose(state_keys: "set[str]", ckpt_keys: "set[str]") -> str:
+    """One line that says why two key sets differ: the top-level names where those differ (``model`` against
+    ``net``), else how many keys each side lacks."""
+    top_s = {k.split("/", 1)[0] for k in state_keys}
+    top_c = {k.split("/", 1)[0] for k in ckpt_keys}
+    if top_s != top_c:
+        parts = []
+        if top_s - top_c:
+            parts.append(f"the state has {_names(top_s - top_c)}")
+        if top_c - top_s:
+            parts.append(f"the checkpoint has {_names(top_c - top_s)}")
+        common = top_s & top_c
+        return ("top-level keys differ: " + ", ".join(parts)
+                + (f" (both have {_names(common)})" if common else " (none in common)"))
+    missing, unexpected = state_keys - ckpt_keys, ckpt_keys - state_keys
+    return (f"same top-level keys; {len(missing)} key(s) of the state missing from the checkpoint"
+            + (f" (e.g. {_names(missing, 2)})" if missing else "")
+            + f", {len(unexpected)} key(s) of the checkpoint not in the state"
+            + (f" (e.g. {_names(unexpected, 2)})" if unexpected else ""))
+
+
+def checkpointer_prefixes(flat: FlatState, manifest: Manifest) -> tuple[str, ...]:
+    """``("rng/",)`` when the checkpoint holds a Checkpointer's own per-rank RNG entries (``rng/rank_NNNNN/...``)
+    and the state has no ``rng`` entry: a plain ``ckpt.load`` of a Checkpointer step then skips them without
+    ``strict=False``."""
+    keys = [k for k in manifest.keys() if k.startswith("rng/")]
+    if not keys or any(k == "rng" or k.startswith("rng/") for k in (*flat.tensors, *flat.values)):
+        return ()
+    return ("rng/",) if all(_RNG_ENTRY.fullmatch(k) for k in keys) else ()
+
+
+_RNG_ENTRY = re.compile(r"rng/rank_\d{5}/[A-Za-z0-9_]+")
+
+
 def check_compatible(flat: FlatState, layouts: dict[str, TensorLayout], manifest: Manifest, where: str,
                      strict: bool, allow_dtype_cast: bool, lenient_prefixes: tuple[str, ...] = (),
                      other_ranks_keys: "set[str] | frozenset[str]" = frozenset()) -> None:
-    """Raise one ``ShardMismatchError`` listing every mismatch between the state and the checkpoint.
+    """Raise one ``ShardMismatchError`` listing every mismatch between the state and the checkpoint, after a first
+    line that diagnoses it (``diagnose``); it offers ``strict=False`` only where that would load something.
 
     Keys under ``lenient_prefixes`` may be missing on either side (per-rank state such as RNG streams, whose
     keys depend on the world size). Checkpoint keys in ``other_ranks_keys`` (logical tensors a spec layout gives
     to other ranks, such as another pipeline stage's layers) are not reported as unexpected.
     """
     problems: list[str] = []
+    only_keys = True  # every problem is a key on one side only (strict=False would load the rest)
     strict_for = (lambda k: strict and not k.startswith(lenient_prefixes)) if lenient_prefixes else (lambda k: strict)
     for key, lay in layouts.items():
         entry = manifest.tensors.get(key)
         if entry is None:
             if key in manifest.values:
+                only_keys = False
                 problems.append(f"key {key!r}: the state holds a tensor, the checkpoint a {type(manifest.values[key].value).__name__}")
             elif strict_for(key):
                 problems.append(f"key {key!r}: in the state, missing from the checkpoint")
             continue
         if tuple(entry.shape) != tuple(lay.global_shape):
+            only_keys = False
             problems.append(f"key {key!r}: shape {list(lay.global_shape)} in the state, {list(entry.shape)} in the checkpoint")
         stored = dtype_from_name(entry.dtype, key)
         if not allow_dtype_cast and stored != lay.local.dtype:
+            only_keys = False
             problems.append(f"key {key!r}: dtype {lay.local.dtype} in the state, {entry.dtype} in the checkpoint")
         elif not can_convert(stored, lay.local.dtype):
+            only_keys = False
             problems.append(f"key {key!r}: dtype {lay.local.dtype} in the state, {entry.dtype} in the checkpoint, "
                             f"and torch cannot convert {entry.dtype} to {str(lay.local.dtype).replace('torch.', '')} "
                             f"(load it into a {entry.dtype} tensor)")
     for key in flat.values:
         if key in manifest.tensors:
+            only_keys = False
             problems.append(f"key {key!r}: the state holds a {type(flat.values[key]).__name__}, the checkpoint a tensor")
         elif strict_for(key) and key not in manifest.values:
             problems.append(f"key {key!r}: in the state, missing from the checkpoint")
+    wanted = set(layouts) | set(flat.values)
     if strict:
-        wanted = set(layouts) | set(flat.values)
         for key in manifest.keys():
             if key not in wanted and key not in other_ranks_keys and strict_for(key):
                 problems.append(f"key {key!r}: in the checkpoint, not in the state")
     if problems:
+        ckpt_keys = {k for k in manifest.keys()
+                     if k not in other_ranks_keys and not (lenient_prefixes and k.startswith(lenient_prefixes))}
+        common = len(wanted & ckpt_keys)
+        if only_keys and common:
+            hint = (f"Pass strict=False to load the {common} key(s) both have (the others stay as they are), or fix "
+                    "the model/optimizer definition.")
+        elif only_keys:
+            hint = ("The state and the checkpoint have no key in common: strict=False would load nothing. Check that "
+                    "the state's top-level names match the ones it was saved with (for example {'model': ...}).")
+        else:
+            hint = ("Fix the model/optimizer definition (shapes and dtypes must match; strict=False does not skip "
+                    "them), or pass options=LoadOptions(allow_dtype_cast=True) where only dtypes differ.")
         raise ShardMismatchError(
-            f"{where}: the state does not match the checkpoint ({len(problems)} problem(s)):\n  "
+            f"{where}: the state does not match the checkpoint: {diagnose(wanted, ckpt_keys)}\n"
+            f"{len(problems)} problem(s):\n  "
             + "\n  ".join(problems)
-            + "\nPass strict=False to load the keys both have, or fix the model/optimizer definition."
+            + "\n" + hint
         )
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """What ``ckpt.load`` did on this rank (its return value), in the spirit of ``nn.Module.load_state_dict``'s
+    missing and unexpected keys.
+
+    ``loaded_keys``: flattened keys of the state filled from the checkpoint. ``missing_keys``: keys of the state
+    the checkpoint lacks, left as they were (only with ``strict=False`` or under lenient prefixes such as the
+    Checkpointer's ``rng/``). ``unexpected_keys``: keys of the checkpoint the state has no place for, not read
+    (other ranks' logical tensors under a spec layout are not counted). ``bytes_read``: bytes this rank fetched
+    from storage, checking passes included."""
+
+    path: str
+    loaded_keys: tuple[str, ...]
+    missing_keys: tuple[str, ...]
+    unexpected_keys: tuple[str, ...]
+    bytes_read: int
+
+    def __str__(self) -> str:
+        return (f"{self.path}: loaded {len(self.loaded_keys)} key(s), {len(self.missing_keys)} missing from the "
+                f"checkpoint, {len(self.unexpected_keys)} in the checkpoint not loaded, {self.bytes_read} bytes read")
 
 
 _HUGE = 2 << 20
@@ -244,14 +333,17 @@ def _box(chunk: Any) -> Any:
 def load(state: Any, path: "str | Storage", *, process_group: Any = None, strict: bool = True,
          storage_options: dict[str, Any] | None = None, options: LoadOptions | None = None,
          lenient_prefixes: tuple[str, ...] = (), spec: Any = None, dims: dict[str, Any] | None = None,
-         layout: Any = None) -> None:
-    """Load the checkpoint at ``path`` into ``state`` in place (collective over ``process_group``).
+         layout: Any = None) -> LoadReport:
+    """Load the checkpoint at ``path`` into ``state`` in place (collective over ``process_group``); returns this
+    rank's ``LoadReport`` (keys loaded, keys skipped on each side, bytes read).
 
     Tensors (plain or DTensor) are filled in place whatever layout they were saved under: this is load-time
     resharding, reading only the byte ranges each rank needs. Non-tensor values are replaced inside their dicts
     and lists; Stateful objects (modules, optimizers, schedulers, ...) get ``load_state_dict``. ``strict=True``
     raises one ``ShardMismatchError`` listing every missing, unexpected or mis-shaped key; keys under
-    ``lenient_prefixes`` may be missing on either side (the Checkpointer passes its per-rank RNG prefix).
+    ``lenient_prefixes`` may be missing on either side (the Checkpointer passes its per-rank RNG prefix; a plain
+    load of a Checkpointer step into a state without ``rng`` skips those entries by itself). A load that would
+    fill nothing (no key in common, even with ``strict=False``) raises ``ShardMismatchError``.
 
     ``layout`` (``"tp=2,pp=4,dp=1"`` or a mapping) loads into rank-local tensors laid out as a spec describes
     (Megatron-style state, ZeRO flat buffers): this rank's tensors are filled from the logical tensors, padding
@@ -274,11 +366,23 @@ def load(state: Any, path: "str | Storage", *, process_group: Any = None, strict
         plain, bindings, ctx = resolve(state)
         flat = flatten(plain)
         layouts, rl = local_layouts(flat.tensors, binding, dw.rank, for_save=False)
-        check_compatible(flat, layouts, manifest, storage.url, strict, opts.allow_dtype_cast, lenient_prefixes,
-                         frozenset(binding.logical_shapes()) if binding is not None else frozenset())
+        others = frozenset(binding.logical_shapes()) if binding is not None else frozenset()
+        lenient = lenient_prefixes + checkpointer_prefixes(flat, manifest)
+        check_compatible(flat, layouts, manifest, storage.url, strict, opts.allow_dtype_cast, lenient, others)
+        loaded = [k for k in layouts if k in manifest.tensors] + [k for k in flat.values if k in manifest.values]
+        wanted = set(layouts) | set(flat.values)
+        if not loaded:
+            ckpt_keys = set(manifest.keys()) - others
+            raise ShardMismatchError(
+                f"{storage.url}: nothing to load on rank {dw.rank}: the state and the checkpoint have no key in "
+                f"common ({diagnose(wanted, ckpt_keys) if wanted else 'the state is empty'}); pass the state it was "
+                "saved with (for example {'model': model, 'optim': optim}), or see `ckpt inspect " + storage.url + "`")
         reader = ChunkReader(storage, manifest)
         jobs = plan_jobs(reader, manifest, layouts)
-        prepared.update(bindings=bindings, ctx=ctx, flat=flat, rl=rl, reader=reader, jobs=jobs)
+        prepared.update(bindings=bindings, ctx=ctx, flat=flat, rl=rl, reader=reader, jobs=jobs, loaded=loaded,
+                        missing=sorted(wanted - set(manifest.keys()), key=natural_key),
+                        unexpected=sorted((k for k in manifest.keys() if k not in wanted and k not in others),
+                                          key=natural_key))
         return verify_in_place(reader, manifest, jobs, opts.num_threads)
 
     def load_local(verified: bool) -> None:
@@ -307,3 +411,6 @@ def load(state: Any, path: "str | Storage", *, process_group: Any = None, strict
         raise
     finally:
         undo.discard()
+    reader = prepared["reader"]
+    return LoadReport(storage.url, tuple(prepared["loaded"]), tuple(prepared["missing"]),
+                      tuple(prepared["unexpected"]), reader.bytes_read + reader.bytes_checked)
