@@ -24,7 +24,7 @@ from ckpt.options import SaveOptions
 from ckpt.state import FlatState, flatten_state
 from formats.dtypes import dtype_name
 from formats.commit import RankResult, TensorMeta, build_manifest, commit, new_save_id
-from formats.manifest import DATA_DIR, MANIFEST_NAME, ContainerEntry
+from formats.manifest import DATA_DIR, MANIFEST_NAME, ContainerEntry, config_metadata
 from formats.storage import Storage, open_storage
 from formats.writer import ChunkWrite, WriteItem, WriteOptions, write_items
 from formats import checksum
@@ -155,12 +155,14 @@ def chunk_data(lay: TensorLayout, a: WriteAssignment) -> torch.Tensor:
 @dataclass(frozen=True)
 class ManifestPlan:
     """What the coordinator's global plan fixes for the manifest besides the chunks: every key's metadata, the
-    plain values and containers of the state, and the spec that describes it (``Spec.to_json_dict``)."""
+    plain values and containers of the state, the spec that describes it (``Spec.to_json_dict``), and the
+    manifest's informational ``metadata`` (the model configs of ``formats.manifest.config_metadata``)."""
 
     tensors: dict[str, TensorMeta] = field(default_factory=dict)
     values: Mapping[str, Any] = field(default_factory=dict)
     containers: Mapping[str, ContainerEntry] = field(default_factory=dict)
     spec: dict[str, Any] | None = None
+    metadata: Mapping[str, Any] = field(default_factory=dict)
 
     def layout(self, world_size: int) -> dict[str, Any]:
         """The manifest's ``layout`` record: the world size, the DTensor mesh shapes seen, and the spec."""
@@ -248,7 +250,7 @@ def write_and_commit(dw: DistWrapper, storage: Storage, save_id: str, items: "li
         assert manifest is not None, "the coordinator holds the manifest plan"
         m = build_manifest(save_id=save_id, results=results, tensors=manifest.tensors, values=manifest.values,
                            containers=manifest.containers, layout=manifest.layout(dw.world_size), tool=tool,
-                           where=storage.url)
+                           metadata=manifest.metadata, where=storage.url)
         commit(storage, m)
         return [sum(f.size_bytes for f in m.files.values())] * len(results)
 
@@ -257,7 +259,8 @@ def write_and_commit(dw: DistWrapper, storage: Storage, save_id: str, items: "li
 
 def save(state: Any, path: "str | Storage", *, process_group: Any = None, storage_options: dict[str, Any] | None = None,
          overwrite: bool = False, options: SaveOptions | None = None, spec: Any = None,
-         dims: dict[str, Any] | None = None, layout: Any = None) -> SaveResult:
+         dims: dict[str, Any] | None = None, layout: Any = None, model_config: Any = None,
+         generation_config: Any = None) -> SaveResult:
     """Save ``state`` to ``path`` (a directory, ``file://``, ``memory://`` or fsspec URL such as ``s3://``).
 
     Collective: every rank of ``process_group`` (default: the default group, or none when torch.distributed is
@@ -270,9 +273,16 @@ def save(state: Any, path: "str | Storage", *, process_group: Any = None, storag
     dimensions the spec asks for) and ``layout`` (the parallel layout, ``"tp=2,pp=2,dp=1"`` or a mapping) describe
     rank-local state whose sharding is implicit (Megatron-style, ZeRO flat buffers): the checkpoint then holds
     logical tensors and records the spec, so it loads under any other layout.
+
+    ``model_config`` (a Hugging Face ``PretrainedConfig`` such as ``model.config``, or a dict of JSON values) and
+    ``generation_config`` (a ``GenerationConfig`` or a dict) are recorded in the manifest's ``metadata``
+    (``hf_config``, ``hf_generation_config``); ``ckpt convert --to safetensors`` writes them as ``config.json`` and
+    ``generation_config.json``, so ``from_pretrained`` opens the export. Checked before anything is written
+    (``UnsupportedStateError`` for what JSON cannot hold); the coordinator's copy is the one recorded.
     """
     t0 = time.perf_counter()
     binding = make_binding(spec, dims, layout, "ckpt.save")
+    configs = config_metadata(model_config, generation_config, "ckpt.save")
     opts = options or SaveOptions()
     dw = DistWrapper(process_group)
     storage = open_storage(path, storage_options)
@@ -289,9 +299,10 @@ def save(state: Any, path: "str | Storage", *, process_group: Any = None, storag
         dw.run("ckpt.save: checking the destination", refuse_overwrite)
     bound = bind_local(dw, flat, binding) if binding is not None else None
     plan = plan_save(dw, flat, opts.max_chunk_bytes, binding=binding, bound=bound)
+    manifest = replace(plan.manifest, metadata=configs) if plan.manifest is not None else None
     wopts = WriteOptions(opts.codec, opts.zstd_level, opts.block_bytes, opts.files_per_rank)
     items = [ChunkWrite(a.key, a.box.offsets, a.box.sizes, chunk_data(plan.layouts[a.key], a)) for a in plan.assignments]
-    total = write_and_commit(dw, storage, plan.save_id, items, plan.manifest, wopts)
+    total = write_and_commit(dw, storage, plan.save_id, items, manifest, wopts)
     mine_bytes = sum(i.nbytes for i in items)
     return SaveResult(storage.url, plan.save_id, mine_bytes, total, time.perf_counter() - t0)
 

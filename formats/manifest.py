@@ -19,8 +19,9 @@ from formats.box import tiling_fault
 from formats.dtypes import dtype_from_name, itemsize
 from formats.codec import CODECS
 from formats.keys import MAX_DEPTH
-from formats.manifest_seal import (CHECKSUM_FIELD, MAX_MANIFEST_BYTES, _check_seal, check_manifest_size,  # noqa: F401
-                                   reseal, seal)
+from formats.manifest_seal import (CHECKSUM_FIELD, CONFIG_METADATA, MAX_CONFIG_BYTES,  # noqa: F401
+                                   MAX_MANIFEST_BYTES, _check_seal, check_config_metadata, check_manifest_size,
+                                   config_json, config_metadata, reseal, seal)
 from formats.storage.base import check_relpath
 
 FORMAT_NAME = "ckpt-universal"
@@ -278,6 +279,7 @@ def _parse(data: bytes, where: str) -> Manifest:
     for name in ("writer", "layout", "metadata"):
         if not isinstance(doc.get(name, {}), dict):
             raise _fail(where, None, f"{name!r} must be an object")
+    check_config_metadata(doc.get("metadata", {}), where)
     created = doc.get("created_unix_secs", 0.0)
     if not isinstance(created, (int, float)) or isinstance(created, bool):
         raise _fail(where, None, f"'created_unix_secs' must be a number, found {created!r}")

@@ -12,7 +12,9 @@ A sharded checkpoint is a directory with ``model.safetensors.index.json`` (``{"m
 "weight_map": {name: shard file}}``) and its shards. Safetensors holds model weights only; their keys are
 ``model/<name>`` (see ``formats.foreign.source``). ``write_safetensors`` writes the tensors under ``model/`` as
 ``model.safetensors``, or as ``model-0000i-of-0000n.safetensors`` shards of at most ``max_shard_bytes`` plus the
-index (written last), streaming tensor by tensor.
+index (written last), streaming tensor by tensor, then the model's ``config.json`` and ``generation_config.json``
+where the source records them (``metadata.hf_config`` / ``hf_generation_config``: ``ckpt.save(model_config=...,
+generation_config=...)``, or imported from an HF directory), so ``from_pretrained`` opens the result.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from ckpt.errors import CheckpointExistsError, CorruptCheckpointError, UnsafeChe
 from formats import keys as K
 from formats.foreign.files import check_confined, exists, is_regular, read_json, regular_size
 from formats.foreign.source import MODEL_PREFIX, Source, TensorInfo, add_parents, read_as
-from formats.manifest import MAX_NDIM, reject_constant, unique_keys
+from formats.manifest import CONFIG_METADATA, MAX_CONFIG_BYTES, MAX_NDIM, reject_constant, unique_keys
 from formats.storage.base import check_relpath
 from formats.tensor_bytes import as_bytes, writable_bytes
 
@@ -161,14 +163,24 @@ class SafetensorsSource(Source):
             add_parents(key, self.containers)
         if st_meta:
             self.metadata["safetensors_metadata"] = st_meta
-        config = os.path.join(directory, "config.json") if directory else None
-        if config and exists(config):
-            try:
-                check_confined(config, directory)
-                self.metadata["hf_config"] = read_json(config, "config.json", limit=16 * 2**20)
-            except CorruptCheckpointError:
-                pass  # informational only: a broken config.json (or a FIFO, a link outside) is not ours to judge
+        if directory:
+            self._read_configs(directory)
         self._index_path = os.path.join(directory, INDEX_NAME) if directory else None
+
+    def _read_configs(self, directory: str) -> None:
+        """``config.json`` and ``generation_config.json`` of an HF directory, kept in ``metadata`` (``hf_config``,
+        ``hf_generation_config``) so that a universal copy records them and a safetensors export writes them back."""
+        for name, file in CONFIG_METADATA.items():
+            path = os.path.join(directory, file)
+            if not exists(path):
+                continue
+            try:
+                check_confined(path, directory)
+                doc = read_json(path, file, limit=MAX_CONFIG_BYTES)
+            except CorruptCheckpointError:
+                continue  # informational only: a broken config.json (or a FIFO, a link outside) is not ours to judge
+            if isinstance(doc, dict):  # what a manifest may record (formats.manifest_seal.check_config_metadata)
+                self.metadata[name] = doc
 
     def _files(self, path: str) -> tuple[list[str], str | None]:
         # A file the user names is read wherever it lives; the files a directory (or an index) holds must lie
@@ -331,13 +343,22 @@ def write_safetensors(source: Source, directory: str, *, dtypes: dict[str, torch
         index = {"metadata": {"total_size": sum(nbytes.values())},
                  "weight_map": {names[k]: files[i] for i, keys in enumerate(shards) for k in keys}}
         written.append(_atomic_write(os.path.join(directory, INDEX_NAME), json.dumps(index, indent=2).encode()))
-    config = source.metadata.get("hf_config")
-    if isinstance(config, dict) and not os.path.exists(os.path.join(directory, "config.json")):
-        written.append(_atomic_write(os.path.join(directory, "config.json"), json.dumps(config, indent=2).encode()))
+    for name in config_files(source, directory):
+        doc = source.metadata[name]
+        written.append(_atomic_write(os.path.join(directory, CONFIG_METADATA[name]),
+                                     (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()))
     stale = [p for p in existing if os.path.join(directory, p) not in written]
     for p in stale:
         os.remove(os.path.join(directory, p))
     return written
+
+
+def config_files(source: Source, directory: str) -> list[str]:
+    """The config members of ``source.metadata`` (``hf_config``, ``hf_generation_config``) that a safetensors
+    export into ``directory`` writes as files: those recorded as JSON objects, unless the directory already has that
+    file (a config the user put there wins)."""
+    return [name for name, file in CONFIG_METADATA.items()
+            if isinstance(source.metadata.get(name), dict) and not os.path.exists(os.path.join(directory, file))]
 
 
 def _existing(directory: str) -> list[str]:
