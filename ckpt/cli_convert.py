@@ -74,6 +74,17 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _dtype(text: str) -> str:
+    """``--dtype``: any name ``formats.foreign.parse_dtype`` takes, checked when the command line is parsed."""
+    from formats.foreign import parse_dtype
+
+    try:
+        parse_dtype(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def _workers(text: str) -> int:
     try:
         n = int(text)
@@ -102,6 +113,7 @@ def _source(args: argparse.Namespace, path: str, fmt: str, opts: dict[str, Any] 
 def cmd_convert(args: argparse.Namespace) -> int:
     from ckpt.cli import _storage_options
     from formats.foreign import PLANNED_TARGETS, open_source, plan_conversion, run_conversion
+    from formats.foreign.convert import read_model_keys
     from formats.foreign.detect import not_implemented
 
     if args.to in PLANNED_TARGETS:  # before reading anything
@@ -116,8 +128,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
     entry.check_options(given)
     entry.check_target(given, args.to)
     options = entry.from_text(given)
+    model_keys = read_model_keys(args.model_keys) if args.model_keys is not None else None
     with open_source(args.src, entry.name, allow_pickle=args.allow_pickle, storage_options=opts,
-                     **options) as source:
+                     model_keys=model_keys, **options) as source:
         notes = entry.notes(source)
         plan = plan_conversion(source, args.dst, args.to, dtype=args.dtype, max_shard_bytes=args.max_shard_size,
                                storage_options=opts)
@@ -137,12 +150,25 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if plan.skipped:
         print(f"note: {len(plan.skipped)} key(s) not written ({plan.dst_format} cannot hold them): "
               f"{', '.join(plan.skipped[:5])}{', ...' if len(plan.skipped) > 5 else ''}", file=sys.stderr)
+    for line in plan.notes:
+        print(f"warning: {line}", file=sys.stderr)
     rate = plan.bytes_out / max(result.elapsed_secs, 1e-9)
     cast = f", {plan.cast} cast to {plan.dtype}" if plan.cast else ""
     print(f"OK: {plan.src_format} {plan.src}{notes.label} -> {plan.dst_format} {plan.dst}{notes.written_as}: "
           f"{plan.tensors} tensors{cast}, {plan.values} values, {_mib(plan.bytes_out)} in {result.elapsed_secs:.2f} s "
-          f"({_mib(rate)}/s)")
+          f"({_mib(rate)}/s){_config_text(plan)}")
     return EXIT_OK
+
+
+def _config_text(plan: Any) -> str:
+    """What the OK line of a safetensors export says about the model's config files."""
+    if plan.configs:
+        return f"; wrote {', '.join(plan.configs)}"
+    if plan.missing_config:
+        return (f"; no config.json written: the checkpoint records no model config, so from_pretrained({plan.dst!r}) "
+                "cannot build the model. Record it when saving: ckpt.save(..., model_config=model.config) "
+                f"(and generation_config=model.generation_config), or copy the model's config.json into {plan.dst}")
+    return ""
 
 
 def _print_plan(args: argparse.Namespace, plan: Any, notes: Any) -> None:
@@ -161,6 +187,10 @@ def _print_plan(args: argparse.Namespace, plan: Any, notes: Any) -> None:
               f"{', '.join(plan.skipped[:5])}{', ...' if len(plan.skipped) > 5 else ''}")
     if plan.dst_exists:
         print("  the destination already holds a checkpoint: the conversion needs --overwrite")
+    for line in plan.notes:
+        print(f"  warning: {line}")
+    if plan.missing_config:
+        print(f"  {_config_text(plan)[2:]}")
     for line in notes.dry_run:
         print(line)
 
@@ -222,8 +252,9 @@ def add_parsers(sub: Any, finish: Any) -> None:
     sp.add_argument("--to", choices=TARGET_CHOICES, default="universal",
                     help="target format (default universal); deepspeed-universal: DST is the tag directory, "
                          "its parent gets latest_universal")
-    sp.add_argument("--dtype", choices=("bf16", "fp16", "fp32"),
-                    help="cast model weights (floating tensors under model/) to this dtype; optimizer state, step "
+    sp.add_argument("--dtype", type=_dtype, metavar="DTYPE",
+                    help="bf16, fp16, fp32, fp64 or torch's names (bfloat16, float16, half, float32, float, "
+                         "float64, double, torch.bfloat16); cast model weights (floating tensors under model/) to this dtype; optimizer state, step "
                          "counters, integer and fp8 tensors keep theirs")
     sp.add_argument("--max-shard-size", type=_size, default=None, metavar="SIZE",
                     help="largest safetensors shard, e.g. 500MB, 5GB (default), 2GiB")
@@ -234,6 +265,10 @@ def add_parsers(sub: Any, finish: Any) -> None:
                     help="load pickled objects that torch's weights_only loader refuses (torch.save files, DCP "
                          "values and metadata); this can run code stored in the checkpoint: trusted files only")
     sp.add_argument("--overwrite", action="store_true", help="replace a checkpoint already at the destination")
+    sp.add_argument("--model-keys", metavar="FILE",
+                    help="--from torch: the names of model.named_parameters() in order (one per line, or a JSON "
+                         "list), to key an optim.state_dict() saved in the file by parameter name (default: the "
+                         "file's model state dict, where its tensors are the optimizer's parameters)")
     sp.add_argument("--spec", metavar="SPEC",
                     help="--from megatron: how the ranks cut each tensor: a shipped spec (gpt, llama, mixtral) or a "
                          "YAML path")

@@ -11,6 +11,7 @@ output files in parallel (peak memory about ``workers`` tensors).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -23,35 +24,45 @@ from ckpt.errors import CheckpointExistsError
 from formats.box import Box
 from formats.foreign.detect import (PLANNED_SOURCES, PLANNED_TARGETS, TARGETS, UnknownFormatError, detect_format,
                                     not_implemented, unregistered)
-from formats.foreign.registry import find_source, source_names
+from formats.foreign.registry import SourceOptionError, find_source, source_names
 from formats.foreign.source import MODEL_PREFIX, Source
 from formats.manifest import Manifest
 from formats.reader import ChunkReader
 
 Progress = Callable[[int], None]
 
+#: ``--dtype`` names: the short ones and torch's own (``torch.bfloat16``, ``bfloat16``, ``half``, ...), any case.
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-          "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
+          "half": torch.float16, "f16": torch.float16, "fp32": torch.float32, "float32": torch.float32,
+          "float": torch.float32, "f32": torch.float32, "fp64": torch.float64, "float64": torch.float64,
+          "double": torch.float64, "f64": torch.float64}
 #: Floating dtypes a ``--dtype`` cast applies to; fp8 and other quantised types keep their bits (they need scales).
 CASTABLE = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
 def parse_dtype(name: "str | torch.dtype | None") -> torch.dtype | None:
+    """The dtype a ``--dtype`` / ``dtype=`` name means (``DTYPES``, with or without ``torch.``); ``ValueError``
+    listing the accepted names otherwise."""
     if name is None or isinstance(name, torch.dtype):
         return name
+    text = str(name).strip().lower()
     try:
-        return DTYPES[name.lower()]
+        return DTYPES[text[len("torch."):] if text.startswith("torch.") else text]
     except KeyError:
-        raise ValueError(f"dtype {name!r}: expected one of bf16, fp16, fp32") from None
+        raise ValueError(f"dtype {name!r}: expected one of {', '.join(DTYPES)} (torch's names, with or without "
+                         "'torch.', are accepted)") from None
 
 
 def open_source(path: str, fmt: str = "auto", *, allow_pickle: bool = False,
-                storage_options: dict[str, Any] | None = None, **options: Any) -> Source:
+                storage_options: dict[str, Any] | None = None, model_keys: "list[str] | None" = None,
+                **options: Any) -> Source:
     """Open ``path`` as format ``fmt`` (``auto`` detects it). Reads and validates metadata only.
 
     ``fmt`` is any registered format (``formats.foreign.registry``); ``options`` are that format's own (Megatron's
     ``spec``, ``dims``, ``source_layout``, ``target``), checked against what it declares: one it does not take, or
     one it requires and did not get, raises ``SourceOptionError``. Options given as None count as not given.
+    ``model_keys`` (``--model-keys``): the names of ``model.named_parameters()`` in order, which re-key a torch.save
+    file's index-keyed optimizer state (``optim.state_dict()``) by parameter name; other formats refuse it.
     """
     path = str(path)
     if fmt in PLANNED_SOURCES:
@@ -61,7 +72,43 @@ def open_source(path: str, fmt: str = "auto", *, allow_pickle: bool = False,
     entry = find_source(fmt)
     if entry is None:
         raise unregistered(path, fmt, source_names())
-    return entry.open(path, allow_pickle=allow_pickle, storage_options=storage_options, **options)
+    source = entry.open(path, allow_pickle=allow_pickle, storage_options=storage_options, **options)
+    if model_keys is not None:
+        use = getattr(source, "use_model_keys", None)
+        try:
+            if use is None:
+                raise SourceOptionError(f"{path}: --model-keys (model_keys) applies to torch.save files (--from "
+                                        f"torch), whose optimizer state is keyed by parameter index; the source is "
+                                        f"{fmt}: leave the option out")
+            use(list(model_keys))
+        except BaseException:
+            source.close()
+            raise
+    return source
+
+
+def read_model_keys(path: str) -> list[str]:
+    """``--model-keys FILE``: a JSON list of names, or one name per line (blank lines and ``#`` comments skipped).
+    ``SourceOptionError`` naming the file for one that cannot be read or lists no name."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read(16 * 2**20 + 1)
+    except (OSError, UnicodeDecodeError) as e:
+        raise SourceOptionError(f"--model-keys {path}: cannot read it ({e}); give a text file with the names of "
+                                "model.named_parameters(), one per line") from None
+    if text.lstrip().startswith("["):
+        try:
+            names = json.loads(text)
+        except ValueError as e:
+            raise SourceOptionError(f"--model-keys {path}: not a valid JSON list ({e})") from None
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise SourceOptionError(f"--model-keys {path}: expected a JSON list of strings")
+    else:
+        names = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    if not names:
+        raise SourceOptionError(f"--model-keys {path}: lists no name; expected the names of model.named_parameters(), "
+                                "one per line")
+    return names
 
 
 @dataclass
@@ -86,6 +133,14 @@ class ConvertPlan:
     dst_exists: bool = False
     #: Largest safetensors shard (bytes); None for other targets.
     max_shard_bytes: int | None = None
+    #: What the user must know about keys written (the source's ``key_notes``: optimizer state that cannot resume
+    #: an optimizer, values stored differently).
+    notes: list[str] = field(default_factory=list)
+    #: Safetensors: the model config files written (``config.json``, ``generation_config.json``).
+    configs: list[str] = field(default_factory=list)
+    #: Safetensors: no ``config.json`` is known (none recorded, none at the destination), so ``from_pretrained``
+    #: cannot open the export as it is.
+    missing_config: bool = False
     #: Per written tensor: its stored dtype.
     dtypes: dict[str, torch.dtype] = field(default_factory=dict, repr=False)
 
@@ -132,11 +187,13 @@ def plan_conversion(source: Source, dst: str, dst_format: str, *, dtype: "str | 
     dtypes = cast_keys(source, dt)
     skipped: list[str] = []
     outputs: list[str] = []
+    configs: list[str] = []
+    missing_config = False
     written_keys = list(source.tensors)
     bytes_out: int | None = None
     if dst_format == "safetensors":
-        from formats.foreign.hf_safetensors import (DEFAULT_MAX_SHARD_BYTES, INDEX_NAME, model_names, plan_shards,
-                                                    shard_names)
+        from formats.foreign.hf_safetensors import (CONFIG_METADATA, DEFAULT_MAX_SHARD_BYTES, INDEX_NAME,
+                                                    config_files, model_names, plan_shards, shard_names)
 
         names = model_names(source)
         written_keys = list(names)
@@ -148,6 +205,9 @@ def plan_conversion(source: Source, dst: str, dst_format: str, *, dtype: "str | 
         outputs = [f"{os.path.join(dst, f)} ({sum(nb[k] for k in s)} bytes, {len(s)} tensors)"
                    for f, s in zip(files, shards)] + ([os.path.join(dst, INDEX_NAME)] if len(shards) > 1 else [])
         exists = any(os.path.exists(os.path.join(dst, f)) for f in [*files, INDEX_NAME])
+        configs = [CONFIG_METADATA[n] for n in config_files(source, dst)]
+        outputs += [os.path.join(dst, f) for f in configs]
+        missing_config = "config.json" not in configs and not os.path.exists(os.path.join(dst, "config.json"))
     elif dst_format == "torch":
         outputs = [dst]
         exists = os.path.exists(dst)
@@ -170,6 +230,7 @@ def plan_conversion(source: Source, dst: str, dst_format: str, *, dtype: "str | 
         with open_storage(dst, storage_options) as st:
             exists = st.exists("manifest.json")
     dtypes = {k: dtypes[k] for k in written_keys}
+    notes = key_notes(source, [*written_keys, *([] if dst_format == "safetensors" else source.values)])
     return ConvertPlan(
         src=source.path, src_format=source.format, dst=str(dst), dst_format=dst_format,
         dtype=None if dt is None else str(dt).replace("torch.", ""), tensors=len(written_keys),
@@ -178,7 +239,17 @@ def plan_conversion(source: Source, dst: str, dst_format: str, *, dtype: "str | 
         bytes_out=bytes_out if bytes_out is not None else sum(
             math.prod(source.tensors[k].shape) * dtypes[k].itemsize for k in written_keys),
         outputs=outputs, skipped=skipped, cast=sum(1 for k in written_keys if dtypes[k] != source.tensors[k].dtype),
-        dst_exists=exists, max_shard_bytes=max_shard_bytes if dst_format == "safetensors" else None, dtypes=dtypes)
+        dst_exists=exists, max_shard_bytes=max_shard_bytes if dst_format == "safetensors" else None, notes=notes,
+        configs=configs, missing_config=missing_config, dtypes=dtypes)
+
+
+def key_notes(source: Source, written: list[str]) -> list[str]:
+    """The source's notes (``key_notes``: key prefix -> text) about keys that are written."""
+    out = []
+    for prefix, text in getattr(source, "key_notes", {}).items():
+        if not prefix or any(k == prefix or k.startswith(prefix + "/") for k in written):
+            out.append(text)
+    return out
 
 
 def check_backed(source: Source) -> None:
@@ -240,9 +311,9 @@ def convert(src: str, dst: str, *, src_format: str = "auto", dst_format: str = "
             dtype: "str | torch.dtype | None" = None, workers: int = 1, max_shard_bytes: int | None = None,
             allow_pickle: bool = False, overwrite: bool = False, dry_run: bool = False,
             progress: Progress | None = None, storage_options: dict[str, Any] | None = None,
-            **options: Any) -> ConvertResult:
+            model_keys: "list[str] | None" = None, **options: Any) -> ConvertResult:
     """Convert the checkpoint at ``src`` into ``dst_format`` at ``dst``; with ``dry_run`` only plan it. ``options``
-    are the source format's own, as for ``open_source``."""
+    are the source format's own, and ``model_keys`` as for ``open_source``."""
     if dst_format in PLANNED_TARGETS:
         raise not_implemented(dst_format, "writing")
     if src_format == "auto":
@@ -252,7 +323,7 @@ def convert(src: str, dst: str, *, src_format: str = "auto", dst_format: str = "
         entry.check_options(options)
         entry.check_target(options, dst_format)
     with open_source(src, src_format, allow_pickle=allow_pickle, storage_options=storage_options,
-                     **options) as source:
+                     model_keys=model_keys, **options) as source:
         plan = plan_conversion(source, dst, dst_format, dtype=dtype, max_shard_bytes=max_shard_bytes,
                                storage_options=storage_options)
         if dry_run:
