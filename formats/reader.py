@@ -359,20 +359,27 @@ class ChunkReader:
 def read_manifest(storage: Storage) -> Manifest:
     """Read and validate ``manifest.json`` of ``storage``.
 
-    Raises ``CheckpointNotFoundError`` when nothing is there, ``IncompleteCheckpointError`` when data exists but
-    the manifest (the commit) does not, ``CorruptCheckpointError`` when it is damaged.
+    Where it is missing, the error says what the path is instead (``formats.foreign.detect.no_manifest_error``):
+    ``CheckpointNotFoundError`` when nothing is there, ``IncompleteCheckpointError`` when only data files of a save
+    that never committed are, ``UnknownFormatError`` for a Checkpointer root, a directory of checkpoints, a foreign
+    format or a single file. ``CorruptCheckpointError`` when the manifest is damaged.
     """
-    from ckpt.errors import CheckpointNotFoundError, IncompleteCheckpointError
+    from ckpt.errors import StorageError
 
     where = f"{storage.url.rstrip('/')}/{MANIFEST_NAME}"
     try:
         check_manifest_size(storage.size(MANIFEST_NAME), where)  # before reading: an 8 GB manifest is not read
         data = storage.read(MANIFEST_NAME)
     except FileNotFoundError:
-        if storage.root_exists():
-            raise IncompleteCheckpointError(
-                f"{storage.url}: data files exist but {MANIFEST_NAME} does not: this save never committed "
-                "(it crashed or is still running). Load an earlier checkpoint; this directory can be deleted."
-            ) from None
-        raise CheckpointNotFoundError(f"{storage.url}: no checkpoint here (no {MANIFEST_NAME})") from None
+        raise _no_manifest(storage) from None
+    except StorageError as e:
+        if not isinstance(e.__cause__, NotADirectoryError):  # a file where the checkpoint directory should be
+            raise
+        raise _no_manifest(storage) from None
     return Manifest.from_json(data, where)
+
+
+def _no_manifest(storage: Storage) -> Exception:
+    from formats.foreign.detect import no_manifest_error  # noqa: PLC0415 - the foreign adapters import this module
+
+    return no_manifest_error(storage)
