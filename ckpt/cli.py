@@ -1,21 +1,34 @@
 """The ``ckpt`` command line: ``inspect``, ``verify``; ``reshard`` and ``spec check`` (``ckpt.cli_reshard``);
 ``convert`` and ``diff`` (``ckpt.cli_convert``).
 
-Exit codes: 0 success; 1 a check failed (``verify`` found damage); 2 bad usage or unreadable input.
-``--json`` prints one JSON document on stdout for scripts; progress bars go to stderr and only on a terminal.
+Exit codes: 0 success; 1 a check failed (``verify`` found damage); 2 bad usage or unreadable input (a path that is
+not a ckpt checkpoint included: the message says what it is and what to pass); 141 (128 + SIGPIPE) when the reader of
+stdout went away (``ckpt inspect --json | head``), quietly, as other command-line tools do.
+``--json`` prints one JSON document on stdout for scripts, errors included (``{"ok": false, "error": {...}}``);
+progress bars go to stderr and only on a terminal. See docs/cli.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import re
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
-from ckpt.errors import CheckpointError, CheckpointNotFoundError
+from ckpt.errors import CheckpointError, CheckpointNotFoundError, UnknownFormatError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+#: What a shell reports for a process killed by SIGPIPE (128 + 13): the exit of ``ckpt ... | head`` once head is done.
+EXIT_BROKEN_PIPE = 141
+
+
+def natural_key(key: str) -> tuple[Any, ...]:
+    """Sort key that lists ``params/2`` before ``params/10`` (runs of digits compare as numbers), as keys are read."""
+    return tuple((1, int(p), "") if p.isdigit() else (0, 0, p) for p in re.split(r"(\d+)", key))
 
 
 def _human_bytes(n: float) -> str:
@@ -31,7 +44,7 @@ def _inspect_doc(reader: Any) -> dict[str, Any]:
 
     m = reader.manifest
     tensors = []
-    for key in sorted(m.tensors):
+    for key in sorted(m.tensors, key=natural_key):
         t = m.tensors[key]
         nbytes = t.numel * itemsize(dtype_from_name(t.dtype, key))
         tensors.append({
@@ -44,7 +57,7 @@ def _inspect_doc(reader: Any) -> dict[str, Any]:
         "created_unix_secs": m.created_unix_secs, "world_size": m.world_size, "layout": m.layout,
         "files": len(m.files), "stored_bytes": sum(f.size_bytes for f in m.files.values()),
         "tensor_bytes": sum(t["bytes"] for t in tensors), "tensors": tensors,
-        "values": {k: v.value for k, v in sorted(m.values.items())},
+        "values": {k: m.values[k].value for k in sorted(m.values, key=natural_key)},
     }
 
 
@@ -61,7 +74,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
           f"{doc['writer'].get('version')} (torch {doc['writer'].get('torch')})")
     lay = dict(doc["layout"])
     spec = lay.pop("spec", None)
-    print(f"saved under world size {doc['world_size']}; layouts: {lay}")
+    print(f"layout      {layout_text(doc['world_size'], lay)}")
     if spec is not None:
         from resharding.spec_bind import SpecBinding
 
@@ -84,12 +97,24 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def layout_text(world_size: int, layout: dict[str, Any]) -> str:
+    """The manifest's ``layout`` record (less its spec) as one line: ``saved by 4 ranks; DTensor meshes [2, 2]``."""
+    lay = dict(layout)
+    lay.pop("world_size", None)
+    meshes = lay.pop("dtensor_mesh_shapes", None) or []
+    parts = [f"saved by {world_size} rank{'s' if world_size != 1 else ''}",
+             f"DTensor mesh{'es' if len(meshes) > 1 else ''} {', '.join(str(m) for m in meshes)}" if meshes
+             else "no DTensor mesh (plain tensors)"]
+    parts += [f"{k} {json.dumps(v, default=str)}" for k, v in sorted(lay.items())]
+    return "; ".join(parts)
+
+
 def verify_checkpoint(reader: Any, workers: int = 4, progress: bool = False) -> list[str]:
     """Every problem found: damaged or missing chunk bytes. That every tensor is covered exactly once was checked
     when the manifest was read (``Manifest.from_json`` refuses any other tiling, in O(n log n))."""
     m = reader.manifest
     problems: list[str] = []
-    jobs = [(t, c) for _, t in sorted(m.tensors.items()) for c in t.chunks]
+    jobs = [(m.tensors[k], c) for k in sorted(m.tensors, key=natural_key) for c in m.tensors[k].chunks]
     total = sum(c.byte_length for _, c in jobs)
 
     def check(job: Any) -> str | None:
@@ -123,7 +148,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     try:
         reader = ckpt.open(args.path, _storage_options(args))
-    except CheckpointNotFoundError:
+    except (CheckpointNotFoundError, UnknownFormatError):  # no checkpoint there: nothing failed, the path is wrong
         raise
     except CheckpointError as e:  # incomplete or damaged manifest: the check failed
         _report_verify(args, [str(e)], 0)
@@ -157,8 +182,56 @@ def _storage_options(args: argparse.Namespace) -> dict[str, Any] | None:
     return opts
 
 
+class UsageError(SystemExit):
+    """A command line argparse refuses, raised by ``Parser.error`` instead of printing: ``parser`` is the (sub)command
+    parser that refused it, so ``main`` prints that command's usage (and, with ``--json``, a JSON error document).
+    A ``SystemExit`` with code 2, as argparse's own, for callers of ``build_parser`` other than ``main``."""
+
+    def __init__(self, parser: argparse.ArgumentParser, message: str) -> None:
+        super().__init__(EXIT_USAGE)
+        self.parser = parser
+        self.message = message
+
+
+class Parser(argparse.ArgumentParser):
+    """The ``ckpt`` parser; argparse builds every sub-command parser with this class too (``parser_class``)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(self, message)
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: the package's version and torch's, looked up only when asked (torch takes a second to import)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        print(version_text())
+        parser.exit()
+
+
+def version_text() -> str:
+    """``ckpt 0.1.0 (torch 2.5.1, python 3.11.9)``: the installed package's version (the source tree's when it is not
+    installed) and those of torch and Python."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    from ckpt import __version__
+
+    try:
+        ours = version("ckpt")
+    except PackageNotFoundError:
+        ours = __version__
+    return f"ckpt {ours} (torch {torch.__version__}, python {platform.python_version()})"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ckpt", description="Inspect, verify, reshard, convert and compare checkpoints.")
+    p = Parser(prog="ckpt", description="Inspect, verify, reshard, convert and compare checkpoints.")
+    p.add_argument("--version", action=_VersionAction, help="print the versions of ckpt, torch and Python, and exit")
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp: argparse.ArgumentParser) -> None:
@@ -208,16 +281,69 @@ def plugin_commands() -> list[Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
     try:
-        return int(args.func(args))
-    except CheckpointError as e:
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # argparse would report these with the top-level usage; the sub-command's is the useful one
+            command_parser(parser, args).error(f"unrecognized arguments: {' '.join(extra)}")
+    except UsageError as e:
+        return _usage_error(e, argv)
+    try:
+        rc = int(args.func(args))
+        sys.stdout.flush()  # here, not at exit: a reader that went away is reported below, not as a traceback
+        return rc
+    except BrokenPipeError:
+        return _broken_pipe()
+    except UsageError as e:  # a command that checks its own arguments (parser.error)
+        return _usage_error(e, argv)
+    except (CheckpointError, FileNotFoundError) as e:
         print(f"ckpt {args.command}: {e}", file=sys.stderr)
+        if getattr(args, "json", False):
+            try:
+                _print_error_doc(args.command, type(e).__name__, str(e), EXIT_USAGE)
+            except BrokenPipeError:
+                return _broken_pipe()
         return EXIT_USAGE
-    except FileNotFoundError as e:
-        print(f"ckpt {args.command}: {e}", file=sys.stderr)
-        return EXIT_USAGE
+
+
+def command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The parser of the innermost sub-command ``args`` names (``ckpt spec check`` -> the ``check`` parser)."""
+    while True:
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        name = getattr(args, subs[0].dest, None) if subs else None
+        if name not in (subs[0].choices if subs else {}):
+            return parser
+        parser = subs[0].choices[name]
+
+
+def _usage_error(e: UsageError, argv: list[str]) -> int:
+    """Report a refused command line as argparse does, with the usage of the sub-command that refused it."""
+    e.parser.print_usage(sys.stderr)
+    print(f"{e.parser.prog}: error: {e.message}", file=sys.stderr)
+    if "--json" in argv:
+        with contextlib.suppress(BrokenPipeError):
+            _print_error_doc(e.parser.prog.removeprefix("ckpt").strip() or None, "UsageError", e.message, EXIT_USAGE)
+    return EXIT_USAGE
+
+
+def _print_error_doc(command: str | None, error_type: str, message: str, exit_code: int) -> None:
+    """With ``--json``, errors are a JSON document on stdout too: ``{"ok": false, "command", "exit_code", "error":
+    {"type", "message"}}`` (``ok`` as in ``verify --json``); the message still goes to stderr for people."""
+    print(json.dumps({"ok": False, "command": command, "exit_code": exit_code,
+                      "error": {"type": error_type, "message": message}}, indent=1))
+    sys.stdout.flush()
+
+
+def _broken_pipe() -> int:
+    """stdout's reader went away (``ckpt inspect --json | head``): no traceback, stdout pointed at /dev/null so that
+    the interpreter's last flush cannot fail again, and the exit a shell shows for a pipeline's killed writer."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is no file (tests capture it): nothing will flush into a pipe
+        pass
+    return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":
