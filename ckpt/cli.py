@@ -14,7 +14,6 @@ import argparse
 import contextlib
 import json
 import os
-import re
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NoReturn, Sequence
@@ -26,11 +25,6 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_BROKEN_PIPE = 141
 
 
-def natural_key(key: str) -> tuple[Any, ...]:
-    """Sort key that lists ``params/2`` before ``params/10`` (runs of digits compare as numbers), as keys are read."""
-    return tuple((1, int(p), "") if p.isdigit() else (0, 0, p) for p in re.split(r"(\d+)", key))
-
-
 def _human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
@@ -40,6 +34,7 @@ def _human_bytes(n: float) -> str:
 
 
 def _inspect_doc(reader: Any) -> dict[str, Any]:
+    from ckpt.loading import natural_key  # keys as people read them: params/2 before params/10
     from formats.dtypes import dtype_from_name, itemsize
 
     m = reader.manifest
@@ -112,6 +107,8 @@ def layout_text(world_size: int, layout: dict[str, Any]) -> str:
 def verify_checkpoint(reader: Any, workers: int = 4, progress: bool = False) -> list[str]:
     """Every problem found: damaged or missing chunk bytes. That every tensor is covered exactly once was checked
     when the manifest was read (``Manifest.from_json`` refuses any other tiling, in O(n log n))."""
+    from ckpt.loading import natural_key
+
     m = reader.manifest
     problems: list[str] = []
     jobs = [(m.tensors[k], c) for k in sorted(m.tensors, key=natural_key) for c in m.tensors[k].chunks]
