@@ -175,19 +175,25 @@ def _storage_options(args: argparse.Namespace) -> dict[str, Any] | None:
     try:
         opts = json.loads(args.storage_options)
     except json.JSONDecodeError as e:
-        raise SystemExit(f"ckpt: --storage-options must be a JSON object: {e}")
+        raise UsageError(None, f"--storage-options must be a JSON object such as '{{\"anon\": true}}': {e}",
+                         f"ckpt {args.command}") from None
+    if not isinstance(opts, dict):
+        raise UsageError(None, f"--storage-options must be a JSON object, got {type(opts).__name__}: "
+                               f"{args.storage_options}", f"ckpt {args.command}")
     return opts
 
 
 class UsageError(SystemExit):
-    """A command line argparse refuses, raised by ``Parser.error`` instead of printing: ``parser`` is the (sub)command
-    parser that refused it, so ``main`` prints that command's usage (and, with ``--json``, a JSON error document).
-    A ``SystemExit`` with code 2, as argparse's own, for callers of ``build_parser`` other than ``main``."""
+    """A command line that is refused: raised by ``Parser.error`` instead of printing, ``parser`` being the
+    (sub)command parser that refused it, so ``main`` prints that command's usage (and, with ``--json``, a JSON error
+    document); or by a command whose option value does not parse (``--dims``, ``--storage-options``: ``parser`` None,
+    ``prog`` the command). A ``SystemExit`` with code 2, as argparse's own, for callers other than ``main``."""
 
-    def __init__(self, parser: argparse.ArgumentParser, message: str) -> None:
+    def __init__(self, parser: argparse.ArgumentParser | None, message: str, prog: str = "ckpt") -> None:
         super().__init__(EXIT_USAGE)
         self.parser = parser
         self.message = message
+        self.prog = parser.prog if parser is not None else prog
 
 
 class Parser(argparse.ArgumentParser):
@@ -316,11 +322,12 @@ def command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
 
 def _usage_error(e: UsageError, argv: list[str]) -> int:
     """Report a refused command line as argparse does, with the usage of the sub-command that refused it."""
-    e.parser.print_usage(sys.stderr)
-    print(f"{e.parser.prog}: error: {e.message}", file=sys.stderr)
+    if e.parser is not None:
+        e.parser.print_usage(sys.stderr)
+    print(f"{e.prog}: error: {e.message}", file=sys.stderr)
     if "--json" in argv:
         with contextlib.suppress(BrokenPipeError):
-            _print_error_doc(e.parser.prog.removeprefix("ckpt").strip() or None, "UsageError", e.message, EXIT_USAGE)
+            _print_error_doc(e.prog.removeprefix("ckpt").strip() or None, "UsageError", e.message, EXIT_USAGE)
     return EXIT_USAGE
 
 

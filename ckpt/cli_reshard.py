@@ -2,7 +2,8 @@
 
 Kept apart from ``ckpt.cli`` (which owns the parser and the exit-code conventions) so each module stays about
 one concern. Exit codes: 0 success; 1 a check failed (``spec check`` found unmatched rules or keys); 2 bad usage
-or unreadable input (a bad spec is reported with its file:line:column).
+(an option value that does not parse included: ``ckpt.cli.UsageError``) or unreadable input (a bad spec is reported
+with its file:line:column).
 """
 
 from __future__ import annotations
@@ -16,15 +17,22 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def _dims(args: argparse.Namespace) -> dict[str, Any] | None:
+    from ckpt.cli import UsageError
+
     if not args.dims:
         return None
     try:
         dims = json.loads(args.dims)
     except json.JSONDecodeError as e:
-        raise SystemExit(f"ckpt {args.command}: --dims must be a JSON object such as '{{\"hidden\": 4096}}': {e}")
+        raise UsageError(None, f"--dims must be a JSON object such as '{{\"hidden\": 4096}}': {e}",
+                         _prog(args)) from None
     if not isinstance(dims, dict):
-        raise SystemExit(f"ckpt {args.command}: --dims must be a JSON object, got {type(dims).__name__}")
+        raise UsageError(None, f"--dims must be a JSON object, got {type(dims).__name__}: {args.dims}", _prog(args))
     return dims
+
+
+def _prog(args: argparse.Namespace) -> str:
+    return f"ckpt {args.command}" + (f" {args.spec_command}" if getattr(args, "spec_command", None) else "")
 
 
 def _bar(args: argparse.Namespace, total: int, desc: str) -> Any:
@@ -54,7 +62,10 @@ def cmd_reshard(args: argparse.Namespace) -> int:
         if dims is None:
             saved = manifest.layout.get("spec") if isinstance(manifest.layout, dict) else None
             if saved is None:
-                raise SystemExit("ckpt reshard: --spec needs --dims (JSON) for a checkpoint that records no spec")
+                from ckpt.cli import UsageError
+
+                raise UsageError(None, f"--spec needs --dims (JSON) for a checkpoint that records no spec ({src.url}); "
+                                       "pass the model dimensions, e.g. --dims '{\"hidden\": 4096, ...}'", _prog(args))
             dims = dict(saved["dims"])
         binding = SpecBinding(resolve_spec(args.spec), dims, target)
     else:

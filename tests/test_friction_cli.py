@@ -227,3 +227,14 @@ def test_inspect_says_the_saved_layout_in_words(run_root):
     from ckpt.cli import layout_text
 
     assert layout_text(4, {"world_size": 4, "dtensor_mesh_shapes": ["[2, 2]"]}) == "saved by 4 ranks; DTensor mesh [2, 2]"
+
+
+def test_an_option_value_that_does_not_parse_is_a_usage_error(run_root, tmp_path):
+    step = str(run_root / "step_000000025")
+    out = run_cli("reshard", step, str(tmp_path / "o"), "--to", "tp=2", "--spec", "gpt", "--dims", "{hidden", "--json")
+    doc = json.loads(out.stdout)
+    assert out.returncode == 2 and doc["error"]["type"] == "UsageError" and "--dims" in doc["error"]["message"], out
+    assert "ckpt reshard: error: --dims must be a JSON object" in out.stderr, out.stderr
+    out = run_cli("inspect", step, "--storage-options", "[1]")
+    assert out.returncode == 2 and "--storage-options must be a JSON object, got list" in out.stderr, out
+    assert not (tmp_path / "o").exists()
