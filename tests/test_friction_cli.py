@@ -238,3 +238,19 @@ def test_an_option_value_that_does_not_parse_is_a_usage_error(run_root, tmp_path
     out = run_cli("inspect", step, "--storage-options", "[1]")
     assert out.returncode == 2 and "--storage-options must be a JSON object, got list" in out.stderr, out
     assert not (tmp_path / "o").exists()
+
+
+def test_a_checkpointer_root_on_an_object_store_url_is_named_too():
+    url = "memory://friction-cli/exp"
+    model = _model()
+    cp = ckpt.Checkpointer(url, keep_last=3)
+    try:
+        for step in (3, 12):
+            cp.save(step, {"model": model})
+        cp.wait()
+    finally:
+        cp.close()
+    msg = _not_a_checkpoint(lambda: ckpt.load({"model": _model()}, url))
+    assert "Checkpointer root" in msg and "3, 12 (latest: 12)" in msg and f"{url}/step_000000012" in msg, msg
+    out = run_cli("verify", url, "--json")
+    assert out.returncode == 2 and json.loads(out.stdout)["error"]["message"] == msg, out

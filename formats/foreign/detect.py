@@ -297,6 +297,8 @@ def _listing(names: list[str]) -> str:
 
 def _convert_advice(url: str, fmt: str) -> str:
     spec = " --spec SPEC" if fmt == "megatron" else ""
+    if not _is_local(url):  # ckpt convert reads foreign formats from local paths only
+        return f"copy it to a local directory DIR, then convert it: ckpt convert DIR OUT --from {fmt}{spec}, and pass OUT"
     return f"convert it first: ckpt convert {url} OUT --from {fmt}{spec}, then pass OUT"
 
 
@@ -339,9 +341,7 @@ def _foreign_text(url: str, fmt: str, names: list[str]) -> str:
     if fmt == "torch" and len(pt) == 1:  # a directory holding one torch.save file: name the file to convert
         url, names = f"{url}/{pt[0]}", pt
     return (f"{what} ({_listing(names)}), not a ckpt checkpoint: expected {MANIFEST}, which ckpt.load, ckpt inspect "
-            f"and ckpt verify read. It is not a failed save; {_convert_advice(url, fmt)}"
-            + ("" if _is_local(url) else " (copy it to a local directory first: ckpt convert reads it from local "
-                                         "paths only)"))
+            f"and ckpt verify read. It is not a failed save; {_convert_advice(url, fmt)}")
 
 
 def _step_of(name: str) -> int | None:
