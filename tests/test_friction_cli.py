@@ -108,6 +108,10 @@ def test_inspect_and_verify_of_a_checkpointer_root_and_its_parent(run_root):
         assert out.returncode == 2, (cmd, out)  # a wrong path, not a failed check
         assert "FAILED" not in out.stderr and not DELETE.search(out.stderr), out.stderr
         assert "Checkpointer root" in out.stderr and "step_000000025" in out.stderr, out.stderr
+    for argv in (("convert", str(run_root), str(run_root.parent / "out")), ("diff", str(run_root), str(run_root))):
+        out = run_cli(*argv)  # --from auto finds no format there: which folders to pass, all the same
+        assert out.returncode == 2 and "Checkpointer root" in out.stderr and "10, 25" in out.stderr, (argv, out)
+    assert not (run_root.parent / "out").exists()
     parent = run_cli("verify", str(run_root.parent))
     assert parent.returncode == 2 and "FAILED" not in parent.stderr and not DELETE.search(parent.stderr)
     assert f"{run_root}/step_000000010, {run_root}/step_000000025" in parent.stderr, parent.stderr

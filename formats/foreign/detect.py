@@ -151,6 +151,9 @@ def detect_format(path: str, storage_options: dict[str, Any] | None = None) -> s
         return "torch"
     if len(tfiles) > 1:
         raise UnknownFormatError(f"{path}: holds several torch files {tfiles[:10]}; pass the file to convert")
+    below = _checkpoints_below(path)
+    if below is not None:  # a Checkpointer root or a folder of checkpoints: say which ones to pass
+        raise UnknownFormatError(below)
     listing = ", ".join(names[:10]) + (f", ... ({len(names)} entries)" if len(names) > 10 else "")
     raise UnknownFormatError(f"{path}: no checkpoint format recognised; found [{listing or 'an empty directory'}], "
                              f"expected one of: {_NEEDS}. Pass --from to say which it is.")
@@ -342,6 +345,15 @@ def _foreign_text(url: str, fmt: str, names: list[str]) -> str:
         url, names = f"{url}/{pt[0]}", pt
     return (f"{what} ({_listing(names)}), not a ckpt checkpoint: expected {MANIFEST}, which ckpt.load, ckpt inspect "
             f"and ckpt verify read. It is not a failed save; {_convert_advice(url, fmt)}")
+
+
+def _checkpoints_below(path: str) -> str | None:
+    """What to say of a directory that holds committed universal checkpoints in subdirectories (``detect_format``
+    found no format in it), None if it holds none."""
+    with open_storage(path) as storage:
+        files = storage.list("")
+        committed = sorted(p[: -len(MANIFEST) - 1] for p in files if p.endswith("/" + MANIFEST))
+        return _holds_checkpoints_text(storage, path.rstrip("/") or path, files, committed) if committed else None
 
 
 def _step_of(name: str) -> int | None:
