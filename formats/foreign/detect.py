@@ -18,7 +18,12 @@ Rules, checked on the path itself (nothing is unpickled or read beyond a file's 
 * a format registered with a ``detect`` hook (``formats.foreign.registry.register_source``): a path none of the
   rules above recognises and its hook claims.
 
-Anything else raises ``UnknownFormatError`` listing what was found.
+Anything else raises ``UnknownFormatError`` listing what was found (a ``ckpt.Checkpointer`` root or a folder of
+checkpoints: which folders to pass).
+
+``no_manifest_error`` is the other question, asked where a ckpt checkpoint was expected and ``manifest.json`` is
+missing (``formats.reader.read_manifest``): what the path is instead (a save that never committed, a Checkpointer root,
+a folder of checkpoints, a foreign format, a single file) and what to pass; it uses the rules above.
 """
 
 from __future__ import annotations
@@ -388,6 +393,7 @@ def _checkpointer_root_text(storage: Storage, url: str, prefix: str, steps: list
     pick = next((d for d, n in zip(steps, numbers) if latest is not None and n == latest), steps[-1])
     shown = ", ".join(str(n) if n is not None else d for n, d in zip(numbers[-_SHOW:], steps[-_SHOW:]))
     more = f" ({len(steps)} in all)" if len(steps) > _SHOW else ""
+    shown = ("..., " if more else "") + shown
     committed = set(steps)
     uncommitted = sorted({p[len(prefix):].split("/", 1)[0] for p in files if p.startswith(prefix)
                           and "/" in p[len(prefix):] and p[len(prefix):].split("/", 1)[0] not in committed
