@@ -69,13 +69,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
           f"{doc['writer'].get('version')} (torch {doc['writer'].get('torch')})")
     lay = dict(doc["layout"])
     spec = lay.pop("spec", None)
-    print(f"layout      {layout_text(doc['world_size'], lay)}")
+    print(f"layout      {layout_text(doc['world_size'], lay, spec is not None)}")
     if spec is not None:
         from resharding.spec_bind import SpecBinding
 
         b = SpecBinding.from_json_dict(spec, doc["path"])
         print(f"spec        '{b.spec.name}' ({b.spec.file}) under "
-              f"{','.join(f'{k}={v}' for k, v in b.parallel.items())}; dims {b.dims}")
+              f"{','.join(f'{k}={v}' for k, v in b.parallel.items())}; "
+              f"dims {', '.join(f'{k}={v}' for k, v in b.dims.items())}")
     print(f"size        {_human_bytes(doc['tensor_bytes'])} of tensors in {len(doc['tensors'])} keys, "
           f"{_human_bytes(doc['stored_bytes'])} in {doc['files']} files")
     width = max([len(t["key"]) for t in doc["tensors"]] + [3])
@@ -92,14 +93,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def layout_text(world_size: int, layout: dict[str, Any]) -> str:
-    """The manifest's ``layout`` record (less its spec) as one line: ``saved by 4 ranks; DTensor meshes [2, 2]``."""
+def layout_text(world_size: int, layout: dict[str, Any], spec: bool = False) -> str:
+    """The manifest's ``layout`` record (less its spec; ``spec``: it has one) as one line, for ``ckpt inspect``:
+    ``saved by 4 ranks; DTensor mesh [2, 2]``."""
     lay = dict(layout)
     lay.pop("world_size", None)
+    lay.pop("spec", None)
     meshes = lay.pop("dtensor_mesh_shapes", None) or []
     parts = [f"saved by {world_size} rank{'s' if world_size != 1 else ''}",
              f"DTensor mesh{'es' if len(meshes) > 1 else ''} {', '.join(str(m) for m in meshes)}" if meshes
-             else "no DTensor mesh (plain tensors)"]
+             else "rank-local tensors cut as the spec below says" if spec else "no DTensor mesh (plain tensors)"]
     parts += [f"{k} {json.dumps(v, default=str)}" for k, v in sorted(lay.items())]
     return "; ".join(parts)
 

@@ -230,7 +230,22 @@ def test_inspect_says_the_saved_layout_in_words(run_root):
     assert re.search(r"^layout +saved by 1 rank; no DTensor mesh", out.stdout, re.MULTILINE), out.stdout
     from ckpt.cli import layout_text
 
-    assert layout_text(4, {"world_size": 4, "dtensor_mesh_shapes": ["[2, 2]"]}) == "saved by 4 ranks; DTensor mesh [2, 2]"
+    want = "saved by 4 ranks; DTensor mesh [2, 2]"
+    assert layout_text(4, {"world_size": 4, "dtensor_mesh_shapes": ["[2, 2]"]}) == want
+
+
+def test_inspect_of_a_spec_saved_checkpoint_says_layout_and_dims_in_words(tmp_path):
+    import megatron_ref as M
+    from tests.test_reshard import logical_state, spec_dims
+
+    mc = M.gpt_tiny()
+    ckpt.save(M.to_local(logical_state(mc), mc, M.ParallelConfig(), 0), str(tmp_path / "c"), spec="gpt",
+              dims=spec_dims(mc), layout="tp=1")
+    out = run_cli("inspect", str(tmp_path / "c"))
+    assert out.returncode == 0 and "{'" not in out.stdout, out.stdout
+    assert re.search(r"^layout +saved by 1 rank; rank-local tensors cut as the spec below says$", out.stdout,
+                     re.MULTILINE), out.stdout
+    assert re.search(rf"^spec .*; dims hidden={mc.hidden}, heads=", out.stdout, re.MULTILINE), out.stdout
 
 
 def test_an_option_value_that_does_not_parse_is_a_usage_error(run_root, tmp_path):

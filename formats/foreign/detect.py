@@ -216,7 +216,8 @@ def no_manifest_error(storage: Storage) -> CheckpointError:
 
     * nothing stored there: ``CheckpointNotFoundError``;
     * only files in ``data/``: a save that never committed, ``IncompleteCheckpointError``; deleting the directory is
-      advised only here, and only when each file is named as this format's writers name data files (``_data_file_test``);
+      advised only here, and only when each file is named as this format's writers name data files
+      (``_data_file_test``);
     * data files next to other files, or step folders that hold only data files: ``IncompleteCheckpointError``, with
       no advice to delete what is not a data file;
     * a ``ckpt.Checkpointer`` root (``latest`` and committed step folders), a directory holding checkpoints in
@@ -306,7 +307,8 @@ def _listing(names: list[str]) -> str:
 def _convert_advice(url: str, fmt: str) -> str:
     spec = " --spec SPEC" if fmt == "megatron" else ""
     if not _is_local(url):  # ckpt convert reads foreign formats from local paths only
-        return f"copy it to a local directory DIR, then convert it: ckpt convert DIR OUT --from {fmt}{spec}, and pass OUT"
+        return (f"copy it to a local directory DIR, then convert it: ckpt convert DIR OUT --from {fmt}{spec}, and "
+                "pass OUT")
     return f"convert it first: ckpt convert {url} OUT --from {fmt}{spec}, then pass OUT"
 
 
