@@ -97,6 +97,10 @@ def _check_seal(data: bytes, where: str) -> bool:
     return True
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"non-standard JSON constant {name} (NaN and Infinity are not JSON)")
+
+
 def config_json(config: Any, what: str, where: str = "") -> dict[str, Any]:
     """A model configuration as the JSON object the manifest's ``metadata`` records (``CONFIG_METADATA``).
 
@@ -117,7 +121,7 @@ def config_json(config: Any, what: str, where: str = "") -> dict[str, Any]:
             raise UnsupportedStateError(
                 f"{at}{what}: expected a transformers PretrainedConfig/GenerationConfig or a dict of JSON values, "
                 f"found {type(config).__name__}; pass model.config (or its to_dict())")
-        doc = json.loads(text)
+        doc = json.loads(text, parse_constant=_no_constant)
     except (TypeError, ValueError, RecursionError) as e:
         raise UnsupportedStateError(f"{at}{what}: not representable as JSON ({type(e).__name__}: {e}); pass a dict "
                                     "of str, int, float, bool, None, lists and dicts") from None
