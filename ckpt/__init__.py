@@ -15,6 +15,7 @@ from ckpt.errors import (
     UnsupportedStateError,
     CorruptCheckpointError,
     DistributedCheckpointError,
+    CollectiveTimeoutError,
     IncompleteCheckpointError,
     ShardMismatchError,
     SpecError,
@@ -57,7 +58,7 @@ __all__ = [
     "RNGState", "EveryNSteps", "KeepLatestN", "KeepEveryN", "AnyOf", "SaveOptions", "LoadOptions", "SaveResult", "Stateful",
     "CheckpointError", "CheckpointNotFoundError", "IncompleteCheckpointError", "CorruptCheckpointError",
     "ShardMismatchError", "UnsafeCheckpointError", "StorageError", "SpecError", "DistributedCheckpointError",
-    "CheckpointExistsError", "UnsupportedStateError", "UnknownFormatError", "FormatNotImplementedError",
+    "CollectiveTimeoutError", "CheckpointExistsError", "UnsupportedStateError", "UnknownFormatError", "FormatNotImplementedError",
     "DaemonError", "DaemonUnavailableError", "DaemonBudgetError", "DaemonProtocolError", "ErasureCodingError",
 ]
 

@@ -19,6 +19,7 @@ __all__ = [
     "StorageError",
     "SpecError",
     "DistributedCheckpointError",
+    "CollectiveTimeoutError",
     "CheckpointExistsError",
     "UnsupportedStateError",
     "DaemonError",
@@ -85,6 +86,23 @@ class DistributedCheckpointError(CheckpointError):
     def __init__(self, message: str, failures: dict[int, str] | None = None) -> None:
         super().__init__(message)
         self.failures: dict[int, str] = dict(failures or {})
+
+
+class CollectiveTimeoutError(CheckpointError, TimeoutError):
+    """Some ranks of a process group did not reach a ckpt collective within the timeout (a rank-0-only
+    ``ckpt.save``, a rank that died or raised outside ckpt); raised on the ranks that did arrive.
+
+    ``op`` names the call and phase, ``missing_ranks`` and ``arrived_ranks`` are group ranks, ``timeout_secs`` the
+    limit that expired (``CKPT_COLLECTIVE_TIMEOUT``).
+    """
+
+    def __init__(self, message: str, op: str = "", missing_ranks: tuple[int, ...] = (),
+                 arrived_ranks: tuple[int, ...] = (), timeout_secs: float | None = None) -> None:
+        super().__init__(message)
+        self.op = op
+        self.missing_ranks = tuple(missing_ranks)
+        self.arrived_ranks = tuple(arrived_ranks)
+        self.timeout_secs = timeout_secs
 
 
 class DaemonError(CheckpointError):

@@ -97,3 +97,13 @@ def retention_from(keep_last: int | None, keep_every: int | None) -> RetentionPo
     if keep_every:
         policies.append(KeepEveryN(keep_every))
     return AnyOf(tuple(policies)) if policies else KeepAll()
+
+
+def memory_keep(keep_last: int | None, memory_slots: int) -> int:
+    """How many staged snapshots the Checkpointer's memory tier keeps: ``keep_last`` (None: as many as fit), at
+    most ``memory_slots - 1`` because one slot is always left for the snapshot being copied (a single slot keeps
+    its one snapshot until the next copy starts)."""
+    if memory_slots < 1:
+        raise ValueError(f"Checkpointer(memory_slots={memory_slots}): expected at least 1 slot")
+    most = max(1, memory_slots - 1)
+    return most if not keep_last else max(1, min(keep_last, most))

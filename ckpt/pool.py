@@ -2,10 +2,12 @@
 
 Allocating once matters: first-touch allocation costs several times a memcpy (DESIGN.md measured about 15 GB/s
 for a copy into a touched buffer against 2.9 GB/s for ``clone()``). Each slot holds one whole snapshot of this
-rank's state. Slots are handed out in a ring; the slot holding the latest committed in-memory snapshot is never
-handed out (it is the memory tier), nor the slot a tier holds (``hold``: the snapshot daemon's newest sealed step,
-whose bytes are that slot's, until a newer one is sealed), and when every other slot is still being staged or
-flushed, ``acquire`` blocks: that is back-pressure, and its wait is measured.
+rank's state. Slots are handed out in a ring. The slots of the ``keep_staged`` newest staged snapshots are the
+memory tier (retention per tier: the Checkpointer keeps ``min(keep_last, memory_slots - 1)`` there, one slot being
+left for the snapshot being copied); the newest of them is never handed out, nor the slot a tier holds (``hold``: the
+snapshot daemon's newest sealed step, whose bytes are that slot's, until a newer one is sealed). An older kept
+snapshot gives its slot up when no other slot is free, rather than make ``save`` wait; when every other slot is
+still being staged or flushed, ``acquire`` blocks: that is back-pressure, and its wait is measured.
 
 Memory comes from a ``SegmentAllocator``. The default one allocates torch host tensors (pinned when CUDA is
 available, for asynchronous device-to-host copies). The snapshot daemon will provide an allocator whose
@@ -89,25 +91,44 @@ class Slot:
 
 
 class HostBufferPool:
-    """A ring of ``num_slots`` slots. Thread-safe: the main thread acquires, flush threads release."""
+    """A ring of ``num_slots`` slots, keeping up to ``keep_staged`` staged snapshots (at most ``num_slots - 1``
+    with two slots or more: one is always left to stage into). Thread-safe: the main thread acquires, flush threads
+    release."""
 
-    def __init__(self, num_slots: int = 2, allocator: SegmentAllocator | None = None, name: str = "ckpt") -> None:
+    def __init__(self, num_slots: int = 2, allocator: SegmentAllocator | None = None, name: str = "ckpt",
+                 keep_staged: int = 1) -> None:
         if num_slots < 1:
             raise ValueError(f"HostBufferPool(num_slots={num_slots}): need at least 1 slot")
+        most = max(1, num_slots - 1)
+        if not 1 <= keep_staged <= most:
+            raise ValueError(f"HostBufferPool(num_slots={num_slots}, keep_staged={keep_staged}): expected 1 to "
+                             f"{most} kept snapshots (one slot stays free for the snapshot being copied); "
+                             "use more slots to keep more")
         self.allocator = allocator or HostAllocator()
         self.name = name
+        self.keep_staged = keep_staged
         self.slots = [Slot(i, torch.empty(0, dtype=torch.uint8)) for i in range(num_slots)]
         self._cond = threading.Condition()
-        self._latest: Slot | None = None  # the memory tier's committed snapshot
+        self._staged: list[Slot] = []  # the memory tier: staged snapshots kept, oldest first
         self._held: Slot | None = None  # a tier's newest committed snapshot that lives in the slot itself (hold)
         self._next = 0
         self.allocated_bytes = 0
         self._preparer: threading.Thread | None = None
 
+    @property
+    def _latest(self) -> Slot | None:
+        return self._staged[-1] if self._staged else None
+
     def _reusable(self, slot: Slot) -> bool:
         if slot.state == STAGING or slot.pending:
             return False
-        return len(self.slots) == 1 or (slot is not self._latest and slot is not self._held)
+        return len(self.slots) == 1 or (slot not in self._staged and slot is not self._held)
+
+    def _evictable(self) -> Slot | None:
+        """The oldest kept snapshot but the newest whose slot could be reused (no tier flushes from it, none
+        holds it): given up rather than make a new snapshot wait."""
+        return next((s for s in self._staged[:-1] if s.state != STAGING and not s.pending and s is not self._held),
+                    None)
 
     def acquire(self, nbytes: int, tiers: "set[str] | None" = None,
                 timeout_secs: float | None = None, step: int | None = None) -> tuple[Slot, float]:
@@ -127,6 +148,10 @@ class HostBufferPool:
                     if self._reusable(slot):
                         break
                 else:
+                    evict = self._evictable()
+                    if evict is not None:
+                        slot = evict
+                        break
                     remaining = None if timeout_secs is None else timeout_secs - (time.perf_counter() - t0)
                     if remaining is not None and remaining <= 0:
                         raise TimeoutError(f"no free snapshot slot after {timeout_secs}s (all {len(self.slots)} busy)")
@@ -134,8 +159,8 @@ class HostBufferPool:
                     continue
                 break
             self._next = (slot.index + 1) % len(self.slots)
-            if slot is self._latest:
-                self._latest = None
+            if slot in self._staged:
+                self._staged.remove(slot)
             if slot is self._held:
                 self._held = None
             slot.state, slot.step, slot.snapshot = STAGING, None, None
@@ -210,18 +235,23 @@ class HostBufferPool:
         self._preparer.start()
 
     def mark_staged(self, slot: Slot, step: int) -> None:
-        """Staging finished: ``slot`` is the newest in-memory snapshot (tiers may still be flushing from it)."""
+        """Staging finished: ``slot`` is the newest in-memory snapshot (tiers may still be flushing from it); the
+        oldest kept one beyond ``keep_staged`` leaves the memory tier (its slot becomes free once no tier flushes
+        from it)."""
         with self._cond:
             slot.state, slot.step = STAGED, step
-            self._latest = slot
+            if slot in self._staged:
+                self._staged.remove(slot)
+            self._staged.append(slot)
+            del self._staged[:-self.keep_staged]
             self._cond.notify_all()
 
     def abandon(self, slot: Slot) -> None:
         """Staging failed: the slot holds nothing usable (tiers still flushing release it as they fail)."""
         with self._cond:
             slot.state, slot.step = FREE, None
-            if slot is self._latest:
-                self._latest = None
+            if slot in self._staged:
+                self._staged.remove(slot)
             self._cond.notify_all()
 
     def hold(self, slot: Slot | None, step: int | None = None) -> None:
@@ -246,6 +276,16 @@ class HostBufferPool:
         with self._cond:
             return self._latest
 
+    def staged(self, step: int) -> Slot | None:
+        """The slot of the kept staged snapshot of ``step`` (the memory tier), if it is still there."""
+        with self._cond:
+            return next((s for s in self._staged if s.step == step), None)
+
+    def staged_steps(self) -> list[int]:
+        """Steps of the kept staged snapshots (the memory tier), ascending."""
+        with self._cond:
+            return sorted(s.step for s in self._staged if s.step is not None)
+
     def close(self) -> None:
         if self._preparer is not None:
             self._preparer.join()
@@ -257,7 +297,7 @@ class HostBufferPool:
                     self.allocator.free(slot.buffer, f"{self.name}-{slot.index}")
                 slot.buffer = torch.empty(0, dtype=torch.uint8)
                 slot.state = FREE
-            self._latest = self._held = None
+            self._staged, self._held = [], None
             self.allocated_bytes = 0
         if close is not None:
             close()

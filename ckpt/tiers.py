@@ -158,6 +158,9 @@ def tier_group(dw: DistWrapper, process_group: Any) -> Any:
     world; None in a single process)."""
     if dw.world_size == 1:
         return None
+    # new_group waits for every rank with no word of who is missing: a Checkpointer built on some ranks only
+    # must fail here, naming them, within the collective timeout.
+    dw.barrier("ckpt.Checkpointer: creating a tier's gloo group")
     ranks = dist.get_process_group_ranks(process_group) if process_group is not None else None
     return dist.new_group(ranks=ranks, backend="gloo")
 
