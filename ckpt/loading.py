@@ -349,9 +349,18 @@ def load(state: Any, path: "str | Storage", *, process_group: Any = None, strict
     (Megatron-style state, ZeRO flat buffers): this rank's tensors are filled from the logical tensors, padding
     with zeros. ``spec`` and ``dims`` default to those the checkpoint was saved with.
     """
+    storage = open_storage(path, storage_options)
+    try:
+        return _load(state, storage, process_group, strict, options, lenient_prefixes, spec, dims, layout)
+    finally:
+        if not isinstance(path, Storage):  # opened here: its cached file descriptors go now (3 per load leaked)
+            storage.close()
+
+
+def _load(state: Any, storage: Storage, process_group: Any, strict: bool, options: LoadOptions | None,
+          lenient_prefixes: tuple[str, ...], spec: Any, dims: dict[str, Any] | None, layout: Any) -> LoadReport:
     opts = options or LoadOptions()
     dw = DistWrapper(process_group)
-    storage = open_storage(path, storage_options)
     manifest = dw.run("ckpt.load: reading the manifest", lambda: read_manifest(storage) if dw.is_coordinator else None)
     manifest = dw.broadcast(manifest)
     binding = load_binding(manifest, spec, dims, layout, storage.url)
