@@ -30,7 +30,7 @@ from formats.writer import ChunkWrite, WriteItem, WriteOptions, write_items
 from formats import checksum
 from formats.tensor_bytes import as_bytes
 from formats.box import Box
-from resharding.layout import LocalPiece, TensorLayout, tensor_layout
+from resharding.layout import LocalPiece, TensorLayout, is_dtensor, tensor_layout
 from resharding.spec_bind import SpecBinding, local_layouts, parse_parallel, replica_policies, resolve_spec
 from resharding.spec_layout import RankLayout
 from resharding.planner import WriteAssignment, WriteCandidate, plan_global_writes
@@ -56,6 +56,8 @@ class _LocalPlan:
     containers: dict[str, ContainerEntry] | None
     #: Digests of the boxes a spec calls replicated, so the coordinator can check that the holders agree.
     replica_digests: dict[tuple[str, Box], str] | None = None
+    #: Keys whose tensor is the very tensor of an earlier key (tied weights): key -> that earlier key.
+    tied: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -72,20 +74,38 @@ def describe(flat: FlatState, is_coordinator: bool, bound: BoundState | None = N
              ) -> tuple[_LocalPlan, dict[str, TensorLayout]]:
     """This rank's write candidates and tensor meta (no copy, no I/O). Every rank, before ``plan_global``."""
     layouts = bound.layouts if bound is not None else {k: tensor_layout(t) for k, t in flat.tensors.items()}
+    tied = tied_keys(flat) if bound is None else {}
     candidates: list[WriteCandidate] = []
     meta: dict[str, TensorMeta] = {}
     for key, lay in layouts.items():
         t = lay.local
         dname = dtype_name(t.dtype)
         meta[key] = TensorMeta(dname, tuple(lay.global_shape), lay.description)
+        if key in tied:  # stored once, under the key it is tied to
+            continue
         for piece in lay.pieces:
             candidates.append(WriteCandidate(key, dname, lay.global_shape, piece.global_box, t.element_size()))
     return (
         _LocalPlan(candidates, meta, flat.values if is_coordinator else None,
                    flat.containers if is_coordinator else None,
-                   bound.replica_digests if bound is not None else None),
+                   bound.replica_digests if bound is not None else None, tied),
         layouts,
     )
+
+
+def tied_keys(flat: FlatState) -> dict[str, str]:
+    """Keys whose plain tensor is the same memory, shape, strides and dtype as an earlier key's (a tied embedding
+    and LM head): key -> the first key. The checkpoint stores those bytes once and lists both keys on them."""
+    seen: dict[tuple[Any, ...], str] = {}
+    out: dict[str, str] = {}
+    for key, t in flat.tensors.items():
+        if is_dtensor(t) or t.numel() == 0 or t.device.type == "meta" or t.data_ptr() == 0:
+            continue
+        ident = (str(t.device), t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
+        first = seen.setdefault(ident, key)
+        if first != key:
+            out[key] = first
+    return out
 
 
 def replica_digests(layouts: dict[str, TensorLayout], rl: RankLayout) -> dict[tuple[str, Box], str]:
@@ -163,6 +183,8 @@ class ManifestPlan:
     containers: Mapping[str, ContainerEntry] = field(default_factory=dict)
     spec: dict[str, Any] | None = None
     metadata: Mapping[str, Any] = field(default_factory=dict)
+    #: Tied tensors stored once: key -> the key whose chunks it shares (``tied_keys``).
+    tied: Mapping[str, str] = field(default_factory=dict)
 
     def layout(self, world_size: int) -> dict[str, Any]:
         """The manifest's ``layout`` record: the world size, the DTensor mesh shapes seen, and the spec."""
@@ -222,6 +244,8 @@ def plan_save(dw: DistWrapper, flat: FlatState, max_chunk_bytes: int, phase: str
 
     def plan_global(plans: list[_LocalPlan]) -> list[tuple[str, list[WriteAssignment]]]:
         check_replicas(plans, phase)
+        # Tied on every rank: stored once. Tied on some ranks only: the others offer the bytes, written as usual.
+        tied = {k: v for k, v in plans[0].tied.items() if all(p.tied.get(k) == v for p in plans[1:])}
         assignments = plan_global_writes([p.candidates for p in plans], max_chunk_bytes,
                                          overlapping_replicas=binding is not None)
         meta: dict[str, TensorMeta] = {}
@@ -229,7 +253,7 @@ def plan_save(dw: DistWrapper, flat: FlatState, max_chunk_bytes: int, phase: str
             for k, m in p.meta.items():
                 meta.setdefault(k, m)
         fixed.append(ManifestPlan(meta, plans[0].values or {}, plans[0].containers or {},
-                                  binding.to_json_dict() if binding is not None else None))
+                                  binding.to_json_dict() if binding is not None else None, tied=tied))
         save_id = new_save_id()
         return [(save_id, a) for a in assignments]
 
@@ -250,7 +274,7 @@ def write_and_commit(dw: DistWrapper, storage: Storage, save_id: str, items: "li
         assert manifest is not None, "the coordinator holds the manifest plan"
         m = build_manifest(save_id=save_id, results=results, tensors=manifest.tensors, values=manifest.values,
                            containers=manifest.containers, layout=manifest.layout(dw.world_size), tool=tool,
-                           metadata=manifest.metadata, where=storage.url)
+                           metadata=manifest.metadata, where=storage.url, tied=manifest.tied)
         commit(storage, m)
         return [sum(f.size_bytes for f in m.files.values())] * len(results)
 
@@ -297,6 +321,8 @@ def save(state: Any, path: "str | Storage", *, process_group: Any = None, storag
 
     if not overwrite:
         dw.run("ckpt.save: checking the destination", refuse_overwrite)
+    if dw.is_coordinator:
+        warn_if_shared(storage)
     bound = bind_local(dw, flat, binding) if binding is not None else None
     plan = plan_save(dw, flat, opts.max_chunk_bytes, binding=binding, bound=bound)
     manifest = replace(plan.manifest, metadata=configs) if plan.manifest is not None else None
@@ -305,6 +331,29 @@ def save(state: Any, path: "str | Storage", *, process_group: Any = None, storag
     total = write_and_commit(dw, storage, plan.save_id, items, manifest, wopts)
     mine_bytes = sum(i.nbytes for i in items)
     return SaveResult(storage.url, plan.save_id, mine_bytes, total, time.perf_counter() - t0)
+
+
+def warn_if_shared(storage: Storage) -> list[str]:
+    """Warn (``UserWarning``) when a local destination directory already holds entries that are not this format's
+    (``manifest.json``, ``data/``): the checkpoint would be mixed in with them without a word. Returns them."""
+    import os
+    import warnings
+
+    root = getattr(storage, "root", None)
+    if not isinstance(root, str) or not os.path.isdir(root):
+        return []
+    try:
+        with os.scandir(root) as it:
+            others = sorted(e.name for e in it if e.name not in (MANIFEST_NAME, DATA_DIR) and not e.name.startswith("."))
+    except OSError:
+        return []
+    if others:
+        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        warnings.warn(f"ckpt.save {storage.url}: the directory already holds {len(others)} other entr"
+                      f"{'y' if len(others) == 1 else 'ies'} ({shown}); the checkpoint (manifest.json, data/) is "
+                      "written among them, and a later ckpt.save there with overwrite=True deletes only its own "
+                      "data files. Save to a new or empty directory to keep it apart.", UserWarning, stacklevel=3)
+    return others
 
 
 def make_binding(spec: Any, dims: dict[str, Any] | None, layout: Any, where: str) -> SpecBinding | None:

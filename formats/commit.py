@@ -63,12 +63,19 @@ class TensorMeta:
 
 def build_manifest(*, save_id: str, results: list[RankResult], tensors: Mapping[str, TensorMeta],
                    values: Mapping[str, Any], containers: Mapping[str, ContainerEntry], layout: dict[str, Any],
-                   tool: str, metadata: Mapping[str, Any] | None = None, where: str = "") -> Manifest:
+                   tool: str, metadata: Mapping[str, Any] | None = None, where: str = "",
+                   tied: Mapping[str, str] | None = None) -> Manifest:
     """The manifest of a save whose ranks returned ``results`` (rank = position). ``values`` are plain JSON values.
+    ``tied`` (key -> key) lists tensors stored once: a key with no chunks of its own gets the chunks of the key it
+    is tied to (the same bytes, listed under both keys; every reader handles that as two entries).
 
     Raises ``CorruptCheckpointError`` (naming ``where`` and the key) when the chunks written do not cover a tensor
     exactly: a planner bug must never commit."""
     files, chunks = files_and_chunks(results)
+    for key, first in (tied or {}).items():
+        if key not in chunks and first in chunks and key in tensors and first in tensors \
+                and tuple(tensors[key].shape) == tuple(tensors[first].shape) and tensors[key].dtype == tensors[first].dtype:
+            chunks[key] = list(chunks[first])
     entries = {k: TensorEntry(k, m.dtype, tuple(m.shape), tuple(sorted(chunks.get(k, []), key=lambda c: c.offsets)),
                               m.description)
                for k, m in tensors.items()}
