@@ -23,8 +23,9 @@ from ckpt.errors import (CheckpointNotFoundError, CorruptCheckpointError, Daemon
                          StorageError)
 from ckpt.loading import load as load_checkpoint
 from ckpt.options import SaveOptions
+from formats.manifest import config_metadata
 from ckpt.plan_cache import PlanCache
-from ckpt.policies import EveryNSteps, retention_from
+from ckpt.policies import EveryNSteps, memory_keep, retention_from
 from ckpt.pool import HostBufferPool, SegmentAllocator
 from ckpt.rng import RNGState
 from ckpt.snapshot_handle import (MEMORY, BackgroundErrors, MetricsLog, SnapshotHandle, SnapshotMetrics,
@@ -58,7 +59,7 @@ class Checkpointer:
                  save_options: SaveOptions | None = None,
                  save_rng: bool = True, lazy: bool = True, metrics: bool = True,
                  allocator: SegmentAllocator | None = None, background_priority: str = "normal",
-                 daemon: str | None = None) -> None:
+                 daemon: str | None = None, model_config: Any = None, generation_config: Any = None) -> None:
         for name, v in (("memory_every", memory_every), ("disk_every", disk_every), ("remote_every", remote_every)):
             if v < 0:
                 raise ValueError(f"Checkpointer({name}={v}): expected >= 0 (0 disables that tier)")
@@ -87,7 +88,11 @@ class Checkpointer:
                                         background_priority, save_options=self.save_options))
             allocator = getattr(self.tiers[0], "allocator", allocator)
         import torch.distributed.checkpoint.state_dict  # noqa: F401, PLC0415 - its import (~50 ms) not in the first save
-        self.stager = Stager(HostBufferPool(memory_slots, allocator), Copier(background_priority))
+        self.stager = Stager(HostBufferPool(memory_slots, allocator, keep_staged=memory_keep(keep_last, memory_slots)),
+                             Copier(background_priority))
+        # ckpt.save's model_config=/generation_config=: in every step's manifest, so `ckpt convert --to safetensors`
+        # of a step writes config.json (checked here, before training starts)
+        self.stager.metadata = config_metadata(model_config, generation_config, "ckpt.Checkpointer")
         self.pool, self.copier = self.stager.pool, self.stager.copier
         if disk_every:
             self.tiers.append(open_tier("disk", self.root, EveryNSteps(disk_every), retention_from(keep_last, keep_every),
@@ -191,8 +196,7 @@ class Checkpointer:
         """Committed steps per tier. With ``only``, lists that tier alone and a listing failure raises; without,
         a tier that cannot be listed (a remote store that is down) counts as empty, so the others stay usable,
         and the failure is kept in ``self._unlisted`` for messages."""
-        local = self.stager.memory_step()
-        everyone = self.dw.all_gather([local] if local is not None else [])
+        everyone = self.dw.all_gather(self.stager.memory_steps())
         steps = {MEMORY: sorted(set.intersection(*[set(s) for s in everyone]))}
 
         def listing() -> tuple[dict[str, list[int]], dict[str, str]] | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
@@ -39,6 +39,8 @@ class StagedSnapshot:
     #: Region position -> index of its lazy copy in ``staging`` (absent: copied before ``save`` returned).
     lazy_index: dict[int, int] = field(default_factory=dict)
     staging: StagingHandle | None = None
+    #: The manifest's informational metadata (the Checkpointer's ``model_config``: ``formats.manifest.config_metadata``).
+    metadata: dict[str, Any] = field(default_factory=dict)
 
     @property
     def save_id(self) -> str:
@@ -70,7 +72,10 @@ class StagedSnapshot:
     def manifest(self) -> ManifestPlan | None:
         """The coordinator's manifest plan with this snapshot's values (None on other ranks)."""
         m = self.layout.plan.manifest
-        return m.with_state(self.values, self.containers) if m is not None else None
+        if m is None:
+            return None
+        m = m.with_state(self.values, self.containers)
+        return replace(m, metadata=dict(self.metadata)) if self.metadata else m
 
 
 class Stager:
@@ -81,6 +86,8 @@ class Stager:
         self.copier = copier
         self.current: StagingHandle | None = None
         self.current_metrics: SnapshotMetrics | None = None
+        #: Recorded in every snapshot's manifest (``StagedSnapshot.metadata``).
+        self.metadata: dict[str, Any] = {}
         self._hooks: weakref.WeakKeyDictionary[torch.optim.Optimizer, Any] = weakref.WeakKeyDictionary()
 
     # -- the DataStates-LLM wait -------------------------------------------------------------------------------
@@ -110,7 +117,7 @@ class Stager:
         """Copy ``flat`` into a free slot (waiting for one: back-pressure), the lazy part in the background;
         ``on_staged`` runs on the copier thread once every copy is done. ``tiers`` will flush from the slot."""
         slot, m.backpressure_wait_secs = self.pool.acquire(lay.total_bytes, tiers, step=step)
-        snap = StagedSnapshot(step, slot, lay, dict(flat.values), dict(flat.containers))
+        snap = StagedSnapshot(step, slot, lay, dict(flat.values), dict(flat.containers), metadata=self.metadata)
         eager, lazy = [], []
         for i, (r, dst) in enumerate(zip(lay.regions, snapshot_layout.slot_views(slot, lay))):
             src = sources[r.key]
@@ -141,16 +148,15 @@ class Stager:
         else:
             self.pool.mark_staged(snap.slot, h.step)
 
-    def memory_step(self) -> int | None:
-        """The step of this process's newest staged snapshot (the memory tier), if any."""
-        slot = self.pool.latest()
-        return slot.step if slot is not None else None
+    def memory_steps(self) -> list[int]:
+        """The steps of this process's kept staged snapshots (the memory tier), ascending."""
+        return self.pool.staged_steps()
 
     def restore(self, state: Any, step: int, dry_run: bool = False) -> bool:
         """Copy the memory tier's snapshot of ``step`` back into ``state``; False when it is not there or the
         state's structure differs from the snapshot's (``dry_run``: only say whether it would work)."""
-        slot = self.pool.latest()
-        snap = slot.snapshot if slot is not None and slot.step == step else None
+        slot = self.pool.staged(step)
+        snap = slot.snapshot if slot is not None else None
         if snap is None:
             return False
         plain, bindings, ctx = resolve(state)

@@ -229,7 +229,8 @@ class DaemonTier(StorageTier):
             assert plan is not None, "the coordinator holds the manifest plan"
             m = build_manifest(save_id=snapshot.save_id, results=results, tensors=plan.tensors, values=plan.values,
                                containers=plan.containers, layout=plan.layout(self.dw.world_size),
-                               tool="ckpt.Checkpointer (daemon)", where=self.url)
+                               tool="ckpt.Checkpointer (daemon)", where=self.url, tied=plan.tied,
+                               metadata=plan.metadata)
             return [m.to_json().decode()] + [""] * (len(results) - 1)
 
         manifest = self.dw.map_reduce(f"ckpt tier {self.name!r} step {step}: checksums and manifest",

@@ -215,8 +215,6 @@ def _copy_state(model: nn.Module, optim: torch.optim.Optimizer) -> dict[str, tor
     return out
 
 
-@pytest.mark.xfail(strict=True, reason="needs ckpt/stager.py and ckpt/checkpointer.py to use the pool's kept "
-                   "snapshots (issue 21 item 6; the exact change is in the report of this work); remove this mark then")
 def test_memory_tier_keeps_keep_last_snapshots(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = _OddNet()
