@@ -70,11 +70,11 @@ class BoundState:
     replica_digests: dict[tuple[str, Box], str]
 
 
-def describe(flat: FlatState, is_coordinator: bool, bound: BoundState | None = None
+def describe(flat: FlatState, is_coordinator: bool, bound: BoundState | None = None, store_tied_once: bool = True
              ) -> tuple[_LocalPlan, dict[str, TensorLayout]]:
     """This rank's write candidates and tensor meta (no copy, no I/O). Every rank, before ``plan_global``."""
     layouts = bound.layouts if bound is not None else {k: tensor_layout(t) for k, t in flat.tensors.items()}
-    tied = tied_keys(flat) if bound is None else {}
+    tied = tied_keys(flat) if bound is None and store_tied_once else {}
     candidates: list[WriteCandidate] = []
     meta: dict[str, TensorMeta] = {}
     for key, lay in layouts.items():
@@ -226,11 +226,14 @@ def bind_local(dw: DistWrapper, flat: FlatState, binding: SpecBinding,
 
 
 def plan_save(dw: DistWrapper, flat: FlatState, max_chunk_bytes: int, phase: str = "ckpt.save: planning",
-              binding: SpecBinding | None = None, bound: BoundState | None = None) -> SavePlan:
+              binding: SpecBinding | None = None, bound: BoundState | None = None,
+              store_tied_once: bool = True) -> SavePlan:
     """Planning, DCP's way: every rank describes its boxes (local), the coordinator deduplicates and balances them
     (``plan_global_writes``, pure), each rank gets its assignments back. The only collective is that gather and
     scatter; no I/O. With a spec ``binding`` (and its ``bind_local`` result ``bound``) the rank's tensors are
     described by the spec (rank = this rank in ``dw``), and replicas it calls replicated are checked equal.
+    ``store_tied_once=False`` writes tied tensors under each key (the Checkpointer reuses a plan across saves, and
+    a tie can end between them: a ``.data`` replaced under one of the keys).
     """
     if (binding is None) != (bound is None):
         raise ValueError("plan_save: a spec binding needs its bind_local() result, and only then")
@@ -238,7 +241,7 @@ def plan_save(dw: DistWrapper, flat: FlatState, max_chunk_bytes: int, phase: str
     fixed: list[ManifestPlan] = []  # set by plan_global, on the coordinator only
 
     def plan_local() -> _LocalPlan:
-        lp, lay = describe(flat, dw.is_coordinator, bound)
+        lp, lay = describe(flat, dw.is_coordinator, bound, store_tied_once)
         layouts.update(lay)
         return lp
 

@@ -61,7 +61,8 @@ def _signature(entries: Any) -> tuple[Any, ...]:
 def build(dw: DistWrapper, flat: Any, layouts: dict[str, TensorLayout], sig: tuple[Any, ...],
           max_chunk_bytes: int) -> SnapshotLayout:
     """Plan the writes (collective over ``dw``) and place every local piece in a slot."""
-    plan = plan_save(dw, flat, max_chunk_bytes, phase="ckpt.Checkpointer: planning")
+    # ties are not in the plan cache's signature, so a reused plan must not assume one (store_tied_once=False)
+    plan = plan_save(dw, flat, max_chunk_bytes, phase="ckpt.Checkpointer: planning", store_tied_once=False)
     regions, offset = [], 0
     for key, t in flat.tensors.items():
         for i, piece in enumerate(layouts[key].pieces):

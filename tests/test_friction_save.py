@@ -77,7 +77,9 @@ def test_a_tied_embedding_and_head_are_stored_once(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
 
 
-def test_the_checkpointer_stores_tied_weights_once(tmp_path: Path) -> None:
+def test_the_checkpointer_restores_tied_weights_exactly(tmp_path: Path) -> None:
+    """The Checkpointer writes tied tensors under each key (its plan is reused across saves and a tie can end
+    between them; tests/test_checkpointer_sources.py replaces ``.data`` under one), and restores them exactly."""
     model = _gpt2()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
@@ -87,7 +89,7 @@ def test_the_checkpointer_stores_tied_weights_once(tmp_path: Path) -> None:
     with ckpt.Checkpointer(str(root), disk_every=1) as cp:
         cp.save(1, {"model": model, "optim": opt}).wait()
     tensors = _manifest(root / step_dir(1)).tensors
-    assert tensors[HEAD].chunks == tensors[EMBED].chunks
+    assert HEAD in tensors and EMBED in tensors
     want = {k: v.clone() for k, v in model.state_dict().items()}
     fresh = _gpt2(seed=5)
     fopt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
