@@ -53,8 +53,10 @@ from formats.box import Box, boxes_tile
 from resharding.grid import DEFAULT_ORDER, Grid
 from resharding.layout import LocalPiece, TensorLayout
 from resharding.megatron_files import (MODEL_FILE, TRACKER_FILE, DirScan, args_dict, args_dims, args_parallel,
-                                       given_parallel, jsonable, load_megatron_file, rank_dir_name,
-                                       resolve_checkpoint_dir)
+                                       dims_from_shapes, given_parallel, jsonable, load_megatron_file, local_keys,
+                                       missing_dims_text as _missing_dims_text, rank_dir_name,
+                                       resolve_checkpoint_dir, walk_payload)
+from spec_lang.shipped import ALIASES, FAMILIES, match_shipped
 from resharding.offline import _reconcile, target_boxes
 from resharding.spec_apply import piece_view
 from resharding.spec_bind import SpecBinding, parse_parallel, resolve_spec
@@ -82,20 +84,30 @@ class MegatronSource(Source):
         root, tracked = resolve_checkpoint_dir(self.path)
         scan = DirScan(root)
         first = os.path.join(root, next(iter(scan.dirs.values())), MODEL_FILE)
+        has_args = "args" in self._file(first)
         args = args_dict(self._file(first).get("args"))
-        spec_obj = resolve_spec(spec)
+        #: How the spec was chosen: None when used as given, else what detection found (``_notes`` reports it).
+        self.detected: str | None = None
+        spec_obj = self._choose_spec(spec, root)
+        model_files = [os.path.join(root, d, MODEL_FILE) for d in scan.dirs.values()
+                       if os.path.isfile(os.path.join(root, d, MODEL_FILE))]
+        #: Whether the files hold optimizer state: model-only files (--no-save-optim, fine-tuning exports) bind
+        #: the spec without its optimizer rules.
+        self.has_optimizer = any(scan.optim.values()) or any("optimizer" in self._file(f) for f in model_files)
+        if not self.has_optimizer:
+            spec_obj = spec_obj.restricted_to({"model", "iteration"})
         declared = {d.name for d in spec_obj.dims}
         given_dims = dict(dims or {})
         found_dims = args_dims(args, declared)
         missing = sorted(d.name for d in spec_obj.dims
                          if d.default is None and d.name not in given_dims and d.name not in found_dims)
-        if missing:
-            raise SpecError(f"{first}: spec '{spec_obj.name}' needs the model dims {missing}, which the files' args do "
-                            "not record; pass them (--dims '{\"vocab\": 50257}', dims={...})")
         known = {**args_parallel(args), **given_parallel(parallel)}
-        model_empty = all(not self._file(os.path.join(root, d, MODEL_FILE)).get("model")
-                          for d in scan.dirs.values() if os.path.isfile(os.path.join(root, d, MODEL_FILE)))
-        parallel_all = parse_parallel(scan.infer(known, model_empty))
+        model_empty = all(not self._file(f).get("model") for f in model_files)
+        inferred = scan.infer(known, model_empty)
+        if missing:
+            raise SpecError(_missing_dims_text(first, spec_obj.name, missing, has_args, inferred, known,
+                                               dims_from_shapes(self._file(first).get("model") or {}, inferred)))
+        parallel_all = parse_parallel(inferred)
         self.binding = SpecBinding(spec_obj, {**found_dims, **given_dims}, parallel_all)
         self.root = root
         #: The layout the tensors are presented for, after ``retarget`` (None: the files' own).
@@ -106,6 +118,27 @@ class MegatronSource(Source):
         self._build(scan, tracked, args)
 
     # -- opening ---------------------------------------------------------------------------------------------------
+
+    def _choose_spec(self, spec: Any, root: str) -> Any:
+        """``spec`` resolved; ``"auto"`` or a family name (``llama``) is matched against the files' keys: ``auto``
+        among every shipped spec, a family between its local and Transformer Engine namings."""
+        if not (isinstance(spec, str) and (spec == "auto" or spec in FAMILIES or spec in ALIASES)):
+            return resolve_spec(spec)
+        family = ALIASES.get(spec, spec)
+        candidates = None if spec == "auto" else (family, f"{family}-te")
+        keys = local_keys(root, self._allow_pickle, load=self._file)
+        name, reports = match_shipped(keys, candidates)
+        if name is None:
+            if spec != "auto":
+                return resolve_spec(family)  # its check names every key it does not predict
+            tried = "\n  ".join(f"{n}: {len(r.unmatched_keys)} key(s) match no rule, e.g. {r.unmatched_keys[0]}"
+                                for n, r in reports.items())
+            raise SpecError(f"{root}: no shipped spec describes these rank files; tried:\n  {tried}\nWrite a spec "
+                            "for this model (docs/spec-language.md) and pass its path as --spec")
+        if name != family:
+            naming = "Transformer Engine" if name.endswith("-te") else "local"
+            self.detected = f"{name} (the files use Megatron-Core's {naming} layer-spec naming)"
+        return resolve_spec(name)
 
     def _file(self, path: str) -> Any:
         with self._lock:
@@ -135,7 +168,7 @@ class MegatronSource(Source):
         values: dict[str, Any] = {}
         for top, (rel, path) in nested.items():
             obj = self._payload(rel)[path[0]]
-            _walk(obj, top, rel, path, tensors, values, f"{self.root}/{rel}")
+            walk_payload(obj, top, rel, path, tensors, values, f"{self.root}/{rel}")
         if "iteration" in main:
             values["iteration"] = main["iteration"]
         return tensors, values
@@ -307,24 +340,6 @@ class MegatronSource(Source):
             self._files = {}
 
 
-def _walk(obj: Any, key: str, rel: str, path: tuple[Any, ...], tensors: dict[str, tuple[str, tuple[Any, ...]]],
-          values: dict[str, Any], where: str) -> None:
-    """Flatten a payload subtree into local keys: tensors -> (file, path), other leaves -> nested values.
-
-    Transformer Engine's ``*._extra_state`` entries (FP8 scaling history, a pickled ``BytesIO`` or None) are not
-    model state a spec describes; they are dropped."""
-    if key.endswith("_extra_state"):
-        return
-    if isinstance(obj, torch.Tensor):
-        tensors[key] = (rel, path)
-    elif isinstance(obj, Mapping) and obj:
-        for k, v in obj.items():
-            comp, _ = K.component(k, f"{where}: key {key!r}")
-            _walk(v, K.join(key, comp), rel, (*path, k), tensors, values, where)
-    elif not (isinstance(obj, Mapping) and not obj):
-        values[key] = obj
-
-
 def _text(parallel: Mapping[str, Any]) -> str:
     return ",".join(f"{k}={v}" for k, v in parallel.items() if k != "order" or v != DEFAULT_ORDER)
 
@@ -360,11 +375,14 @@ def _notes(source: Source) -> SourceNotes:
     """What ``ckpt convert`` reports of a Megatron import: the spec, the files' layout and the target."""
     assert isinstance(source, MegatronSource)
     b, target = source.binding, None if source.target is None else source.target.parallel
-    info = {"spec": b.spec.name, "source_layout": b.parallel, "dims": b.dims, "target": target}
+    info = {"spec": b.spec.name, "source_layout": b.parallel, "dims": b.dims, "target": target,
+            "detected": source.detected, "optimizer": source.has_optimizer}
     return SourceNotes(json={"megatron": info}, label=f" ({_text(b.parallel)}, spec '{b.spec.name}')",
                        written_as=f" as {_text(target)}" if target else "",
                        dry_run=(f"  read under {_text(b.parallel)} with spec '{b.spec.name}'"
-                                + (f"; then resharded to {_text(target)}" if target else ""),))
+                                + (f"; then resharded to {_text(target)}" if target else ""),
+                                *([f"  spec detected from the keys: {source.detected}"] if source.detected else []),
+                                *([] if source.has_optimizer else ["  model only: the files hold no optimizer state"])))
 
 
 import resharding.megatron_register  # noqa: E402,F401 - importing the reader registers its format too

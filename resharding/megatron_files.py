@@ -13,6 +13,9 @@ import os
 import re
 from typing import Any, Mapping
 
+import torch
+
+from formats import keys as K
 from ckpt.errors import (CheckpointNotFoundError, CorruptCheckpointError, FormatNotImplementedError,
                          IncompleteCheckpointError)
 from formats.foreign.torch_file import load_restricted
@@ -222,3 +225,91 @@ class DirScan:
             out["zero"] = 0 if not ranks else (3 if model_empty else 1)
         out.setdefault("dp", len(ranks) if ranks else out["ep"])
         return out
+
+
+def walk_payload(obj: Any, key: str, rel: str, path: tuple[Any, ...], tensors: dict[str, tuple[str, tuple[Any, ...]]],
+                 values: dict[str, Any], where: str, keep_inert: bool = False) -> None:
+    """Flatten a payload subtree into local keys: tensors -> (file, path), other leaves -> nested values.
+
+    Transformer Engine's ``*._extra_state`` entries (FP8 scaling history: a byte tensor, a pickled ``BytesIO`` or
+    None) are not model state a spec describes (the TE specs list them as ``inert``); they are dropped unless
+    ``keep_inert`` (for listing keys)."""
+    if key.endswith("_extra_state") and not keep_inert:
+        return
+    if isinstance(obj, torch.Tensor):
+        tensors[key] = (rel, path)
+    elif isinstance(obj, Mapping) and obj:
+        for k, v in obj.items():
+            comp, _ = K.component(k, f"{where}: key {key!r}")
+            walk_payload(v, K.join(key, comp), rel, (*path, k), tensors, values, where, keep_inert)
+    elif not (isinstance(obj, Mapping) and not obj):
+        values[key] = obj
+
+
+def local_keys(root: str, allow_pickle: bool = False, load: Any = None) -> list[str]:
+    """Every rank file's flattened local keys (``model/...``, ``optim/...``, ``iteration``; ``_extra_state``
+    entries included), as a spec sees them: what ``ckpt spec check --against`` and spec detection match."""
+    root, _ = resolve_checkpoint_dir(root)
+    scan = DirScan(root)
+    keys: set[str] = set()
+    for d in scan.dirs.values():
+        files = [(MODEL_FILE, "model")] if os.path.isfile(os.path.join(root, d, MODEL_FILE)) else []
+        files += [(f"distrib_optim_{i:03d}.pt", None) for i in scan.optim[d]]
+        for name, _ in files:
+            rel = f"{d}/{name}"
+            path = os.path.join(root, rel)
+            payload = load(path) if load is not None else load_megatron_file(path, allow_pickle)
+            if not isinstance(payload, Mapping):
+                raise CorruptCheckpointError(f"{root}/{rel}: holds a {type(payload).__name__}, expected a dict")
+            tensors: dict[str, tuple[str, tuple[Any, ...]]] = {}
+            values: dict[str, Any] = {}
+            for top, entry in (("model", "model"), ("optim", "optimizer")):
+                if isinstance(payload.get(entry), Mapping):
+                    walk_payload(payload[entry], top, rel, (entry,), tensors, values, f"{root}/{rel}", keep_inert=True)
+            keys.update(tensors)
+            keys.update(values)
+            if "iteration" in payload:
+                keys.add("iteration")
+    return sorted(keys)
+
+
+def dims_from_shapes(model: Mapping[str, Any], layout: Mapping[str, Any]) -> dict[str, str]:
+    """What one rank's model tensors say about the model dims (shown when the files have no ``args``): dim ->
+    value or a hint, for the Megatron-Core names of docs/megatron-layout.md. Only what the shapes determine."""
+    tp = int(layout.get("tp", 1))
+    shapes = {k: tuple(v.shape) for k, v in model.items() if isinstance(v, torch.Tensor)}
+    out: dict[str, str] = {}
+    for k, shape in shapes.items():
+        if k.endswith(("layernorm.weight", "layer_norm_weight")) and len(shape) == 1:
+            out["hidden"] = str(shape[0])
+        if k == "embedding.word_embeddings.weight" or k == "output_layer.weight":
+            out["vocab"] = f"<the real vocabulary size, at most {shape[0] * tp}>"
+            out["hidden"] = str(shape[1])
+    layers = {m.group(1) for k in shapes if (m := re.match(r"decoder\.layers\.(\d+)\.", k))}
+    if layers and int(layout.get("pp", 1)) == 1:
+        out["layers"] = str(len(layers))
+    elif layers:
+        out["layers"] = f"<all layers; this stage holds {len(layers)}>"
+    for k, shape in shapes.items():
+        if k.endswith("mlp.linear_fc2.weight") and ".experts." not in k:
+            out["ffn"] = str(shape[1] * tp)
+        if k.endswith("self_attention.linear_qkv.weight"):
+            proj = next((s for n, s in shapes.items() if n == k.replace("linear_qkv", "linear_proj")), None)
+            if proj is not None:
+                q, kv2 = proj[1] * tp, (shape[0] - proj[1]) * tp
+                out["heads"] = f"<H with H * head_dim = {q}>"
+                out["kv_heads"] = f"<K with K * head_dim = {kv2 // 2} (if every TP rank holds its own KV heads)>"
+    return out
+
+
+def missing_dims_text(first: str, spec: str, missing: list[str], has_args: bool, inferred: Mapping[str, Any],
+                      known: Mapping[str, Any], shapes: Mapping[str, str]) -> str:
+    """The error for dims neither given nor in ``args``: which to pass, with what the tensor shapes say of each,
+    and the layout to pass with them (from the directory names when ``args`` does not record it)."""
+    why = "the files record no args" if not has_args else "the files' args do not record them"
+    hint = ", ".join(f'"{d}": {shapes.get(d, "<?>")}' for d in missing)
+    layout = ",".join(f"{k}={inferred[k]}" for k in ("tp", "pp", "dp", "ep", "zero") if k in inferred)
+    from_where = "recorded in args" if all(k in known for k in ("tp", "pp")) else "read from the directory names"
+    return (f"{first}: spec '{spec}' needs the model dims {missing}, and {why}. Pass them, for example\n"
+            f"  --dims '{{{hint}}}' --source-layout {layout}\n"
+            f"(values in <> are what the tensor shapes leave open; the layout is {from_where}: check it)")

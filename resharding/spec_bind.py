@@ -23,6 +23,7 @@ from resharding.spec_apply import piece_view
 from resharding.spec_layout import (REPLICATED, AVERAGED, RankLayout, check_against, logical_shapes,
                                     rank_layout)
 from spec_lang import SHIPPED, Spec, load_spec, shipped_spec
+from spec_lang.shipped import ALIASES
 
 PARALLEL_KEYS = ("tp", "pp", "dp", "ep", "zero")
 
@@ -31,7 +32,7 @@ def resolve_spec(spec: "Spec | str | os.PathLike[str]") -> Spec:
     """A ``Spec``, a shipped spec's name (``gpt``, ``llama``, ``mixtral``), a YAML file path, or YAML text."""
     if isinstance(spec, Spec):
         return spec
-    if isinstance(spec, str) and spec in SHIPPED:
+    if isinstance(spec, str) and (spec in SHIPPED or spec in ALIASES):
         return shipped_spec(spec)
     return load_spec(spec)
 

@@ -220,7 +220,7 @@ def check_against(spec: Spec, rl: RankLayout, local_shapes: Mapping[str, tuple[i
             problems.append(f"{t.key}: the spec expects shape {list(t.shape)} (rule '{t.rule}'), the state has "
                             f"{list(local_shapes[t.key])}")
     for key in local_shapes:
-        if key not in rl and not any(p.pattern.match(key) is not None for p in spec.plain):
+        if key not in rl and not any(p.pattern.match(key) is not None for p in spec.plain) and not spec.is_inert(key):
             problems.append(f"{key}: no rule of the spec predicts this key on rank {rl.rank}")
     if problems:
         raise SpecError(f"spec '{spec.name}' ({spec.file}) does not describe the state of rank {rl.rank} "

@@ -12,11 +12,11 @@ from spec_lang.loader import load_spec
 from spec_lang.model import (PARALLEL_SIZES, RANK_NAMES, SPEC_VERSION, Bucket, DimDecl, Fused, FusedPart, Group,
                              IndexDecl, LetDecl, ParamRule, PlainRule, Replicated, Shard, Spec, StateRule, Tied,
                              ZeroSpec)
-from spec_lang.shipped import SHIPPED, shipped_spec, shipped_spec_text
+from spec_lang.shipped import SHIPPED, match_shipped, shipped_spec, shipped_spec_text
 from spec_lang.where import Where, spec_error
 
 __all__ = [
-    "load_spec", "check", "CheckReport", "RuleRef", "shipped_spec", "shipped_spec_text", "SHIPPED", "Spec",
+    "load_spec", "check", "CheckReport", "RuleRef", "match_shipped", "shipped_spec", "shipped_spec_text", "SHIPPED", "Spec",
     "ParamRule", "StateRule", "PlainRule", "Replicated", "Shard", "Fused", "FusedPart", "Tied", "ZeroSpec",
     "Bucket", "Group", "DimDecl", "LetDecl", "IndexDecl", "Expr", "Where", "spec_error", "split_count",
     "split_start", "SPEC_VERSION", "PARALLEL_SIZES", "RANK_NAMES",

@@ -18,7 +18,7 @@ from spec_lang.where import Where
 
 @dataclass(frozen=True)
 class RuleRef:
-    """One rule of a spec: its section (``params``, ``state``, ``plain``), pattern and position."""
+    """One rule of a spec: its section (``params``, ``state``, ``plain``, ``inert``), pattern and position."""
 
     section: str
     pattern: str
@@ -78,12 +78,17 @@ def check(spec: Spec, keys: Iterable[str], *, settings: Mapping[str, int] | None
                 if r.pattern.match(m["param"]) is not None:
                     used.update({("state", i), ("params", j)})
                     hit = True
+            for j, n in enumerate(spec.inert):
+                if n.pattern.match(m["param"]) is not None:
+                    used.update({("state", i), ("inert", j)})
+                    hit = True
         if not hit:
             unmatched_keys.append(key)
     rules: list[tuple[str, int, str, Where, Expr | None]] = (
         [("params", i, r.name, r.where, r.when) for i, r in enumerate(spec.params)]
         + [("state", i, s.match, s.where, s.when) for i, s in enumerate(spec.state)]
-        + [("plain", i, p.match, p.where, None) for i, p in enumerate(spec.plain)])
+        + [("plain", i, p.match, p.where, None) for i, p in enumerate(spec.plain)]
+        + [("inert", i, n.name, n.where, None) for i, n in enumerate(spec.inert)])
     unmatched, inactive = [], []
     for section, i, pattern, where, when in rules:
         if (section, i) in used:

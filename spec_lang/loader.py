@@ -13,14 +13,14 @@ from pathlib import Path
 
 from spec_lang.expr import Expr
 from spec_lang.model import (BUCKET_AXES, INDEX_AXES, SPEC_VERSION, Bucket, DimDecl, Group, IndexDecl, LetDecl,
-                             PlainRule, Spec, StateRule, ZeroSpec)
+                             InertRule, ParamRule, PlainRule, Spec, StateRule, ZeroSpec)
 from spec_lang.names import Names, check_identifier, to_expr
-from spec_lang.patterns import SEGMENT, Pattern, overlap
+from spec_lang.patterns import DIGITS, SEGMENT, Pattern, overlap
 from spec_lang.rules import compile_param_rule, compile_pattern
 from spec_lang.where import Where, spec_error
 from spec_lang.yamlnode import Y, check_fields, compose, describe, expect_list, expect_map, expect_str
 
-TOP_FIELDS = ("spec", "name", "description", "dims", "let", "indices", "zero", "params", "state", "plain")
+TOP_FIELDS = ("spec", "name", "description", "dims", "let", "indices", "zero", "params", "state", "plain", "inert")
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z_0-9]*)\}")
 
 
@@ -63,7 +63,28 @@ def compile_spec(root: Y, file: str, source: str, default_name: str) -> Spec:
     plain = tuple(_plain_rule(r) for r in expect_list(top["plain"], None, "plain")) if "plain" in top else ()
     _no_overlap([(s.pattern, s.match, s.where) for s in state] + [(p.pattern, p.match, p.where) for p in plain],
                 "state rule")
-    return Spec(name, version, description, file, dims, lets, indices, params, state, zero, plain, source)
+    inert = tuple(_inert_rule(r, indices, params) for r in expect_list(top["inert"], None, "inert")) \
+        if "inert" in top else ()
+    _no_overlap([(p.pattern, p.name, p.where) for p in params] + [(r.pattern, r.name, r.where) for r in inert],
+                "rule")
+    return Spec(name, version, description, file, dims, lets, indices, params, state, zero, plain, source, inert)
+
+
+def _inert_rule(y: Y, indices: tuple[IndexDecl, ...], params: tuple[ParamRule, ...]) -> InertRule:
+    m = check_fields(y, None, "an inert rule", ("name", "beside"), ("name", "beside"))
+    text = expect_str(m["name"], None, "inert name")
+    pattern = compile_pattern(m["name"], text, {ix.name: DIGITS for ix in indices}, "inert name pattern")
+    beside = expect_str(m["beside"], text, "beside")
+    rule = next((p for p in params if p.name == beside), None)
+    if rule is None:
+        raise spec_error(m["beside"].where, text, "'beside' names no parameter rule", expected="the name of a rule "
+                         "in params", found=repr(beside), fix="name the parameter whose module writes this key")
+    extra = set(pattern.placeholders) - set(rule.pattern.placeholders)
+    if extra:
+        raise spec_error(m["name"].where, text, "the inert name has placeholders its parameter lacks",
+                         expected=f"a subset of {sorted(rule.pattern.placeholders)}", found=str(sorted(extra)),
+                         fix="use only the parameter's index placeholders")
+    return InertRule(text, pattern, beside, y.where)
 
 
 def _dims(y: Y | None, names: Names) -> tuple[DimDecl, ...]:

@@ -170,6 +170,18 @@ class ZeroSpec:
 
 
 @dataclass(frozen=True)
+class InertRule:
+    """A local key the framework writes beside a parameter that holds no model state (Transformer Engine's
+    ``_extra_state``): accepted and ignored when read, written back as ``value`` on export wherever the parameter
+    ``beside`` is on the rank, with the same index values."""
+
+    name: str
+    pattern: Pattern
+    beside: str
+    where: Where
+
+
+@dataclass(frozen=True)
 class PlainRule:
     """Keys of non-tensor values (plain JSON), listed so ``check`` knows them."""
 
@@ -194,6 +206,7 @@ class Spec:
     zero: ZeroSpec
     plain: tuple[PlainRule, ...]
     source: str
+    inert: tuple[InertRule, ...] = ()
 
     def to_json(self) -> str:
         """Canonical JSON (sorted keys): what a manifest stores."""
@@ -223,6 +236,25 @@ class Spec:
                 return r
         raise KeyError(name)
 
+    def restricted_to(self, tops: "set[str]") -> "Spec":
+        """This spec with only the state and plain rules whose keys begin with a component in ``tops`` (e.g.
+        ``{"model", "iteration"}`` for model-only state: files saved without optimizer)."""
+        def keep(text: str) -> bool:
+            return text.split("/", 1)[0] in tops
+        return dataclasses.replace(self, state=tuple(s for s in self.state if keep(s.match)),
+                                   plain=tuple(p for p in self.plain if keep(p.match)))
+
+    def is_inert(self, key: str) -> bool:
+        """Whether ``key`` (a flattened local state key) is one of the ``inert`` entries: a state rule's
+        ``{param}`` that an inert rule names (read and ignored)."""
+        if not self.inert:
+            return False
+        for s in self.state:
+            m = s.pattern.match(key) if s.kind != "flat" else None
+            if m is not None and any(r.pattern.match(m["param"]) is not None for r in self.inert):
+                return True
+        return False
+
     def index(self, name: str) -> IndexDecl:
         for ix in self.indices:
             if ix.name == name:
@@ -232,14 +264,17 @@ class Spec:
 
 _TYPES: dict[str, type] = {c.__name__: c for c in (
     Where, Expr, Pattern, DimDecl, LetDecl, IndexDecl, Replicated, Shard, FusedPart, Fused, Tied, ParamRule,
-    StateRule, Bucket, Group, ZeroSpec, PlainRule, Spec)}
+    StateRule, Bucket, Group, ZeroSpec, PlainRule, InertRule, Spec)}
 
 
 def _encode(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         out = {"type": type(obj).__name__}
         for f in dataclasses.fields(obj):
-            out[f.name] = _encode(getattr(obj, f.name))
+            value = getattr(obj, f.name)
+            if f.default is not dataclasses.MISSING and value == f.default:
+                continue  # a defaulted field left at its default: the JSON (and digest) of older specs is unchanged
+            out[f.name] = _encode(value)
         return out
     if isinstance(obj, (tuple, list)):
         return [_encode(x) for x in obj]
@@ -257,8 +292,9 @@ def _decode(data: Any) -> Any:
         if cls is None:
             raise SpecError(f"spec JSON: unknown entry type {tname!r}; known: {', '.join(sorted(_TYPES))}")
         names = {f.name for f in dataclasses.fields(cls)}
+        optional = {f.name for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
         given = set(data) - {"type"}
-        if given != names:
+        if not (names - optional) <= given <= names:
             raise SpecError(f"spec JSON: {tname} has fields {sorted(given)}, expected {sorted(names)}")
         return cls(**{k: _decode(v) for k, v in data.items() if k != "type"})
     if data is None or isinstance(data, (str, int, bool)):

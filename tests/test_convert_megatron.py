@@ -280,7 +280,7 @@ def test_megatron_lm_file_conventions(produced: Any, tmp_path: Path) -> None:
              "decoder.layers.0.mlp.linear_fc1._extra_state": None}  # Transformer Engine's, dropped
     for f in ckdir.glob("mp_rank_*/model_optim_rng.pt"):
         _resave(f, lambda p: (p.update(args=args, rng_state=rng), p["model"].update(extra)))
-    with pytest.raises(SpecError, match=r"\['vocab'\].*--dims"):
+    with pytest.raises(SpecError, match=r"(?s)\['vocab'\].*--dims"):
         MegatronSource(str(tmp_path / "run"), "gpt")
     out = tmp_path / "u"
     assert cli(["convert", str(tmp_path / "run"), str(out), "--spec", "gpt", "--dims", json.dumps({"vocab": mc.vocab}),

@@ -251,7 +251,7 @@ def test_grouped_qkv_order_gqa() -> None:
 
 def test_ten_row_vocabulary_over_tp3_and_repadding() -> None:
     spec = shipped_spec("gpt")
-    dims = dict(DIMS["gpt"], vocab=10, tied=False)
+    dims = dict(DIMS["gpt"], vocab=10, tied=False, vocab_divisible_by=8)  # Megatron-LM's default is 128
     key = "model/embedding.word_embeddings.weight"
     lays = layouts(spec, dims, dict(tp=3))
     # V_pad = ceil(10 / 24) * 24 = 24: 8 rows per rank; rows 10..23 are padding.
@@ -431,7 +431,8 @@ def test_layout_accepts_megatron_configs_and_objects() -> None:
     mc, pc = mr.llama_tiny(), mr.ParallelConfig(tp=2, pp=2, dp=2, zero=1)
     a = rank_layout(shipped_spec("llama"), mc, pc, 5)
     b = rank_layout(shipped_spec("llama"), {"hidden": 32, "heads": 4, "kv_heads": 2, "head_dim": 8, "ffn": 48,
-                                            "vocab": 37, "layers": 4}, dict(tp=2, pp=2, dp=2, zero=1), 5)
+                                            "vocab": 37, "layers": 4, "vocab_divisible_by": mc.vocab_divisible_by},
+                 dict(tp=2, pp=2, dp=2, zero=1), 5)
     assert a == b
 
 
