@@ -21,7 +21,7 @@ from typing import Any
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
-TARGET_CHOICES = ("universal", "dcp", "torch", "safetensors", "deepspeed-universal")
+TARGET_CHOICES = ("universal", "dcp", "torch", "safetensors", "deepspeed-universal", "megatron")
 #: Flags that set a source format's own options (dest = the option's name); which format takes which is the
 #: registry's business (``formats.foreign.registry``), checked once the source format is known.
 SOURCE_OPTIONS = ("spec", "dims", "source_layout", "target")
@@ -118,6 +118,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     if args.to in PLANNED_TARGETS:  # before reading anything
         raise not_implemented(args.to, "writing")
+    if args.to == "megatron":
+        return _convert_to_megatron(args)
+    if args.iteration is not None:
+        print(f"ckpt convert: --iteration applies to --to megatron only (the target is {args.to})", file=sys.stderr)
+        return EXIT_USAGE
     if args.max_shard_size is not None and args.to != "safetensors":
         print(f"ckpt convert: --max-shard-size applies to --to safetensors only (the target is {args.to})",
               file=sys.stderr)
@@ -158,6 +163,61 @@ def cmd_convert(args: argparse.Namespace) -> int:
           f"{plan.tensors} tensors{cast}, {plan.values} values, {_mib(plan.bytes_out)} in {result.elapsed_secs:.2f} s "
           f"({_mib(rate)}/s){_config_text(plan)}")
     return EXIT_OK
+
+
+def _convert_to_megatron(args: argparse.Namespace) -> int:
+    """``--to megatron``: a universal checkpoint written as Megatron rank directories of ``--target``
+    (``resharding.megatron_export``); the spec and dims default to those the checkpoint records."""
+    from ckpt.cli import UsageError, _storage_options
+    from ckpt.cli_reshard import _dims, _prog
+    from formats.foreign.detect import detect_format
+    from resharding.megatron_export import export_megatron
+
+    opts = _storage_options(args)
+    fmt = detect_format(args.src, opts) if args.src_format == "auto" else args.src_format
+    if fmt != "universal":
+        raise UsageError(None, f"--to megatron reads a universal checkpoint; {args.src} is {fmt}. Convert it to "
+                               f"universal first (ckpt convert {args.src} UNIVERSAL --from {fmt} ...), then export "
+                               "that", _prog(args))
+    if args.target is None:
+        raise UsageError(None, "--to megatron needs --target LAYOUT, the layout to write (e.g. tp=2,pp=2 or "
+                               "tp=4,pp=1,ep=2)", _prog(args))
+    if args.source_layout is not None:
+        raise UsageError(None, "--source-layout is for --from megatron; a universal checkpoint records its layout",
+                         _prog(args))
+    bars: list[Any] = []
+
+    def start_bar(total: int) -> None:
+        bars.append(_bar(args, total, "export"))
+
+    try:
+        result = export_megatron(args.src, args.dst, target=args.target, spec=args.spec, dims=_dims(args),
+                                 iteration=args.iteration, overwrite=args.overwrite, dry_run=args.dry_run,
+                                 on_plan=start_bar, progress=lambda n: bars[0].update(n) if bars and bars[0] else None,
+                                 storage_options=opts)
+    finally:
+        if bars and bars[0] is not None:
+            bars[0].close()
+    if args.json:
+        print(json.dumps({"src": args.src, **result.to_json()}, indent=1))
+        return EXIT_OK
+    where = "release" if result.iteration is None else f"iteration {result.iteration}"
+    if args.dry_run:
+        print(f"dry run: universal {args.src} -> megatron {args.dst} ({where}, spec '{result.spec}', "
+              f"{_layout(result.layout)}): {len(result.files)} file(s)")
+        for f in result.files[:20]:
+            print(f"  {f}")
+        if len(result.files) > 20:
+            print(f"  ... {len(result.files) - 20} more")
+        return EXIT_OK
+    print(f"OK: universal {args.src} -> megatron {args.dst} ({where}, spec '{result.spec}', "
+          f"{_layout(result.layout)}): {len(result.files)} file(s), {_mib(result.bytes_written)} in "
+          f"{result.elapsed_secs:.2f} s")
+    return EXIT_OK
+
+
+def _layout(parallel: dict[str, Any]) -> str:
+    return ",".join(f"{k}={v}" for k, v in parallel.items() if k != "order" or v != "tp-ep-dp-pp")
 
 
 def _config_text(plan: Any) -> str:
@@ -270,17 +330,23 @@ def add_parsers(sub: Any, finish: Any) -> None:
                          "list), to key an optim.state_dict() saved in the file by parameter name (default: the "
                          "file's model state dict, where its tensors are the optimizer's parameters)")
     sp.add_argument("--spec", metavar="SPEC",
-                    help="--from megatron: how the ranks cut each tensor: a shipped spec (gpt, llama, mixtral) or a "
-                         "YAML path")
+                    help="--from megatron: how the ranks cut each tensor: a shipped spec (gpt, llama, mixtral in "
+                         "Megatron-Core's local naming; gpt-te, llama-te, mixtral-te in its Transformer Engine "
+                         "naming; a family name picks the naming from the files' keys, auto also the family) or a "
+                         "YAML path. --to megatron: the naming to write (default: the spec the checkpoint records)")
     sp.add_argument("--dims", metavar="JSON",
                     help="--from megatron: model dims for the spec, e.g. '{\"vocab\": 50257}' (default: from the "
-                         "files' args)")
+                         "files' args); --to megatron: dims that override the recorded ones")
     sp.add_argument("--source-layout", metavar="LAYOUT",
                     help="--from megatron: the layout the files were written under, e.g. tp=2,pp=2,dp=2,zero=1 "
                          "(default: the files' args, else the directory names and files)")
     sp.add_argument("--target", metavar="LAYOUT",
                     help="--from megatron: write the universal checkpoint as this layout's ranks would have saved it, "
-                         "e.g. tp=1,pp=4,dp=2[,ep=..][,zero=..]")
+                         "e.g. tp=1,pp=4,dp=2[,ep=..][,zero=..]; --to megatron (required): the layout of the rank "
+                         "directories to write, e.g. tp=2,pp=2[,ep=2][,dp=2,zero=1]")
+    sp.add_argument("--iteration", metavar="N|release",
+                    help="--to megatron: the iteration to record (iter_XXXXXXX/ and the tracker file); default: the "
+                         "checkpoint's iteration value, else release")
     finish(sp, cmd_convert)
 
     sp = sub.add_parser("diff", help="compare two checkpoints of any supported formats key by key (exit 1 if they "

@@ -108,8 +108,35 @@ def cmd_spec_check(args: argparse.Namespace) -> int:
     from spec_lang import check
     from resharding.spec_bind import resolve_spec
 
-    spec = resolve_spec(args.spec)
+    from spec_lang import match_shipped
+
+    if args.spec == "auto" and args.against is None:
+        from ckpt.cli import UsageError
+
+        raise UsageError(None, "spec 'auto' picks a shipped spec by the keys of a checkpoint: pass --against "
+                               "CHECKPOINT", _prog(args))
+    keys: list[str] | None = None
+    settings: dict[str, int] | None = None
+    matched = None
+    if args.against is not None:
+        keys, settings = _keys_of(args, None)
+    if args.spec == "auto":
+        assert keys is not None
+        matched, reports = match_shipped(keys)
+        if matched is None:
+            tried = "; ".join(f"{n}: {len(r.unmatched_keys)} key(s) match no rule" for n, r in reports.items())
+            print(f"FAILED: no shipped spec describes the keys of {args.against} ({tried}); write a spec for this "
+                  "model (docs/spec-language.md)", file=sys.stderr)
+            if args.json:
+                print(json.dumps({"spec": "auto", "against": args.against, "ok": False, "matched": None,
+                                  "tried": {n: len(r.unmatched_keys) for n, r in reports.items()}}, indent=1))
+            return EXIT_FAILED
+    spec = resolve_spec(matched or args.spec)
     doc: dict[str, Any] = {"spec": spec.name, "file": spec.file, "valid": True}
+    if args.spec == "auto":
+        doc["matched"] = matched
+        if not args.json:
+            print(f"matched: shipped spec '{matched}' describes the keys of {args.against}")
     if args.against is None:
         if args.json:
             print(json.dumps(doc, indent=1))
@@ -117,8 +144,12 @@ def cmd_spec_check(args: argparse.Namespace) -> int:
             print(f"OK: {spec.file}: spec '{spec.name}' is valid ({len(spec.params)} parameter rules, "
                   f"{len(spec.state)} state rules)")
         return EXIT_OK
-    keys, settings = _keys_of(args, spec)
+    assert keys is not None
     report = check(spec, keys, settings=settings)
+    if not report.ok and args.spec != "auto":
+        better, _ = match_shipped(keys)
+        if better is not None and better != spec.name:
+            doc["matching_shipped_spec"] = better
     doc.update(against=args.against, ok=report.ok, keys=len(keys),
                unmatched_rules=[str(r) for r in report.unmatched_rules],
                unmatched_keys=list(report.unmatched_keys),
@@ -129,7 +160,9 @@ def cmd_spec_check(args: argparse.Namespace) -> int:
         print(f"OK: every rule of {spec.file} matches a key of {args.against}, and every one of its {len(keys)} keys "
               "matches a rule")
     else:
-        print(f"FAILED: {spec.file} against {args.against}:\n{report.format()}", file=sys.stderr)
+        hint = (f"\nThe shipped spec '{doc['matching_shipped_spec']}' describes these keys: pass it instead"
+                if "matching_shipped_spec" in doc else "")
+        print(f"FAILED: {spec.file} against {args.against}:\n{report.format()}{hint}", file=sys.stderr)
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
@@ -139,7 +172,14 @@ def _keys_of(args: argparse.Namespace, spec: Any) -> tuple[list[str], dict[str, 
     from ckpt.cli import _storage_options
     from resharding.spec_bind import SpecBinding
 
-    with ckpt.open(args.against, _storage_options(args)) as reader:
+    from formats.foreign.detect import detect_format
+
+    opts = _storage_options(args)
+    if detect_format(args.against, opts) == "megatron":
+        from resharding.megatron_files import local_keys, megatron_settings
+
+        return local_keys(args.against), megatron_settings(args.against)
+    with ckpt.open(args.against, opts) as reader:
         m = reader.manifest
     saved = m.layout.get("spec") if isinstance(m.layout, dict) else None
     if saved is None:
@@ -168,7 +208,9 @@ def add_parsers(sub: Any, finish: Any) -> None:
     spsub = sp.add_subparsers(dest="spec_command", required=True)
     c = spsub.add_parser("check", help="validate a spec; with --against, list rules that match no key and keys "
                                        "that no rule matches")
-    c.add_argument("spec", help="spec YAML path, or a shipped name (gpt, llama, mixtral)")
-    c.add_argument("--against", metavar="CHECKPOINT", help="a checkpoint whose keys the spec should describe")
+    c.add_argument("spec", help="spec YAML path, a shipped name (gpt, llama, mixtral, gpt-te, llama-te, mixtral-te), "
+                                "or auto: the shipped spec that describes --against (printed as 'matched: ...')")
+    c.add_argument("--against", metavar="CHECKPOINT", help="a checkpoint whose keys the spec should describe: a "
+                                                            "universal checkpoint or Megatron rank directories")
     c.add_argument("--dims", metavar="JSON", help="model dimensions (default: those the checkpoint records)")
     finish(c, cmd_spec_check, progress=False)

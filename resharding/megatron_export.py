@@ -41,6 +41,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from ckpt.errors import CheckpointExistsError, ShardMismatchError, SpecError
+from formats.dtypes import dtype_from_name
 from formats.reader import read_manifest
 from formats.storage import open_storage
 from resharding.grid import Grid
@@ -54,7 +55,7 @@ Progress = Callable[[int], None]
 #: spec dims -> Megatron-LM ``args`` names (``tied`` is written as ``untie_embeddings_and_output_weights``).
 DIM_ARGS = {"hidden": "hidden_size", "heads": "num_attention_heads", "kv_heads": "num_query_groups",
             "head_dim": "kv_channels", "ffn": "ffn_hidden_size", "layers": "num_layers",
-            "vocab_divisible_by": "make_vocab_size_divisible_by", "experts": "num_experts"}
+            "vocab_divisible_by": "make_vocab_size_divisible_by", "experts": "num_experts", "vocab": "vocab_size"}
 
 
 def no_fp8_state() -> torch.Tensor:
@@ -135,12 +136,14 @@ def _check_source(binding: SpecBinding, manifest: Any, where: str) -> None:
 def export_megatron(src: str, dst: str, *, target: "str | Mapping[str, Any]", spec: Any = None,
                     dims: Mapping[str, Any] | None = None, iteration: "int | str | None" = None,
                     overwrite: bool = False, dry_run: bool = False, progress: Progress | None = None,
-                    storage_options: dict[str, Any] | None = None) -> MegatronExportResult:
+                    on_plan: Progress | None = None, storage_options: dict[str, Any] | None = None
+                    ) -> MegatronExportResult:
     """Write the universal checkpoint ``src`` as Megatron rank directories of layout ``target`` under ``dst`` (a
     local directory: a Megatron-LM save root). See the module docstring.
 
     ``iteration``: the iteration to record (default: the checkpoint's ``iteration`` value, else ``"release"``,
-    Megatron-LM's name for a checkpoint that is not part of a run). Raises ``CheckpointExistsError`` if ``dst``
+    Megatron-LM's name for a checkpoint that is not part of a run). ``on_plan(total_bytes)`` is called once before
+    writing, ``progress(bytes)`` after each rank's files. Raises ``CheckpointExistsError`` if ``dst``
     already holds that iteration and ``overwrite`` is false, ``SpecError`` / ``ShardMismatchError`` before
     anything is written if the spec, dims or target do not fit the checkpoint.
     """
@@ -167,15 +170,16 @@ def export_megatron(src: str, dst: str, *, target: "str | Mapping[str, Any]", sp
     kinds = {k: c.type for k, c in manifest.containers.items()}
     optim_values = _nest({k[len("optim/"):]: v for k, v in values.items() if k.startswith("optim/")},
                          {k[len("optim/"):]: t for k, t in kinds.items() if k.startswith("optim/")})
+    writers = [r for r in range(binding.world_size) if grid.zero or grid.coords(r).edp == 0]
+    if on_plan is not None and not dry_run:
+        on_plan(sum(_rank_bytes(binding, r, manifest) for r in writers))
     work = os.path.join(dst, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
     if not dry_run:
         os.makedirs(work)
     try:
-        for rank in range(binding.world_size):
+        for rank in writers:  # a data-parallel replica without ZeRO writes nothing: one file per position
             c = grid.coords(rank)
             writes_model = c.edp == 0
-            if not writes_model and grid.zero == 0:
-                continue  # a data-parallel replica: Megatron writes one file per model-parallel position
             d = rank_dir_name(c.tp, c.pp, c.ep, grid)
             files = ([MODEL_FILE] if writes_model else []) + ([f"distrib_optim_{c.dp:03d}.pt"] if grid.zero else [])
             result.files += [f"{name}/{d}/{f}" for f in files]
@@ -207,6 +211,15 @@ def export_megatron(src: str, dst: str, *, target: "str | Mapping[str, Any]", sp
         raise
     result.elapsed_secs = time.monotonic() - start
     return result
+
+
+def _rank_bytes(binding: SpecBinding, rank: int, manifest: Any) -> int:
+    total = 0
+    for lt in binding.rank_layout(rank):
+        keys = {p.logical_key for p in lt.pieces}
+        size = dtype_from_name(manifest.tensors[next(iter(keys))].dtype, lt.key).itemsize if keys else 4
+        total += math.prod(lt.shape) * size
+    return total
 
 
 def _split(local: Mapping[str, torch.Tensor], binding: SpecBinding) -> tuple[dict[str, Any], dict[str, Any]]:

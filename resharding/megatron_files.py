@@ -31,7 +31,8 @@ _ITER_DIR = re.compile(r"^iter_(\d+)$")
 #: Megatron-LM ``args`` names -> spec dims (``tied`` is the negation of untie_embeddings_and_output_weights).
 _ARGS_DIMS = {"hidden_size": "hidden", "num_attention_heads": "heads", "num_query_groups": "kv_heads",
               "kv_channels": "head_dim", "ffn_hidden_size": "ffn", "num_layers": "layers",
-              "make_vocab_size_divisible_by": "vocab_divisible_by", "num_experts": "experts"}
+              "make_vocab_size_divisible_by": "vocab_divisible_by", "num_experts": "experts",
+              "vocab_size": "vocab"}  # --vocab-size (the real, unpadded size; the export writes it)
 _ARGS_PARALLEL = {"tensor_model_parallel_size": "tp", "pipeline_model_parallel_size": "pp",
                   "data_parallel_size": "dp", "expert_model_parallel_size": "ep"}
 
@@ -313,3 +314,13 @@ def missing_dims_text(first: str, spec: str, missing: list[str], has_args: bool,
     return (f"{first}: spec '{spec}' needs the model dims {missing}, and {why}. Pass them, for example\n"
             f"  --dims '{{{hint}}}' --source-layout {layout}\n"
             f"(values in <> are what the tensor shapes leave open; the layout is {from_where}: check it)")
+
+
+def megatron_settings(root: str, allow_pickle: bool = False) -> dict[str, int]:
+    """The layout settings of the rank directories (``args``, else the names and files), for ``check``."""
+    root, _ = resolve_checkpoint_dir(root)
+    scan = DirScan(root)
+    first = load_megatron_file(os.path.join(root, next(iter(scan.dirs.values())), MODEL_FILE), allow_pickle)
+    args = args_dict(first.get("args")) if isinstance(first, Mapping) else {}
+    empty = not (isinstance(first, Mapping) and first.get("model"))
+    return {k: int(v) for k, v in scan.infer(args_parallel(args), empty).items() if k != "order"}

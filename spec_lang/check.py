@@ -32,7 +32,8 @@ class RuleRef:
 class CheckReport:
     unmatched_rules: tuple[RuleRef, ...]
     unmatched_keys: tuple[str, ...]
-    #: Rules that matched nothing and whose ``when`` is false under the given settings (expected to be unused).
+    #: Rules that matched nothing and whose ``when`` is false under the given settings, and inert rules that matched
+    #: nothing (expected to be unused).
     inactive_rules: tuple[RuleRef, ...] = ()
 
     @property
@@ -94,7 +95,9 @@ def check(spec: Spec, keys: Iterable[str], *, settings: Mapping[str, int] | None
         if (section, i) in used:
             continue
         ref = RuleRef(section, pattern, where)
-        (inactive if settings is not None and when is not None and _false(when, settings) else unmatched).append(ref)
+        optional = section == "inert"  # entries a framework may or may not write: never required
+        (inactive if optional or (settings is not None and when is not None and _false(when, settings))
+         else unmatched).append(ref)
     return CheckReport(tuple(unmatched), tuple(unmatched_keys), tuple(inactive))
 
 
