@@ -201,6 +201,8 @@ def _convert_to_megatron(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"src": args.src, **result.to_json()}, indent=1))
         return EXIT_OK
+    for line in result.warnings:
+        print(f"warning: {line}", file=sys.stderr)
     where = "release" if result.iteration is None else f"iteration {result.iteration}"
     if args.dry_run:
         print(f"dry run: universal {args.src} -> megatron {args.dst} ({where}, spec '{result.spec}', "

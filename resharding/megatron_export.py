@@ -40,8 +40,10 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from ckpt.errors import CheckpointExistsError, ShardMismatchError, SpecError
+from ckpt.errors import (CheckpointExistsError, FormatNotImplementedError, ShardMismatchError, SpecError,
+                         StorageError)
 from formats.dtypes import dtype_from_name
+from formats.manifest import MANIFEST_NAME
 from formats.reader import read_manifest
 from formats.storage import open_storage
 from resharding.grid import Grid
@@ -78,11 +80,14 @@ class MegatronExportResult:
     bytes_read: int = 0
     elapsed_secs: float = 0.0
     dry_run: bool = False
+    #: What Megatron-LM itself would refuse about this layout (the spec language allows uneven splits; Megatron-Core
+    #: asserts that heads, query groups and ffn divide by tp, layers by pp, experts by ep).
+    warnings: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {"dst": self.path, "format": "megatron", "iteration": self.iteration, "spec": self.spec,
                 "layout": self.layout, "files": len(self.files), "bytes": self.bytes_written,
-                "seconds": round(self.elapsed_secs, 3), "dry_run": self.dry_run}
+                "seconds": round(self.elapsed_secs, 3), "dry_run": self.dry_run, "warnings": self.warnings}
 
 
 def export_binding(manifest: Any, where: str, target: "str | Mapping[str, Any]", spec: Any = None,
@@ -148,6 +153,7 @@ def export_megatron(src: str, dst: str, *, target: "str | Mapping[str, Any]", sp
     anything is written if the spec, dims or target do not fit the checkpoint.
     """
     start = time.monotonic()
+    _check_destination(dst)
     storage = open_storage(src, storage_options)
     manifest = read_manifest(storage)
     binding = export_binding(manifest, storage.url, target, spec, dims)
@@ -165,6 +171,7 @@ def export_megatron(src: str, dst: str, *, target: "str | Mapping[str, Any]", sp
     grid = Grid.of(binding.parallel)
     result = MegatronExportResult(dst, None if it == "release" else int(it), binding.spec.name, dict(binding.parallel),
                                   dry_run=dry_run)
+    result.warnings = megatron_limits(binding)
     payload_common = {"args": megatron_args(manifest.metadata, binding, it), "checkpoint_version": CHECKPOINT_VERSION,
                       "iteration": 0 if it == "release" else int(it)}
     kinds = {k: c.type for k, c in manifest.containers.items()}
@@ -206,6 +213,10 @@ def export_megatron(src: str, dst: str, *, target: "str | Mapping[str, Any]", sp
             return result
         _install(work, final, overwrite)
         _write_tracker(dst, "release" if it == "release" else str(int(it)))
+    except OSError as e:
+        shutil.rmtree(work, ignore_errors=True)
+        raise StorageError(f"{dst}: writing the Megatron files failed ({e}); nothing was installed, the previous "
+                           "iterations are as they were") from e
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -220,6 +231,31 @@ def _rank_bytes(binding: SpecBinding, rank: int, manifest: Any) -> int:
         size = dtype_from_name(manifest.tensors[next(iter(keys))].dtype, lt.key).itemsize if keys else 4
         total += math.prod(lt.shape) * size
     return total
+
+
+def megatron_limits(binding: SpecBinding) -> list[str]:
+    """The divisibility Megatron-Core asserts when it builds the model at this layout, where the dims break it."""
+    d, p = binding.dims, binding.parallel
+    checks = [("heads", "tp"), ("kv_heads", "tp"), ("ffn", "tp"), ("layers", "pp"), ("experts", "ep")]
+    out = []
+    for dim, axis in checks:
+        value, size = d.get(dim), int(p.get(axis, 1))
+        if isinstance(value, int) and size > 1 and value % size:
+            out.append(f"{dim} = {value} does not divide by {axis} = {size}: Megatron-Core cannot build the model at "
+                       "this layout (ckpt reads and writes it; Megatron-LM will not load it)")
+    return out
+
+
+def _check_destination(dst: str) -> None:
+    """A local directory (Megatron-LM reads local files) that is not a universal checkpoint."""
+    if "://" in dst:
+        raise FormatNotImplementedError(f"{dst}: the Megatron export writes a local directory, not a URL; export "
+                                        "locally, then copy the directory")
+    if os.path.exists(dst) and not os.path.isdir(dst):
+        raise CheckpointExistsError(f"{dst}: is a file; pass a directory (a Megatron-LM save root)")
+    if os.path.exists(os.path.join(dst, MANIFEST_NAME)):
+        raise CheckpointExistsError(f"{dst}: holds a universal checkpoint ({MANIFEST_NAME}); write the Megatron "
+                                    "directories elsewhere")
 
 
 def _split(local: Mapping[str, torch.Tensor], binding: SpecBinding) -> tuple[dict[str, Any], dict[str, Any]]:
