@@ -41,10 +41,13 @@ if find_source("megatron") is None:
         misuse_hint="To reshard a universal checkpoint use ckpt reshard SRC DST --to LAYOUT.",
         options=(
             "allow_pickle",
-            SourceOption("spec", help="how the ranks cut each tensor: a shipped spec (gpt, llama, mixtral) or a YAML path",
+            SourceOption("spec", help="how the ranks cut each tensor: a shipped spec (gpt, llama, mixtral; gpt-te, "
+                                      "llama-te, mixtral-te for Transformer Engine naming; a family name picks the "
+                                      "naming from the keys, auto the family too) or a YAML path",
                          required="Megatron rank directories are read through a spec that says how the ranks cut each "
-                                  "tensor: pass --spec gpt|llama|mixtral or a YAML path (and --dims JSON, --source-layout "
-                                  "LAYOUT for what the files' args do not record)"),
+                                  "tensor: pass --spec gpt|llama|mixtral (the naming is read from the keys), --spec "
+                                  "auto, or a YAML path (and --dims JSON, --source-layout LAYOUT for what the files' "
+                                  "args do not record)"),
             SourceOption("dims", help="model dims for the spec (default: from the files' args)", from_text=_dims_from_text),
             SourceOption("source_layout", help="the layout the files were written under (default: the files' args, else "
                                                "the directory names and files)"),
