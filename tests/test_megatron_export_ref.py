@@ -405,5 +405,5 @@ def test_iteration_release_and_overwrite(produced: Any, tmp_path: Path) -> None:
     export_megatron(str(universal), str(dst), target=layout_text(pc), iteration=STEPS)
     export_megatron(str(universal), str(dst), target=layout_text(targets[1]), iteration=STEPS, overwrite=True)
     compare_dirs(dst / "iter_0000002", reference_files(logical, mc, targets[1], tmp_path / "ref"))
-    assert sorted(p.name for p in dst.iterdir()) == ["iter_0000002", "iter_0000005", "latest_checkpointed_iteration.txt",
-                                                     "release"]
+    assert sorted(p.name for p in dst.iterdir()) == ["iter_0000002", "iter_0000005",
+                                                     "latest_checkpointed_iteration.txt", "release"]
