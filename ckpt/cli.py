@@ -354,4 +354,8 @@ def _broken_pipe() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # ``python -m ckpt.cli`` runs this file as ``__main__``; the commands import ``ckpt.cli`` (``UsageError``), a
+    # second copy whose classes this copy's ``main`` would not catch. Run that copy's ``main``.
+    from ckpt.cli import main as _main
+
+    sys.exit(_main())

@@ -158,11 +158,7 @@ def export_megatron(src: str, dst: str, *, target: "str | Mapping[str, Any]", sp
     manifest = read_manifest(storage)
     binding = export_binding(manifest, storage.url, target, spec, dims)
     values = {k: v.value for k, v in manifest.values.items()}
-    it = iteration if iteration is not None else values.get("iteration", "release")
-    if isinstance(it, str) and it != "release":
-        if not it.isdigit():
-            raise SpecError(f"iteration must be a number or 'release', not {it!r}")
-        it = int(it)
+    it = _iteration(iteration, values)
     name = "release" if it == "release" else f"iter_{int(it):07d}"
     final = os.path.join(dst, name)
     if os.path.exists(final) and not overwrite and not dry_run:
@@ -186,29 +182,14 @@ def export_megatron(src: str, dst: str, *, target: "str | Mapping[str, Any]", sp
     try:
         for rank in writers:  # a data-parallel replica without ZeRO writes nothing: one file per position
             c = grid.coords(rank)
-            writes_model = c.edp == 0
             d = rank_dir_name(c.tp, c.pp, c.ep, grid)
-            files = ([MODEL_FILE] if writes_model else []) + ([f"distrib_optim_{c.dp:03d}.pt"] if grid.zero else [])
+            files = ([MODEL_FILE] if c.edp == 0 else []) + ([f"distrib_optim_{c.dp:03d}.pt"] if grid.zero else [])
             result.files += [f"{name}/{d}/{f}" for f in files]
-            if dry_run:
-                continue
-            local = export_rank(storage, binding, rank, manifest)
-            model, optim = _split(local, binding)
-            if optim and optim_values:
-                optim = {**optim, **optim_values}  # param_groups: the same on every rank
-            os.makedirs(os.path.join(work, d), exist_ok=True)
-            if writes_model:
-                payload = dict(payload_common, model=model)
-                if grid.zero == 0 and optim:
-                    payload["optimizer"] = optim
-                result.bytes_written += _save(payload, os.path.join(work, d, MODEL_FILE))
-            if grid.zero:
-                result.bytes_written += _save(dict(payload_common, optimizer=optim),
-                                              os.path.join(work, d, f"distrib_optim_{c.dp:03d}.pt"))
-            result.bytes_read += sum(t.numel() * t.element_size() for t in local.values())
-            if progress is not None:
-                progress(sum(t.numel() * t.element_size() for t in local.values()))
-            del local, model, optim
+            if not dry_run:
+                n = _write_rank(storage, manifest, binding, rank, os.path.join(work, d), files, payload_common,
+                                optim_values, result)
+                if progress is not None:
+                    progress(n)
         if dry_run:
             return result
         _install(work, final, overwrite)
@@ -222,6 +203,36 @@ def export_megatron(src: str, dst: str, *, target: "str | Mapping[str, Any]", sp
         raise
     result.elapsed_secs = time.monotonic() - start
     return result
+
+
+def _iteration(iteration: "int | str | None", values: Mapping[str, Any]) -> "int | str":
+    it = iteration if iteration is not None else values.get("iteration", "release")
+    if isinstance(it, str) and it != "release":
+        if not it.isdigit():
+            raise SpecError(f"iteration must be a number or 'release', not {it!r}")
+        it = int(it)
+    return it
+
+
+def _write_rank(storage: Any, manifest: Any, binding: SpecBinding, rank: int, folder: str, files: list[str],
+                common: Mapping[str, Any], optim_values: Mapping[str, Any], result: MegatronExportResult) -> int:
+    """Read ``rank``'s local tensors and write its files into ``folder``; returns the bytes read."""
+    local = export_rank(storage, binding, rank, manifest)
+    model, optim = _split(local, binding)
+    if optim and optim_values:
+        optim = {**optim, **optim_values}  # param_groups: the same on every rank
+    os.makedirs(folder, exist_ok=True)
+    for f in files:
+        if f == MODEL_FILE:
+            payload = dict(common, model=model)
+            if binding.parallel.get("zero", 0) == 0 and optim:
+                payload["optimizer"] = optim
+        else:
+            payload = dict(common, optimizer=optim)
+        result.bytes_written += _save(payload, os.path.join(folder, f))
+    n = sum(t.numel() * t.element_size() for t in local.values())
+    result.bytes_read += n
+    return n
 
 
 def _rank_bytes(binding: SpecBinding, rank: int, manifest: Any) -> int:
