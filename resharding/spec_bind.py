@@ -177,13 +177,15 @@ def bind_tensors(tensors: Mapping[str, torch.Tensor], rl: RankLayout, shapes: Ma
 def local_layouts(tensors: Mapping[str, torch.Tensor], binding: SpecBinding | None, rank: int, *, for_save: bool
                   ) -> tuple[dict[str, TensorLayout], RankLayout | None]:
     """Logical key -> layout of one rank's tensors (flattened key -> tensor): from a spec binding for the keys it
-    describes, from the tensor itself (plain or DTensor) for every other key."""
+    describes, from the tensor itself (plain or DTensor) for every other key but the spec's ``inert`` ones."""
     if binding is None:
         return {k: tensor_layout(t) for k, t in tensors.items()}, None
     rl = binding.rank_layout(rank, {k: tuple(t.shape) for k, t in tensors.items()})
     layouts = bind_tensors(tensors, rl, binding.logical_shapes(), binding.spec, for_save=for_save)
     for k, t in tensors.items():
         if k not in rl:
+            if binding.spec.is_inert(k):
+                continue  # framework metadata the spec lists as inert (TE's _extra_state): neither saved nor loaded
             if k in layouts:
                 raise ShardMismatchError(f"key {k!r} is both a logical key of spec '{binding.spec.name}' and a plain "
                                          "key of the state; rename one")

@@ -375,3 +375,28 @@ def test_exported_files_load_and_keep_previous_iteration(te_uni, produced, tmp_p
                 _same(got["model"][k], no_fp8_state(), k)
             else:
                 _same(got["model"][k], w, k)
+
+
+def test_spec_save_and_load_leave_te_extra_state_alone(llama, tmp_path):
+    """``ckpt.save(spec="llama-te")`` of a live TE-named rank state does not store the ``_extra_state`` entries (the
+    spec lists them as inert) and ``ckpt.load`` leaves them in the state, reporting nothing missing."""
+    model, opt = llama
+    st = rank_states(model, opt, 1, 1)[(0, 0)]
+    state = {"model": st["model"], "optim": st["optimizer"], "iteration": 10}
+    extra = sorted(k for k in state["model"] if k.endswith("_extra_state"))
+    assert extra
+    dims = {"hidden": 56, "heads": 8, "kv_heads": 4, "head_dim": 7, "ffn": 96, "vocab": 997, "layers": 4}
+    ckpt.save(state, str(tmp_path / "c"), spec="llama-te", dims=dims, layout="tp=1,pp=1")
+    with ckpt.open(str(tmp_path / "c")) as reader:
+        assert not [k for k in reader.manifest.tensors if "_extra_state" in k]
+    fresh = {"model": {k: (v.clone() if k in extra else torch.zeros_like(v)) for k, v in state["model"].items()},
+             "optim": rank_states(model, opt, 1, 1)[(0, 0)]["optimizer"], "iteration": 0}
+    marker = torch.tensor([7, 7], dtype=torch.uint8)
+    fresh["model"][extra[0]] = marker
+    report = ckpt.load(fresh, str(tmp_path / "c"), layout="tp=1,pp=1")
+    assert not report.missing_keys and not report.unexpected_keys
+    assert fresh["model"][extra[0]] is marker and torch.equal(marker, torch.tensor([7, 7], dtype=torch.uint8))
+    for k, v in state["model"].items():
+        if k not in extra:
+            _same(fresh["model"][k], v, k)
+    assert fresh["iteration"] == 10
