@@ -44,6 +44,7 @@ from ckpt.errors import (CheckpointExistsError, FormatNotImplementedError, Shard
                          StorageError)
 from formats.dtypes import dtype_from_name
 from formats.manifest import MANIFEST_NAME
+from formats.nesting import nest
 from formats.reader import read_manifest
 from formats.storage import open_storage
 from resharding.grid import Grid
@@ -170,9 +171,7 @@ def export_megatron(src: str, dst: str, *, target: "str | Mapping[str, Any]", sp
     result.warnings = megatron_limits(binding)
     payload_common = {"args": megatron_args(manifest.metadata, binding, it), "checkpoint_version": CHECKPOINT_VERSION,
                       "iteration": 0 if it == "release" else int(it)}
-    kinds = {k: c.type for k, c in manifest.containers.items()}
-    optim_values = _nest({k[len("optim/"):]: v for k, v in values.items() if k.startswith("optim/")},
-                         {k[len("optim/"):]: t for k, t in kinds.items() if k.startswith("optim/")})
+    optim_values = {k: v for k, v in values.items() if k.startswith("optim/")}
     writers = [r for r in range(binding.world_size) if grid.zero or grid.coords(r).edp == 0]
     if on_plan is not None and not dry_run:
         on_plan(sum(_rank_bytes(binding, r, manifest) for r in writers))
@@ -218,9 +217,7 @@ def _write_rank(storage: Any, manifest: Any, binding: SpecBinding, rank: int, fo
                 common: Mapping[str, Any], optim_values: Mapping[str, Any], result: MegatronExportResult) -> int:
     """Read ``rank``'s local tensors and write its files into ``folder``; returns the bytes read."""
     local = export_rank(storage, binding, rank, manifest)
-    model, optim = _split(local, binding)
-    if optim and optim_values:
-        optim = {**optim, **optim_values}  # param_groups: the same on every rank
+    model, optim = _split(local, binding, optim_values, manifest.containers, f"{storage.url}: rank {rank}")
     os.makedirs(folder, exist_ok=True)
     for f in files:
         if f == MODEL_FILE:
@@ -269,9 +266,11 @@ def _check_destination(dst: str) -> None:
                                     "directories elsewhere")
 
 
-def _split(local: Mapping[str, torch.Tensor], binding: SpecBinding) -> tuple[dict[str, Any], dict[str, Any]]:
-    """A rank's flattened local tensors as Megatron's ``model`` (with the spec's inert entries beside their
-    parameters) and ``optimizer`` subtrees."""
+def _split(local: Mapping[str, torch.Tensor], binding: SpecBinding, optim_values: Mapping[str, Any],
+           containers: Mapping[str, Any], where: str) -> tuple[dict[str, Any], Any]:
+    """A rank's flattened local tensors as Megatron's ``model`` (in the spec's order, with the spec's inert entries
+    beside their parameters) and ``optimizer`` subtrees; the optimizer gets the checkpoint's ``optim/`` values
+    (``param_groups``: the same on every rank), nested with the containers the manifest records for them."""
     model: dict[str, Any] = {}
     optim: dict[str, Any] = {}
     for key, t in local.items():
@@ -284,35 +283,15 @@ def _split(local: Mapping[str, torch.Tensor], binding: SpecBinding) -> tuple[dic
                 if m is not None:
                     model.setdefault(rule.pattern.fill(m), no_fp8_state())
         elif top == "optim":
-            optim[rest] = t
+            optim[key] = t
         else:
             raise SpecError(f"local key {key!r} of spec '{binding.spec.name}' is neither model/ nor optim/ state; "
                             "the Megatron export writes those two only")
-    return model, _nest(optim)
-
-
-def _nest(flat: Mapping[str, Any], kinds: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """``a/b/c`` keys as nested dicts; a level the manifest records as a list or tuple (``kinds``: key -> container
-    type) becomes one (``param_groups``, ``betas``)."""
-    out: dict[str, Any] = {}
-    for key, v in flat.items():
-        node = out
-        parts = key.split("/")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = v
-    return _sequences(out, "", kinds or {})
-
-
-def _sequences(node: Any, key: str, kinds: Mapping[str, str]) -> Any:
-    if not isinstance(node, dict):
-        return node
-    node = {k: _sequences(v, f"{key}/{k}" if key else k, kinds) for k, v in node.items()}
-    kind = kinds.get(key)
-    if kind in ("list", "tuple") and sorted(node) == sorted(str(i) for i in range(len(node))):
-        items = [node[str(i)] for i in range(len(node))]
-        return items if kind == "list" else tuple(items)
-    return node
+    if not optim:
+        return model, {}
+    optim.update(optim_values)
+    kept = {k: c for k, c in containers.items() if k and any(v.startswith(k + "/") for v in optim_values)}
+    return model, nest(optim, kept, where)["optim"]
 
 
 def megatron_args(metadata: Mapping[str, Any], binding: SpecBinding, iteration: Any) -> Any:
