@@ -171,6 +171,7 @@ def _convert_to_megatron(args: argparse.Namespace) -> int:
     from ckpt.cli import UsageError, _storage_options
     from ckpt.cli_reshard import _dims, _prog
     from formats.foreign.detect import detect_format
+    from resharding.grid import layout_text
     from resharding.megatron_export import export_megatron
 
     opts = _storage_options(args)
@@ -206,20 +207,16 @@ def _convert_to_megatron(args: argparse.Namespace) -> int:
     where = "release" if result.iteration is None else f"iteration {result.iteration}"
     if args.dry_run:
         print(f"dry run: universal {args.src} -> megatron {args.dst} ({where}, spec '{result.spec}', "
-              f"{_layout(result.layout)}): {len(result.files)} file(s)")
+              f"{layout_text(result.layout)}): {len(result.files)} file(s)")
         for f in result.files[:20]:
             print(f"  {f}")
         if len(result.files) > 20:
             print(f"  ... {len(result.files) - 20} more")
         return EXIT_OK
     print(f"OK: universal {args.src} -> megatron {args.dst} ({where}, spec '{result.spec}', "
-          f"{_layout(result.layout)}): {len(result.files)} file(s), {_mib(result.bytes_written)} in "
+          f"{layout_text(result.layout)}): {len(result.files)} file(s), {_mib(result.bytes_written)} in "
           f"{result.elapsed_secs:.2f} s")
     return EXIT_OK
-
-
-def _layout(parallel: dict[str, Any]) -> str:
-    return ",".join(f"{k}={v}" for k, v in parallel.items() if k != "order" or v != "tp-ep-dp-pp")
 
 
 def _config_text(plan: Any) -> str:

@@ -105,10 +105,8 @@ def _layout_text(parallel: dict[str, Any]) -> str:
 
 
 def cmd_spec_check(args: argparse.Namespace) -> int:
-    from spec_lang import check
+    from spec_lang import check, match_shipped
     from resharding.spec_bind import resolve_spec
-
-    from spec_lang import match_shipped
 
     if args.spec == "auto" and args.against is None:
         from ckpt.cli import UsageError
@@ -119,7 +117,7 @@ def cmd_spec_check(args: argparse.Namespace) -> int:
     settings: dict[str, int] | None = None
     matched = None
     if args.against is not None:
-        keys, settings = _keys_of(args, None)
+        keys, settings = _keys_of(args)
     if args.spec == "auto":
         assert keys is not None
         matched, reports = match_shipped(keys)
@@ -166,13 +164,12 @@ def cmd_spec_check(args: argparse.Namespace) -> int:
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
-def _keys_of(args: argparse.Namespace, spec: Any) -> tuple[list[str], dict[str, int] | None]:
+def _keys_of(args: argparse.Namespace) -> tuple[list[str], dict[str, int] | None]:
     """Rank-local keys to check a spec against: a spec-saved checkpoint's ranks, or a checkpoint's own keys."""
     import ckpt
     from ckpt.cli import _storage_options
-    from resharding.spec_bind import SpecBinding
-
     from formats.foreign.detect import detect_format
+    from resharding.spec_bind import SpecBinding
 
     opts = _storage_options(args)
     if detect_format(args.against, opts) == "megatron":

@@ -143,3 +143,8 @@ class Grid:
         """Every distinct group of ``kind``, ordered by lowest rank."""
         seen = {self.group(kind, r) for r in range(self.world_size)}
         return sorted(seen, key=min)
+
+
+def layout_text(parallel: Mapping[str, Any]) -> str:
+    """``tp=2,pp=2,dp=1,ep=1,zero=0`` (the order only when it is not the default): a layout as messages write it."""
+    return ",".join(f"{k}={v}" for k, v in parallel.items() if k != "order" or v != DEFAULT_ORDER)

@@ -50,16 +50,16 @@ from formats.dtypes import dtype_name
 from formats.foreign.registry import SourceNotes
 from formats.foreign.source import Source, TensorInfo, add_parents, flatten_into
 from formats.box import Box, boxes_tile
-from resharding.grid import DEFAULT_ORDER, Grid
+from resharding.grid import Grid, layout_text as _text
 from resharding.layout import LocalPiece, TensorLayout
 from resharding.megatron_files import (MODEL_FILE, TRACKER_FILE, DirScan, args_dict, args_dims, args_parallel,
                                        dims_from_shapes, given_parallel, jsonable, load_megatron_file, local_keys,
                                        missing_dims_text as _missing_dims_text, rank_dir_name,
                                        resolve_checkpoint_dir, walk_payload)
-from spec_lang.shipped import ALIASES, FAMILIES, match_shipped
 from resharding.offline import _reconcile, target_boxes
 from resharding.spec_apply import piece_view
 from resharding.spec_bind import SpecBinding, parse_parallel, resolve_spec
+from spec_lang.shipped import ALIASES, FAMILIES, match_shipped
 from resharding.spec_layout import AVERAGED, REPLICATED, Piece
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -338,10 +338,6 @@ class MegatronSource(Source):
     def close(self) -> None:
         with self._lock:
             self._files = {}
-
-
-def _text(parallel: Mapping[str, Any]) -> str:
-    return ",".join(f"{k}={v}" for k, v in parallel.items() if k != "order" or v != DEFAULT_ORDER)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -47,18 +47,17 @@ from formats.manifest import MANIFEST_NAME
 from formats.nesting import nest
 from formats.reader import read_manifest
 from formats.storage import open_storage
-from resharding.grid import Grid
-from resharding.megatron_files import MODEL_FILE, TRACKER_FILE, rank_dir_name
+from resharding.grid import Grid, layout_text
+from resharding.megatron_files import ARGS_DIMS, MODEL_FILE, TRACKER_FILE, rank_dir_name
 from resharding.offline import export_rank, source_binding
 from resharding.spec_bind import SpecBinding, parse_parallel, resolve_spec
 
 CHECKPOINT_VERSION = 3.0
 Progress = Callable[[int], None]
 
-#: spec dims -> Megatron-LM ``args`` names (``tied`` is written as ``untie_embeddings_and_output_weights``).
-DIM_ARGS = {"hidden": "hidden_size", "heads": "num_attention_heads", "kv_heads": "num_query_groups",
-            "head_dim": "kv_channels", "ffn": "ffn_hidden_size", "layers": "num_layers",
-            "vocab_divisible_by": "make_vocab_size_divisible_by", "experts": "num_experts", "vocab": "vocab_size"}
+#: spec dims -> Megatron-LM ``args`` names, the importer's table inverted (``tied`` is written as
+#: ``untie_embeddings_and_output_weights``).
+DIM_ARGS = {dim: arg for arg, dim in ARGS_DIMS.items()}
 
 
 def no_fp8_state() -> torch.Tensor:
@@ -128,7 +127,7 @@ def _check_source(binding: SpecBinding, manifest: Any, where: str) -> None:
             needed.update(p.logical_key for p in lt.pieces)
     missing = sorted(needed - set(manifest.tensors))
     if missing:
-        raise ShardMismatchError(f"{where}: spec '{binding.spec.name}' under {_text(binding.parallel)} needs "
+        raise ShardMismatchError(f"{where}: spec '{binding.spec.name}' under {layout_text(binding.parallel)} needs "
                                  f"{len(missing)} tensor(s) the checkpoint does not hold: {', '.join(missing[:6])}"
                                  f"{', ...' if len(missing) > 6 else ''}. Is it the right spec (--spec) and model?")
     wrong = [(k, list(shapes[k]), list(manifest.tensors[k].shape)) for k in sorted(needed)
@@ -271,17 +270,18 @@ def _split(local: Mapping[str, torch.Tensor], binding: SpecBinding, optim_values
     """A rank's flattened local tensors as Megatron's ``model`` (in the spec's order, with the spec's inert entries
     beside their parameters) and ``optimizer`` subtrees; the optimizer gets the checkpoint's ``optim/`` values
     (``param_groups``: the same on every rank), nested with the containers the manifest records for them."""
+    params = {p.name: p.pattern for p in binding.spec.params}
+    inert = [(rule.pattern, params[rule.beside]) for rule in binding.spec.inert]
     model: dict[str, Any] = {}
     optim: dict[str, Any] = {}
     for key, t in local.items():
         top, _, rest = key.partition("/")
         if top == "model":
             model[rest] = t
-            for rule in binding.spec.inert:
-                beside = next(p for p in binding.spec.params if p.name == rule.beside)
-                m = beside.pattern.match(rest)
+            for name, beside in inert:
+                m = beside.match(rest)
                 if m is not None:
-                    model.setdefault(rule.pattern.fill(m), no_fp8_state())
+                    model.setdefault(name.fill(m), no_fp8_state())
         elif top == "optim":
             optim[key] = t
         else:
@@ -352,10 +352,6 @@ def _write_tracker(dst: str, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, os.path.join(dst, TRACKER_FILE))
-
-
-def _text(parallel: Mapping[str, Any]) -> str:
-    return ",".join(f"{k}={v}" for k, v in parallel.items() if k != "order")
 
 
 __all__ = ["export_megatron", "export_binding", "megatron_args", "no_fp8_state", "MegatronExportResult"]

@@ -29,7 +29,7 @@ _OPTIM_FILE = re.compile(r"^distrib_optim_(\d+)\.pt$")
 _ITER_DIR = re.compile(r"^iter_(\d+)$")
 
 #: Megatron-LM ``args`` names -> spec dims (``tied`` is the negation of untie_embeddings_and_output_weights).
-_ARGS_DIMS = {"hidden_size": "hidden", "num_attention_heads": "heads", "num_query_groups": "kv_heads",
+ARGS_DIMS = {"hidden_size": "hidden", "num_attention_heads": "heads", "num_query_groups": "kv_heads",
               "kv_channels": "head_dim", "ffn_hidden_size": "ffn", "num_layers": "layers",
               "make_vocab_size_divisible_by": "vocab_divisible_by", "num_experts": "experts",
               "vocab_size": "vocab"}  # --vocab-size (the real, unpadded size; the export writes it)
@@ -171,7 +171,7 @@ def args_dims(args: dict[str, Any], declared: set[str]) -> dict[str, Any]:
     if isinstance(args.get("model"), Mapping):
         found = dict(args["model"])
     else:
-        found = {name: args[a] for a, name in _ARGS_DIMS.items() if args.get(a) is not None}
+        found = {name: args[a] for a, name in ARGS_DIMS.items() if args.get(a) is not None}
         if not args.get("group_query_attention", True):
             found.pop("kv_heads", None)
         if "untie_embeddings_and_output_weights" in args:
@@ -254,9 +254,9 @@ def local_keys(root: str, allow_pickle: bool = False, load: Any = None) -> list[
     scan = DirScan(root)
     keys: set[str] = set()
     for d in scan.dirs.values():
-        files = [(MODEL_FILE, "model")] if os.path.isfile(os.path.join(root, d, MODEL_FILE)) else []
-        files += [(f"distrib_optim_{i:03d}.pt", None) for i in scan.optim[d]]
-        for name, _ in files:
+        files = [MODEL_FILE] if os.path.isfile(os.path.join(root, d, MODEL_FILE)) else []
+        files += [f"distrib_optim_{i:03d}.pt" for i in scan.optim[d]]
+        for name in files:
             rel = f"{d}/{name}"
             path = os.path.join(root, rel)
             payload = load(path) if load is not None else load_megatron_file(path, allow_pickle)

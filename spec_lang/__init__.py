@@ -16,7 +16,8 @@ from spec_lang.shipped import SHIPPED, match_shipped, shipped_spec, shipped_spec
 from spec_lang.where import Where, spec_error
 
 __all__ = [
-    "load_spec", "check", "CheckReport", "RuleRef", "match_shipped", "shipped_spec", "shipped_spec_text", "SHIPPED", "Spec",
+    "load_spec", "check", "CheckReport", "RuleRef", "match_shipped", "shipped_spec", "shipped_spec_text", "SHIPPED",
+    "Spec",
     "ParamRule", "StateRule", "PlainRule", "Replicated", "Shard", "Fused", "FusedPart", "Tied", "ZeroSpec",
     "Bucket", "Group", "DimDecl", "LetDecl", "IndexDecl", "Expr", "Where", "spec_error", "split_count",
     "split_start", "SPEC_VERSION", "PARALLEL_SIZES", "RANK_NAMES",

@@ -172,7 +172,7 @@ class ZeroSpec:
 @dataclass(frozen=True)
 class InertRule:
     """A local key the framework writes beside a parameter that holds no model state (Transformer Engine's
-    ``_extra_state``): accepted and ignored when read, written back as ``value`` on export wherever the parameter
+    ``_extra_state``): accepted and ignored when read; an export writes one wherever the parameter rule named
     ``beside`` is on the rank, with the same index values."""
 
     name: str

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import functools
 from importlib import resources
-from typing import TYPE_CHECKING, Iterable
+from typing import Iterable
 
 from ckpt.errors import SpecError
+from spec_lang.check import CheckReport, check
 from spec_lang.loader import load_spec
 from spec_lang.model import Spec
-
-if TYPE_CHECKING:
-    from spec_lang.check import CheckReport
 
 #: The shipped specs: each family in Megatron-Core's "local" layer-spec naming (``gpt``) and in its Transformer
 #: Engine naming (``gpt-te``: norms fused into the next linear, ``_extra_state`` entries), plus ``-local`` aliases.
@@ -35,12 +33,10 @@ def shipped_spec(name: str) -> Spec:
 
 
 def match_shipped(keys: Iterable[str], candidates: Iterable[str] | None = None
-                  ) -> "tuple[str | None, dict[str, CheckReport]]":
+                  ) -> tuple[str | None, dict[str, CheckReport]]:
     """Which shipped spec describes ``keys`` (rank-local flattened keys, e.g. every rank file's): the candidate
     that leaves no key unmatched and the fewest parameter rules unused (a Llama state also fits the GPT spec, whose
     bias rules then go unused). Returns (its name or None, every candidate's ``check`` report). Pure: keys only."""
-    from spec_lang.check import check  # noqa: PLC0415
-
     keys = list(keys)
     reports = {name: check(shipped_spec(name), keys) for name in (candidates or SHIPPED)}
     fits = [(sum(r.section == "params" for r in rep.unmatched_rules), name) for name, rep in reports.items()
