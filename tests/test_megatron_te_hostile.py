@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ckpt.errors import CheckpointError, UnsafeCheckpointError
+from ckpt.errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
 from resharding.megatron_dirs import MegatronSource
 from resharding.megatron_export import export_megatron
 from resharding.megatron_import import import_megatron
@@ -121,3 +121,51 @@ def test_sigkilled_export_leaves_the_previous_save_intact(states, tmp_path):
             ref.close()
     finally:
         src.close()
+
+
+def test_spec_check_against_a_truncated_rank_file_names_it(states, tmp_path):
+    from tests.cli_utils import run_cli
+
+    write_megatron(tmp_path / "src", states, tp=2, pp=1)
+    f = tmp_path / "src" / "iter_0000010" / "mp_rank_00" / "model_optim_rng.pt"
+    f.write_bytes(f.read_bytes()[:1000])
+    for spec in ("auto", "llama-te"):
+        r = run_cli("spec", "check", spec, "--against", str(tmp_path / "src"))
+        assert r.returncode == 2 and "mp_rank_00/model_optim_rng.pt" in r.stderr, (r.returncode, r.stderr)
+
+
+def test_export_of_a_corrupt_universal_checkpoint_installs_nothing(states, tmp_path):
+    """A flipped byte in the universal source fails the export with a CorruptCheckpointError naming the file, and
+    leaves the destination's earlier iteration current."""
+    write_megatron(tmp_path / "src", states, tp=2, pp=1)
+    import_megatron(str(tmp_path / "src"), str(tmp_path / "uni"), "llama-te")
+    dst = tmp_path / "dst"
+    export_megatron(str(tmp_path / "uni"), str(dst), target="tp=1,pp=1", iteration=5)
+    before = _tree(dst)
+    data = max((p for p in (tmp_path / "uni").rglob("*") if p.is_file() and p.name != "manifest.json"),
+               key=lambda p: p.stat().st_size)
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    with pytest.raises(CorruptCheckpointError) as e:
+        export_megatron(str(tmp_path / "uni"), str(dst), target="tp=2,pp=1", iteration=10)
+    assert data.name in str(e.value)
+    assert _tree(dst) == before  # no iter_0000010, no leftover temporary directory, tracker "5"
+
+
+def test_uneven_target_is_written_with_warnings_and_reads_back(states, tmp_path):
+    """tp=3 splits 4 heads, 2 KV groups and ffn 32 unevenly: Megatron-Core would refuse to build that model, so the
+    export warns per broken rule, but the files hold the spec's uneven cut and import back bit for bit."""
+    write_megatron(tmp_path / "src", states, tp=2, pp=1)
+    import_megatron(str(tmp_path / "src"), str(tmp_path / "uni"), "llama-te")
+    res = export_megatron(str(tmp_path / "uni"), str(tmp_path / "tp3"), target="tp=3,pp=1")
+    assert {w.split(" ")[0] for w in res.warnings} == {"heads", "kv_heads", "ffn"}, res.warnings
+    back = MegatronSource(str(tmp_path / "tp3"), "llama")
+    ref = MegatronSource(str(tmp_path / "src"), "llama-te")
+    try:
+        assert back.binding.parallel["tp"] == 3 and set(back.tensors) == set(ref.tensors)
+        for key in ref.tensors:
+            assert torch.equal(back.read(key), ref.read(key)), key
+    finally:
+        back.close()
+        ref.close()
