@@ -48,7 +48,8 @@ import torch
 
 from ckpt.errors import CorruptCheckpointError, IncompleteCheckpointError, UnsupportedStateError
 from formats import keys as K
-from formats.foreign.deepspeed_files import (OPTIM_FILE, OPTIM_STATE, add_engine_values, add_param_groups,
+from formats.foreign.deepspeed_files import (LAYER_FILE, OPTIM_FILE, OPTIM_STATE, add_engine_values,
+                                             add_param_groups, model_parallel_ranks,
                                              load_ds_file, malformed_fields, model_key, resolve_tag_dir,
                                              zero_stage_of)
 from formats.foreign.source import Source, TensorInfo, add_parents
@@ -70,16 +71,27 @@ def open_deepspeed(path: str, allow_pickle: bool = False, tag: str | None = None
     from formats.foreign.deepspeed_uc import DeepSpeedUniversalSource, is_universal_tag_dir
 
     tag_dir, tag = resolve_tag_dir(path, tag)
-    if is_universal_tag_dir(tag_dir) and not any(OPTIM_FILE.match(n) for n in os.listdir(tag_dir)):
+    names = os.listdir(tag_dir)
+    if is_universal_tag_dir(tag_dir) and not any(OPTIM_FILE.match(n) for n in names):
         return DeepSpeedUniversalSource(tag_dir, tag, allow_pickle)
+    if model_parallel_ranks(names) != ["00"] or any(LAYER_FILE.match(n) for n in names):
+        from formats.foreign.deepspeed_mp import DeepSpeedModelParallelSource
+
+        return DeepSpeedModelParallelSource(tag_dir, allow_pickle)
     return DeepSpeedSource(tag_dir, allow_pickle)
 
 
 class DeepSpeedSource(Source):
-    """A DeepSpeed ZeRO-1/2/3 checkpoint (data parallel only), keyed as ``ckpt.save`` keys a module + optimizer."""
+    """A DeepSpeed ZeRO-1/2/3 checkpoint (data parallel only), keyed as ``ckpt.save`` keys a module + optimizer.
 
-    def __init__(self, path: str, allow_pickle: bool = False, tag: str | None = None) -> None:
+    ``mp_rank`` reads the files of one model-parallel rank (a pipeline stage or a tensor-parallel slice) of a
+    larger checkpoint instead: ``formats.foreign.deepspeed_mp`` combines them."""
+
+    def __init__(self, path: str, allow_pickle: bool = False, tag: str | None = None,
+                 mp_rank: int | None = None) -> None:
         super().__init__(path=str(path), format="deepspeed")
+        self.mp_rank = mp_rank
+        self._mp = f"{mp_rank or 0:02d}"
         with malformed_fields(self.path):
             self._open(allow_pickle, tag)
 
@@ -87,7 +99,13 @@ class DeepSpeedSource(Source):
         self.tag_dir, self.tag = resolve_tag_dir(self.path, tag)
         self._allow = allow_pickle
         names = sorted(os.listdir(self.tag_dir))
-        self._check_supported(names)
+        if self.mp_rank is None:
+            self._check_supported(names)
+        else:
+            names = [n for n in names if (m := OPTIM_FILE.match(n)) is None or m.group(3) == self._mp]
+            if not any(OPTIM_FILE.match(n) for n in names):
+                raise IncompleteCheckpointError(f"{self.tag_dir}: no *_mp_rank_{self._mp}_optim_states.pt file; every "
+                                                "model-parallel rank's optimizer files must be present")
         self._optim_files = self._rank_files(names)
         self.dp = len(self._optim_files)
         loaded = self._first_optim  # rank 0's, read while counting the ranks
@@ -95,10 +113,10 @@ class DeepSpeedSource(Source):
                        for f in self._optim_files]
         recorded = self._optim[0].get("zero_stage")  # ZeRO-3 always records it; the BF16 optimizer never does
         if recorded is not None and int(recorded) == 3:
-            self._model_files = [os.path.join(self.tag_dir, f"zero_pp_rank_{r}_mp_rank_00_model_states.pt")
+            self._model_files = [os.path.join(self.tag_dir, f"zero_pp_rank_{r}_mp_rank_{self._mp}_model_states.pt")
                                  for r in range(self.dp)]
         else:
-            self._model_files = [os.path.join(self.tag_dir, "mp_rank_00_model_states.pt")]
+            self._model_files = [os.path.join(self.tag_dir, f"mp_rank_{self._mp}_model_states.pt")]
         self._models = [self._load(f) for f in self._model_files]
         self.stage = zero_stage_of(self._optim[0], self._models[0]) or 1
         self._reads: dict[str, Any] = {}
@@ -106,15 +124,17 @@ class DeepSpeedSource(Source):
 
     # -- files ------------------------------------------------------------------------------------------------
     def _check_supported(self, names: list[str]) -> None:
-        mp = sorted({m.group(3) for n in names if (m := OPTIM_FILE.match(n))} |
-                    {n[len("mp_rank_"):len("mp_rank_") + 2] for n in names if n.startswith("mp_rank_")})
-        layer_files = [n for n in names if n.startswith("layer_") and n.endswith("model_states.pt")]
-        if len(mp) > 1 or layer_files or any(n.startswith("expp_rank_") for n in names):
+        mp = model_parallel_ranks(names)
+        layer_files = [n for n in names if LAYER_FILE.match(n)]
+        if len(mp) > 1 or layer_files:
             raise UnsupportedStateError(
-                f"{self.tag_dir}: a tensor-, pipeline- or expert-parallel DeepSpeed checkpoint (model-parallel ranks "
-                f"{mp}, {len(layer_files)} layer files): only data-parallel ZeRO checkpoints are read directly. Run "
-                "DeepSpeed's ds_to_universal on it (it merges tensor-parallel slices by the patterns the run recorded "
-                "in universal_checkpoint_info), then convert its output (--from deepspeed reads that layout).")
+                f"{self.tag_dir}: a tensor- or pipeline-parallel DeepSpeed checkpoint (model-parallel ranks {mp}, "
+                f"{len(layer_files)} layer files): open it with open_deepspeed (ckpt convert --from deepspeed), "
+                "which reads every model-parallel rank")
+        if any(n.startswith("expp_rank_") for n in names):
+            raise UnsupportedStateError(
+                f"{self.tag_dir}: an expert-parallel DeepSpeed checkpoint (expp_rank_* files): not read directly. "
+                "Run DeepSpeed's ds_to_universal on it, then convert its output (--from deepspeed reads that layout).")
         if not any(OPTIM_FILE.match(n) for n in names):
             raise UnsupportedStateError(
                 f"{self.tag_dir}: no *_optim_states.pt files: not a ZeRO checkpoint (DeepSpeed without ZeRO keeps "
@@ -135,7 +155,7 @@ class DeepSpeedSource(Source):
         expected = max(count) if isinstance(count, (list, tuple)) else int(count or len(by_rank))
         expected = max(expected, max(by_rank) + 1)
         prefix = prefixes.pop() if len(prefixes) == 1 else ""
-        missing = [f"{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(expected) if r not in by_rank]
+        missing = [f"{prefix}zero_pp_rank_{r}_mp_rank_{self._mp}_optim_states.pt" for r in range(expected) if r not in by_rank]
         if missing:
             raise IncompleteCheckpointError(
                 f"{self.tag_dir}: missing {', '.join(missing)} (the checkpoint was saved by {expected} data-parallel "
@@ -367,7 +387,7 @@ class DeepSpeedSource(Source):
     def _param_groups(self, group_names: list[list[str]]) -> None:
         osd, f = self._optim[0], self._optim_files[0]
         inner = osd["optimizer_state_dict"] if self.stage == 3 else osd["base_optimizer_state"]
-        add_param_groups(self, self._field(inner, "param_groups", f), group_names, f)
+        self.param_group_dicts = add_param_groups(self, self._field(inner, "param_groups", f), group_names, f)
 
     def _metadata(self, main: Mapping[str, Any], mfile: str) -> None:
         add_engine_values(self, main, self._optim[0], mfile, _WholeTensors(self._reads),

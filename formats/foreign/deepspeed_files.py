@@ -36,6 +36,10 @@ CLIENT_PREFIX = "client_state"
 DS_PREFIX = "deepspeed"
 OPTIM_STATE = "optim/state"
 OPTIM_FILE = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
+#: ``layer_<idx>[-model_<tp>]-model_states.pt``: one pipeline layer's module state (of one tensor-parallel rank).
+LAYER_FILE = re.compile(r"^layer_(\d+)(?:-model_(\d+))?-model_states\.pt$")
+MODEL_FILE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
+ZERO3_MODEL_FILE = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
 _TAG_OK = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 
@@ -154,8 +158,9 @@ def zero_stage_of(optim: Mapping[str, Any], main: Mapping[str, Any]) -> int | No
     return None if stage is None else int(stage)
 
 
-def add_param_groups(source: Source, groups: Any, flat_names: list[list[str]], where: str) -> None:
-    """``optim/param_groups`` of ``source``: each torch param group's hyperparameters and its parameters by name.
+def add_param_groups(source: Source, groups: Any, flat_names: list[list[str]], where: str) -> list[dict[str, Any]]:
+    """``optim/param_groups`` of ``source``: each torch param group's hyperparameters and its parameters by name
+    (returned as plain dicts).
 
     ``groups`` is the base optimizer's ``param_groups``, whose ``params`` index its flat tensors: one per group
     under ZeRO-1/2, one per sub-group (``sub_group_size``) under ZeRO-3; ``flat_names[i]`` names the parameters
@@ -178,6 +183,16 @@ def add_param_groups(source: Source, groups: Any, flat_names: list[list[str]], w
         plain.append({**{k: v for k, v in group.items() if k != "params"}, "params": names})
     flatten_into(plain, "optim/param_groups", source, where, {})
     source.containers.setdefault("optim", ContainerEntry("optim", "dict"))
+    return plain
+
+
+def model_parallel_ranks(names: list[str]) -> list[str]:
+    """The model-parallel ranks (``"00"``, ``"01"``, ...: pipeline stage x tensor-parallel degree + tensor-parallel
+    rank) whose optimizer or model-states files a tag directory's ``names`` hold; ``["00"]`` if none."""
+    found = {m.group(3) for n in names if (m := OPTIM_FILE.match(n))}
+    found |= {m.group(1) for n in names if (m := MODEL_FILE.match(n))}
+    found |= {m.group(2) for n in names if (m := ZERO3_MODEL_FILE.match(n))}
+    return sorted(found) or ["00"]
 
 
 def model_key(name: str) -> str:

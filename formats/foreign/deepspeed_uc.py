@@ -22,11 +22,10 @@ from typing import Any, Mapping
 
 import torch
 
-from ckpt.errors import CorruptCheckpointError, IncompleteCheckpointError
+from ckpt.errors import CorruptCheckpointError, IncompleteCheckpointError, UnsupportedStateError
 from formats import keys as K
-from formats.foreign.deepspeed_files import (OPTIM_STATE, add_engine_values, add_param_groups, load_ds_file,
-                                             malformed_fields, model_key,
-                                             zero_stage_of)
+from formats.foreign.deepspeed_files import (MODEL_FILE, OPTIM_STATE, add_engine_values, add_param_groups,
+                                             load_ds_file, malformed_fields, model_key, zero_stage_of)
 from formats.foreign.deepspeed_universal_plan import (MODEL_STATES_FILE, OPTIMIZER_STATE_FILE,
                                                        ZERO3_MODEL_STATES_FILE, ZERO_DIR)
 from formats.foreign.files import is_regular
@@ -53,13 +52,10 @@ class DeepSpeedUniversalSource(Source):
         self.tag = tag
         self._allow = allow_pickle
         self._reads: dict[str, torch.Tensor] = {}
-        mfile = next((os.path.join(tag_dir, f) for f in _MODEL_FILES if os.path.isfile(os.path.join(tag_dir, f))))
+        mfiles = self._model_files(tag_dir)
+        mfile = mfiles[0]
         main = self._load(mfile)
-        shapes = main.get("param_shapes")
-        if not isinstance(shapes, (list, tuple)):
-            raise CorruptCheckpointError(f"{mfile}: param_shapes is {type(shapes).__name__}, expected a list of dicts")
-        groups = [list(g) for g in shapes]
-        shape_of = {n: tuple(int(s) for s in shp) for g in shapes for n, shp in g.items()}
+        groups, shape_of = self._param_shapes(main, mfiles)
         zero = os.path.join(tag_dir, ZERO_DIR)
         opt = self._load(os.path.join(zero, OPTIMIZER_STATE_FILE))
         group_steps = self._group_steps(opt)
@@ -67,24 +63,68 @@ class DeepSpeedUniversalSource(Source):
             for name in names:
                 pdir = os.path.join(zero, name)
                 self._put(model_key(name), self._param(pdir, "fp32", shape_of[name], name))
-                for state in STATES:
-                    if is_regular(os.path.join(pdir, f"{state}.pt"), "a DeepSpeed file"):
-                        self._put(self._state_key(name, state), self._param(pdir, state, shape_of[name], name))
-                step = os.path.join(pdir, "step.pt")
-                if is_regular(step, "a DeepSpeed file"):
-                    self._put(self._state_key(name, "step"), self._tensor(self._load(step), step))
-                elif g < len(group_steps):
-                    self._put(self._state_key(name, "step"), group_steps[g])
+                self._states(pdir, name, shape_of[name], group_steps[g] if g < len(group_steps) else None)
         module = main.get("module") or {}
-        for name in sorted(os.listdir(zero)):  # frozen parameters and buffers: fp32.pt only
+        for name in sorted(os.listdir(zero)):  # frozen parameters and buffers, and what param_shapes does not list
             if name in shape_of or not os.path.isdir(os.path.join(zero, name)):
                 continue
             ref = module.get(name)
             shape = tuple(ref.shape) if isinstance(ref, torch.Tensor) and ref.numel() else None
             self._put(model_key(name), self._param(os.path.join(zero, name), "fp32", shape, name))
+            self._states(os.path.join(zero, name), name, shape, None)
         self._param_groups(opt, groups, os.path.join(zero, OPTIMIZER_STATE_FILE))
         self._values(main, opt, mfile)
         self.metadata["deepspeed"] = {"tag": tag, "universal": True}
+
+    def _model_files(self, tag_dir: str) -> list[str]:
+        """Every stage's ``mp_rank_<m>_model_states.pt`` (``ds_to_universal`` copies one per model-parallel rank: a
+        pipeline run's stages each list their own parameters), else ZeRO-3's model-states file."""
+        names = sorted(os.listdir(tag_dir))
+        mfiles = [os.path.join(tag_dir, n) for n in names if MODEL_FILE.match(n)]
+        mfiles += [os.path.join(tag_dir, f) for f in _MODEL_FILES[1:] if not mfiles and f in names]
+        return mfiles
+
+    def _param_shapes(self, main: Mapping[str, Any], mfiles: list[str]) -> tuple[list[list[str]], dict[str, Any]]:
+        """Parameter names per optimizer group (group ``g`` of every stage, in stage order) and their shapes. The
+        shapes are the full ones only without tensor parallelism (each stage's file lists its own slices): then
+        None, and the files' shapes are used."""
+        dims = main.get("checkpoint_parallel_dimensions")
+        tp = int(dims.get("tp_degree") or 1) if isinstance(dims, Mapping) else 1
+        groups: list[list[str]] = []
+        shape_of: dict[str, Any] = {}
+        for i, f in enumerate(mfiles):
+            shapes = (main if i == 0 else self._load(f)).get("param_shapes")
+            if not isinstance(shapes, (list, tuple)):
+                raise CorruptCheckpointError(f"{f}: param_shapes is {type(shapes).__name__}, expected a list of "
+                                             "dicts")
+            for g, names in enumerate(shapes):
+                if g == len(groups):
+                    groups.append([])
+                for n, shp in names.items():
+                    if n not in shape_of:
+                        groups[g].append(n)
+                        shape_of[n] = tuple(int(s) for s in shp) if tp == 1 else None
+        return groups, shape_of
+
+    def _states(self, pdir: str, name: str, shape: tuple[int, ...] | None, group_step: torch.Tensor | None) -> None:
+        """The optimizer state files of parameter directory ``pdir``; any other file in it raises (a converter
+        never drops what it was given)."""
+        for f in sorted(os.listdir(pdir)):
+            stem = f[:-3] if f.endswith(".pt") else None
+            if stem == "fp32":
+                continue
+            if stem == "step":
+                step = os.path.join(pdir, f)
+                self._put(self._state_key(name, "step"), self._tensor(self._load(step), step))
+            elif stem:  # exp_avg, exp_avg_sq (Adam), or any per-element state (ckpt's export writes them all)
+                ref = self.tensors[model_key(name)].shape
+                self._put(self._state_key(name, stem), self._param(pdir, stem, shape or ref, name))
+            else:
+                raise UnsupportedStateError(
+                    f"{os.path.join(pdir, f)}: parameter {name!r} holds {f!r}, which is not a state file (fp32.pt, "
+                    f"step.pt, <state>.pt such as {', '.join(s + '.pt' for s in STATES)}); refusing to drop it")
+        if self._state_key(name, "step") not in self.tensors and group_step is not None:
+            self._put(self._state_key(name, "step"), group_step)
 
     # -- files ----------------------------------------------------------------------------------------------------
     def _load(self, path: str) -> Any:
@@ -98,6 +138,7 @@ class DeepSpeedUniversalSource(Source):
         return t
 
     def _param(self, pdir: str, state: str, shape: tuple[int, ...] | None, name: str) -> torch.Tensor:
+        """``state``'s tensor of parameter ``name``, checked against ``shape`` (reshaped if flat) when known."""
         path = os.path.join(pdir, f"{state}.pt")
         if not is_regular(path, "a DeepSpeed file"):
             raise IncompleteCheckpointError(f"{path}: missing (parameter {name!r}); the universal checkpoint is "
@@ -119,7 +160,7 @@ class DeepSpeedUniversalSource(Source):
         return [state[g]["step"] for g in sorted(state) if isinstance(state[g], Mapping) and "step" in state[g]]
 
     def _state_key(self, name: str, state: str) -> str:
-        return K.join(K.join(OPTIM_STATE, K.escape(name)), state)
+        return K.join(K.join(OPTIM_STATE, K.escape(name)), K.escape(state))
 
     def _put(self, key: str, t: torch.Tensor) -> None:
         self.tensors[key] = TensorInfo.whole(key, t.dtype, tuple(t.shape))
