@@ -86,6 +86,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -423,3 +424,34 @@ def ds_to_universal(tag_dir: str | Path, out_dir: str | Path, inject: bool) -> N
         cmd.append("--inject_missing_state")
     r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
     assert r.returncode == 0, f"ds_to_universal failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+
+
+#: The checkpoints ``ds3d_produced`` writes once per test session (``tests/conftest.py``), about 45 s on two cores:
+#: pipeline 2 and 3 stages, tied and untied, data parallel 1 and 2, a frozen parameter, tensor parallel 2 with and
+#: without pipeline, with and without ``universal_checkpoint_info``.
+SESSION_JOBS = {
+    "pp2": PipeJob(out="", pp=2),
+    "pp2dp2-frozen": PipeJob(out="", pp=2, dp=2, frozen=True, uc_info=True),
+    "pp3-untied": PipeJob(out="", pp=3, tied=False),
+    "pp2tp2": PipeJob(out="", pp=2, tp=2, uc_info=True),
+    "tp2-untied-frozen": PipeJob(out="", pp=1, tp=2, tied=False, frozen=True),
+}
+
+
+def produce_session_jobs(base: Path) -> dict[str, dict[str, Any]]:
+    """Produce every ``SESSION_JOBS`` checkpoint under ``base`` and its ``ds_to_universal`` output (``uni``)."""
+    out = {}
+    for name, template in SESSION_JOBS.items():
+        job = PipeJob(**{**template.__dict__, "out": str(base / name)})
+        r = produce(job, timeout_secs=300)
+        uni = base / f"{name}-universal" / r["tag"]
+        ds_to_universal(r["tag_dir"], uni, inject=uc_info_for(job) is None)
+        out[name] = {**r, "job": job, "uni": uni}
+    return out
+
+
+@pytest.fixture(scope="session")
+def ds3d_produced(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
+    """``produce_session_jobs``, once per test session (re-exported by ``tests/conftest.py``)."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is a dev dependency (make venv installs it with DS_BUILD_OPS=0)")
+    return produce_session_jobs(tmp_path_factory.mktemp("ds3d"))

@@ -18,34 +18,14 @@ import torch
 
 pytest.importorskip("deepspeed", reason="DeepSpeed is a dev dependency (make venv installs it with DS_BUILD_OPS=0)")
 
-from tests.deepspeed_3d_producer import (VOCAB, PipeJob, ds_to_universal, padded_vocab, produce,  # noqa: E402
-                                         split_sizes, uc_info_for, world_size)
+from tests.deepspeed_3d_producer import (VOCAB, PipeJob, padded_vocab, split_sizes, uc_info_for,  # noqa: E402
+                                         world_size)
 
 pytestmark = pytest.mark.distributed
-
-JOBS = {
-    "pp2": PipeJob(out="", pp=2),
-    "pp2tp2": PipeJob(out="", pp=2, tp=2, uc_info=True),
-    "tp2-untied-frozen": PipeJob(out="", pp=1, tp=2, tied=False, frozen=True),
-}
 
 
 def _load(path: Path) -> Any:
     return torch.load(path, map_location="cpu", weights_only=False)  # written by DeepSpeed in this test: trusted
-
-
-@pytest.fixture(scope="module")
-def produced(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
-    base = tmp_path_factory.mktemp("ds3d")
-    out = {}
-    for name, template in JOBS.items():
-        job = PipeJob(**{**template.__dict__, "out": str(base / name)})
-        r = produce(job, timeout_secs=300)
-        uni = base / f"{name}-universal"
-        ds_to_universal(r["tag_dir"], uni, inject=uc_info_for(job) is None)
-        out[name] = {**r, "job": job, "uni": uni}
-    return out
-
 
 def _uni(p: dict[str, Any], name: str) -> dict[str, Any]:
     return _load(p["uni"] / "zero" / name / "fp32.pt")
@@ -62,8 +42,8 @@ def test_world_size_and_uc_info() -> None:
     assert split_sizes(29, 2) == [15, 14] and padded_vocab(4) == 40
 
 
-def test_pp2_tied_layout_and_universal(produced: dict[str, dict[str, Any]]) -> None:
-    p = produced["pp2"]
+def test_pp2_tied_layout_and_universal(ds3d_produced: dict[str, dict[str, Any]]) -> None:
+    p = ds3d_produced["pp2"]
     tag_dir: Path = p["tag_dir"]
     assert p["tag"] == "global_step3"
     assert [r["global_steps"] for r in p["ranks"]] == [3, 3]
@@ -98,8 +78,8 @@ def _tp_layer(tag_dir: Path, layer: int, tp_rank: int) -> dict[str, torch.Tensor
     return _load(tag_dir / f"layer_{layer:02d}-model_{tp_rank:02d}-model_states.pt")
 
 
-def test_pp2_tp2_shards_and_universal_merge(produced: dict[str, dict[str, Any]]) -> None:
-    p = produced["pp2tp2"]
+def test_pp2_tp2_shards_and_universal_merge(ds3d_produced: dict[str, dict[str, Any]]) -> None:
+    p = ds3d_produced["pp2tp2"]
     tag_dir: Path = p["tag_dir"]
     files = sorted(f.name for f in tag_dir.iterdir())
     layer_files = [f"layer_{i:02d}-model_{t:02d}-model_states.pt" for i in range(5) for t in range(2)]
@@ -139,17 +119,17 @@ def test_pp2_tp2_shards_and_universal_merge(produced: dict[str, dict[str, Any]])
     assert torch.equal(emb["param"], full[:VOCAB]) and not full[VOCAB:].any()  # padding row stays zero
 
 
-def test_tensor_parallel_trains_like_the_unsplit_model(produced: dict[str, dict[str, Any]]) -> None:
+def test_tensor_parallel_trains_like_the_unsplit_model(ds3d_produced: dict[str, dict[str, Any]]) -> None:
     """The TP collectives are autograd-correct: the same data gives the same loss at tp=1 and tp=2 (the first
     step exactly up to float rounding; later steps within Adam's amplification of that rounding)."""
-    ref = produced["pp2"]["ranks"][0]["losses"]
-    for r in produced["pp2tp2"]["ranks"]:
+    ref = ds3d_produced["pp2"]["ranks"][0]["losses"]
+    for r in ds3d_produced["pp2tp2"]["ranks"]:
         assert math.isclose(r["losses"][0], ref[0], rel_tol=1e-5)
         assert all(math.isclose(a, b, rel_tol=1e-2) for a, b in zip(r["losses"], ref))
 
 
-def test_tp2_untied_frozen(produced: dict[str, dict[str, Any]]) -> None:
-    p = produced["tp2-untied-frozen"]
+def test_tp2_untied_frozen(ds3d_produced: dict[str, dict[str, Any]]) -> None:
+    p = ds3d_produced["tp2-untied-frozen"]
     tag_dir: Path = p["tag_dir"]
     assert [tuple(_tp_layer(tag_dir, 5, t)["weight"].shape) for t in (0, 1)] == [(19, 13), (18, 13)]
     for t in (0, 1):

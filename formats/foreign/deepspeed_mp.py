@@ -245,18 +245,23 @@ class DeepSpeedModelParallelSource(Source):
 
     # -- frozen parameters and buffers (pipeline runs: from the layer files) --------------------------------------
     def _frozen_and_buffers(self) -> None:
+        """Layer-file entries the optimizer does not hold: buffers (``buffer_names``) as stored, frozen parameters
+        (DeepSpeed records them nowhere else under a pipeline) as fp32, like the master weights. An entry is
+        named ``<idx>.<key>``, or ``tied_modules.<tie>.<key>`` in a tied layer's file."""
         if not self._layer_files:
             return
-        recorded: dict[str, str] = {}  # name -> "buffer" | "frozen" | "trainable"
+        trainable: set[str] = set()
+        buffers: set[str] = set()
         for r in self.ranks:
             main = r._models[0]
             for g in main.get("param_shapes") or []:
-                recorded.update({n: "trainable" for n in g})
-            recorded.update({n: "frozen" for n in (main.get("frozen_param_shapes") or {})})
-            recorded.update({n: "buffer" for n in (main.get("buffer_names") or [])})
-        numbered = {n.split(".", 1)[0] for n in recorded if n.split(".", 1)[0].isdigit()}
-        tied = [n for n in recorded if n.startswith("tied_modules.")]
-        found: dict[str, list[tuple[int, str, str]]] = {}  # name -> [(tp rank, file, key)]
+                trainable.update(g)
+            trainable.update(main.get("frozen_param_shapes") or {})  # (ZeRO-1/2 keep frozen ones in the module)
+            buffers.update(main.get("buffer_names") or [])
+        known = trainable | buffers
+        numbered = {n.split(".", 1)[0] for n in known if n.split(".", 1)[0].isdigit()}
+        ties = sorted({n.split(".")[1] for n in known if n.startswith("tied_modules.") and n.count(".") >= 2})
+        found: dict[str, dict[int, tuple[str, str]]] = {}  # name -> tp rank -> (file, entry)
         for (idx, t), path in sorted(self._layer_files.items()):
             layer = load_ds_file(path, self._allow, self.tag_dir)
             if not isinstance(layer, Mapping):
@@ -265,33 +270,21 @@ class DeepSpeedModelParallelSource(Source):
                 if not isinstance(v, torch.Tensor):
                     raise UnsupportedStateError(f"{path}: entry {k!r} is {type(v).__name__}; a layer file holds "
                                                 "tensors only")
-                name = f"{idx}.{k}"
-                if name not in recorded and str(idx) not in numbered:
-                    cands = [n for n in tied if n.endswith("." + k)]
-                    name = cands[0] if len(cands) == 1 else name
-                if name not in recorded:
-                    raise UnsupportedStateError(
-                        f"{path}: entry {k!r} (parameter {name!r}) is neither a parameter the optimizer holds nor a "
-                        "frozen parameter or buffer the model-states files record; refusing to drop it")
-                found.setdefault(name, []).append((t, path, k))
+                name = self._layer_entry_name(idx, k, known, numbered, ties, path)
+                if name in trainable:
+                    continue  # the optimizer's fp32 copy is the weight
+                found.setdefault(name, {}).setdefault(t, (path, k))
                 self._layer_tensors[(path, k)] = v
-        for name, kind in recorded.items():
-            if kind == "trainable" or model_key(name) in self.tensors:
-                continue
-            where = found.get(name)
-            if not where:
-                raise IncompleteCheckpointError(f"{self.tag_dir}: {kind} {name!r} is recorded in the model-states "
-                                                "files, but no layer file holds it")
-            by_tp = {}
-            for t, path, k in where:
-                by_tp.setdefault(t, (path, k))  # a tied layer's first file
-            t0 = self._layer_tensors[by_tp[min(by_tp)]]
-            dtype = torch.float32 if kind == "frozen" and t0.is_floating_point() else t0.dtype
+        for name, by_tp in found.items():
             key = model_key(name)
-            parts = [by_tp[t] for t in sorted(by_tp)]
-            if len(parts) != self.tp:
-                raise IncompleteCheckpointError(f"{self.tag_dir}: {kind} {name!r} is in the layer files of "
-                                                f"tensor-parallel ranks {sorted(by_tp)}; expected {self.tp}")
+            if key in self.tensors:
+                continue
+            if sorted(by_tp) != list(range(self.tp)):
+                raise IncompleteCheckpointError(f"{self.tag_dir}: {name!r} is in the layer files of tensor-parallel "
+                                                f"ranks {sorted(by_tp)}; expected all {self.tp}")
+            parts = [by_tp[t] for t in range(self.tp)]
+            t0 = self._layer_tensors[parts[0]]
+            dtype = torch.float32 if name not in buffers and t0.is_floating_point() else t0.dtype
             cat = self._category(name) if self.tp > 1 else "replicated"
             shapes = [tuple(self._layer_tensors[p].shape) for p in parts]
             shape = list(shapes[0])
@@ -301,6 +294,26 @@ class DeepSpeedModelParallelSource(Source):
             self._reads[key] = ("layer", cat, dtype, parts)
             self.tensors[key] = TensorInfo.whole(key, dtype, tuple(shape))
             add_parents(key, self.containers)
+        missing = sorted(n for n in buffers if model_key(n) not in self.tensors)
+        if missing:
+            raise IncompleteCheckpointError(f"{self.tag_dir}: buffers {missing[:8]} are recorded in the model-states "
+                                            "files, but no layer file holds them")
+
+    @staticmethod
+    def _layer_entry_name(idx: int, k: str, known: set[str], numbered: set[str], ties: list[str],
+                          path: str) -> str:
+        if str(idx) in numbered or f"{idx}.{k}" in known:
+            return f"{idx}.{k}"
+        cands = [n for n in known if n.startswith("tied_modules.") and n.split(".", 2)[-1] == k]
+        if len(cands) == 1:
+            return cands[0]
+        if not cands and len(ties) == 1:
+            return f"tied_modules.{ties[0]}.{k}"
+        if not cands and not ties:
+            return f"{idx}.{k}"  # a layer whose every entry is frozen
+        raise UnsupportedStateError(
+            f"{path}: entry {k!r} of layer {idx} cannot be named: the layer is tied (no parameter '{idx}.*' is "
+            f"recorded) and {cands or ties} all fit; refusing to guess or drop it")
 
     # -- values ---------------------------------------------------------------------------------------------------
     def _values(self) -> None:
