@@ -32,9 +32,10 @@ Nothing is unpickled beyond torch's ``weights_only`` loader (``deepspeed_files.l
 these files hold are read into inert stand-ins, and any other class is refused with ``UnsafeCheckpointError`` unless
 ``allow_pickle=True`` (which needs DeepSpeed installed to import it). Elastic checkpoints
 (``elastic_checkpoint: true``) keep no optimizer hyperparameters and are refused with what to do. Files
-are memory-mapped, so converting reads one tensor at a time. Tensor- and pipeline-parallel DeepSpeed checkpoints
-(``mp_rank_01``..., ``layer_*-model_states.pt``) are refused: ``ds_to_universal``'s output of them is read by
-``formats.foreign.deepspeed_uc`` (``open_deepspeed`` picks the reader).
+are memory-mapped, so converting reads one tensor at a time. Pipeline- and tensor-parallel DeepSpeed checkpoints
+(``mp_rank_01``..., ``layer_*-model_states.pt``) are read by ``formats.foreign.deepspeed_mp``, one ``DeepSpeedSource``
+per model-parallel rank (``mp_rank=``); ``ds_to_universal``'s output by ``formats.foreign.deepspeed_uc``
+(``open_deepspeed`` picks the reader).
 """
 
 from __future__ import annotations
