@@ -412,7 +412,8 @@ def produce(job: PipeJob, timeout_secs: float = 300) -> dict[str, Any]:
     return {"ranks": ranks, "tag": tag, "tag_dir": Path(job.out) / tag}
 
 
-def _env() -> dict[str, str]:
+def child_env() -> dict[str, str]:
+    """The environment for a child process (ds_to_universal, the CLI): this repo importable, one thread."""
     return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
@@ -422,7 +423,7 @@ def ds_to_universal(tag_dir: str | Path, out_dir: str | Path, inject: bool) -> N
            "--output_folder", str(out_dir), "--num_extract_workers", "1", "--num_merge_workers", "1"]
     if inject:
         cmd.append("--inject_missing_state")
-    r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), timeout=300)
     assert r.returncode == 0, f"ds_to_universal failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
 
 

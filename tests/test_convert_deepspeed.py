@@ -10,7 +10,6 @@ LR scheduler, client state, the ``latest`` tag, and checkpoints with and without
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -25,10 +24,10 @@ pytest.importorskip("deepspeed", reason="DeepSpeed is a dev dependency (make ven
 from ckpt.errors import (CheckpointError, CorruptCheckpointError, IncompleteCheckpointError,  # noqa: E402
                          UnsafeCheckpointError)
 from formats.foreign import convert, diff, open_source  # noqa: E402
+from tests.deepspeed_3d_producer import child_env, ds_to_universal  # noqa: E402
 from tests.deepspeed_producer import CLIENT_STATE, DsJob, build_model, param_groups, train_and_save  # noqa: E402
 from tests.distributed_utils import run_distributed  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.distributed
 
 #: (stage, dp, bf16, universal_checkpoint_info in the checkpoint)
@@ -40,19 +39,6 @@ STEPS = 3
 def _ids(case: tuple[int, int, bool, bool]) -> str:
     stage, dp, bf16, uc = case
     return f"zero{stage}-dp{dp}-{'bf16' if bf16 else 'fp32'}{'-ucinfo' if uc else ''}"
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-
-
-def ds_to_universal(tag_dir: Path, out: Path, inject: bool) -> None:
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
-           "--output_folder", str(out), "--num_extract_workers", "1", "--num_merge_workers", "1"]
-    if inject:
-        cmd.append("--inject_missing_state")
-    r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
-    assert r.returncode == 0, f"ds_to_universal failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
 
 
 @pytest.fixture(scope="module")
@@ -176,16 +162,16 @@ def test_cli_convert_and_diff(produced: dict[Any, dict[str, Any]], tmp_path: Pat
     out = tmp_path / "uni"
     cli = [sys.executable, "-m", "ckpt.cli"]
     r = subprocess.run([*cli, "convert", str(root), str(out), "--from", "deepspeed", "--json"], capture_output=True,
-                       text=True, env=_env(), timeout=300)
+                       text=True, env=child_env(), timeout=300)
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
     assert doc["src_format"] == "deepspeed" and doc["dst_format"] == "universal" and doc["tensors"] > 0
     r = subprocess.run([*cli, "diff", str(root / produced[case]["tag"]), str(out), "--json"], capture_output=True,
-                       text=True, env=_env(), timeout=300)
+                       text=True, env=child_env(), timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     # A different checkpoint differs (exit 1, the differences listed).
     other = produced[(3, 4, True, False)]["root"]
-    r = subprocess.run([*cli, "diff", str(root), str(other), "--json"], capture_output=True, text=True, env=_env(),
+    r = subprocess.run([*cli, "diff", str(root), str(other), "--json"], capture_output=True, text=True, env=child_env(),
                        timeout=300)
     assert r.returncode == 1 and json.loads(r.stdout)["differences"]
 
@@ -208,7 +194,7 @@ def test_missing_rank_file_is_named(produced: dict[Any, dict[str, Any]], tmp_pat
         with pytest.raises(IncompleteCheckpointError, match=victim):
             open_source(str(root))
         r = subprocess.run([sys.executable, "-m", "ckpt.cli", "convert", str(root), str(tmp_path / "o")],
-                           capture_output=True, text=True, env=_env(), timeout=300)
+                           capture_output=True, text=True, env=child_env(), timeout=300)
         assert r.returncode == 2 and victim in r.stderr
 
 

@@ -12,7 +12,6 @@ ZeRO-2 cannot be combined with DeepSpeed's pipeline engine (it asserts), so thes
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -28,9 +27,8 @@ import ckpt  # noqa: E402
 from ckpt.errors import CorruptCheckpointError, IncompleteCheckpointError, UnsupportedStateError  # noqa: E402
 from formats.foreign import open_source  # noqa: E402
 from formats.foreign.deepspeed_mp import DeepSpeedModelParallelSource  # noqa: E402
-from tests.deepspeed_3d_producer import SESSION_JOBS  # noqa: E402
+from tests.deepspeed_3d_producer import SESSION_JOBS, child_env  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.distributed
 CASES = list(SESSION_JOBS)
 
@@ -54,10 +52,6 @@ def _oracle(uni: Path) -> dict[str, torch.Tensor]:
 
 def _frozen_names(job: Any) -> set[str]:
     return {"2.n.bias"} if job.frozen else set()
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -112,10 +106,10 @@ def test_cli_convert_both_ways_agree_and_load(ds3d_produced: dict[str, dict[str,
     a, b = tmp_path / "direct", tmp_path / "via_uc"
     for src, dst in ((p["tag_dir"].parent, a), (p["uni"], b)):
         r = subprocess.run([*cli, "convert", str(src), str(dst), "--from", "deepspeed", "--json"],
-                           capture_output=True, text=True, env=_env(), timeout=300)
+                           capture_output=True, text=True, env=child_env(), timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
         assert json.loads(r.stdout)["tensors"] > 0
-    r = subprocess.run([*cli, "diff", str(a), str(b), "--json"], capture_output=True, text=True, env=_env(),
+    r = subprocess.run([*cli, "diff", str(a), str(b), "--json"], capture_output=True, text=True, env=child_env(),
                        timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert json.loads(r.stdout)["equal"] is True
