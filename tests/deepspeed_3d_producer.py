@@ -79,12 +79,13 @@ needs no pattern (default: concatenate along dim 0).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -439,16 +440,23 @@ SESSION_JOBS = {
 }
 
 
-def produce_session_jobs(base: Path) -> dict[str, dict[str, Any]]:
-    """Produce every ``SESSION_JOBS`` checkpoint under ``base`` and its ``ds_to_universal`` output (``uni``)."""
+def produce_jobs(base: Path, jobs: dict[str, Any], produce_fn: Callable[..., dict[str, Any]],
+                 inject: Callable[[Any], bool]) -> dict[str, dict[str, Any]]:
+    """Produce every job of ``jobs`` (dataclass templates, ``out`` set here) under ``base`` with ``produce_fn``, and
+    its ``ds_to_universal`` output (``uni``; ``--inject_missing_state`` where ``inject(job)``)."""
     out = {}
-    for name, template in SESSION_JOBS.items():
-        job = PipeJob(**{**template.__dict__, "out": str(base / name)})
-        r = produce(job, timeout_secs=300)
+    for name, template in jobs.items():
+        job = dataclasses.replace(template, out=str(base / name))
+        r = produce_fn(job, timeout_secs=300)
         uni = base / f"{name}-universal" / r["tag"]
-        ds_to_universal(r["tag_dir"], uni, inject=uc_info_for(job) is None)
+        ds_to_universal(r["tag_dir"], uni, inject=inject(job))
         out[name] = {**r, "job": job, "uni": uni}
     return out
+
+
+def produce_session_jobs(base: Path) -> dict[str, dict[str, Any]]:
+    """Every ``SESSION_JOBS`` checkpoint under ``base`` and its ``ds_to_universal`` output."""
+    return produce_jobs(base, SESSION_JOBS, produce, lambda job: uc_info_for(job) is None)
 
 
 @pytest.fixture(scope="session")

@@ -78,7 +78,7 @@ import pytest
 import torch
 
 from tests.deepspeed_3d_producer import (_TP, CLIENT_STATE, MICRO_BATCH, SEQ, VOCAB, PipeJob, RowBlock,
-                                         build_layers, ds_config, ds_to_universal, loss_fn, param_groups,
+                                         build_layers, ds_config, loss_fn, param_groups, produce_jobs,
                                          uc_info_for, world_size)
 
 FROZEN = "2.n.bias"  # the parameter ``MpuJob(frozen=True)`` freezes (replicated over tp, 17 elements)
@@ -208,15 +208,8 @@ MPU_SESSION_JOBS = {
 
 
 def produce_mpu_session_jobs(base: Path) -> dict[str, dict[str, Any]]:
-    """Produce every ``MPU_SESSION_JOBS`` checkpoint under ``base`` and its ``ds_to_universal`` output (``uni``)."""
-    out = {}
-    for name, template in MPU_SESSION_JOBS.items():
-        job = MpuJob(**{**template.__dict__, "out": str(base / name)})
-        r = produce(job, timeout_secs=300)
-        uni = base / f"{name}-universal" / r["tag"]
-        ds_to_universal(r["tag_dir"], uni, inject=False)  # every job records its universal_checkpoint_info
-        out[name] = {**r, "job": job, "uni": uni}
-    return out
+    """Every ``MPU_SESSION_JOBS`` checkpoint under ``base`` and its ``ds_to_universal`` output."""
+    return produce_jobs(base, MPU_SESSION_JOBS, produce, lambda job: False)  # every job records its uc info
 
 
 @pytest.fixture(scope="session")
