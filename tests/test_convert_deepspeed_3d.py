@@ -191,3 +191,20 @@ def test_unknown_file_in_universal_output_is_refused(ds3d_produced: dict[str, di
     (uni / "zero" / "3.l.weight" / "notes.txt").write_text("x")
     with pytest.raises(UnsupportedStateError, match=r"3\.l\.weight.*notes\.txt.*refusing to drop"):
         open_source(str(uni), "deepspeed")
+
+
+def test_replicated_slices_that_differ_are_refused(ds3d_produced: dict[str, dict[str, Any]], tmp_path: Path) -> None:
+    """A parameter ``universal_checkpoint_info`` calls tensor-parallel replicated (the LayerNorm ``1.n.weight``,
+    29 elements) whose tp rank 1 copy differs from rank 0's: an error naming it, not rank 0's copy picked."""
+    tag = _copy(ds3d_produced, "tp2-untied-frozen", tmp_path)
+    f = tag / "zero_pp_rank_0_mp_rank_01_optim_states.pt"
+    sd = _load(f)
+    osd = sd["optimizer_state_dict"]
+    g = next(i for i, m in enumerate(osd["param_slice_mappings"]) if "1.n.weight" in m)
+    with torch.no_grad():  # (the saved fp32 partition is a leaf that requires grad)
+        osd["single_partition_of_fp32_groups"][g][osd["param_slice_mappings"][g]["1.n.weight"].start] += 1.0
+    torch.save(sd, f)
+    with open_source(str(tag), "deepspeed") as src:
+        with pytest.raises(CorruptCheckpointError, match=r"1\.n\.weight.*replicated over tensor-parallel ranks"):
+            src.read("model/1.n.weight")
+        src.read("model/1.l.weight")  # the rest still reads
